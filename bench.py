@@ -1,0 +1,171 @@
+"""
+Speed and memory targets, measured as ratios within one run (absolute times on shared machines are
+noise; ratios taken back to back are not).
+
+    python bench.py --loader   # data pipeline vs the decoding limit and vs naive whole-video decoding
+
+Targets: pipeline / limit >= 0.8, pipeline / naive >= 3, resident memory growth over 2,000
+iterations < 5 %.
+"""
+
+import argparse
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import cv2
+import numpy as np
+import torch
+
+import data
+
+
+# -----------------------------------------------------------------------------
+# loader
+
+def make_bench_videos(root, n=30, seconds=10, fps=25, size=(320, 240)):
+    """UCF101-like files: 320x240 XVID, 10 s, textured background with moving shapes and noise."""
+    marker = os.path.join(root, "done")
+    if os.path.exists(marker):
+        return sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".avi"))
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(0)
+    w, h = size
+    paths = []
+    for i in range(n):
+        noise = rng.random((6, 8, 3)).astype(np.float32)
+        background = cv2.resize(noise, (w * 2, h), interpolation=cv2.INTER_CUBIC) * 200
+        path = os.path.join(root, f"v{i:02d}.avi")
+        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"XVID"), fps, (w, h))
+        for t in range(seconds * fps):
+            pan = int(t * 2) % w  # a slow camera pan, so every frame differs
+            frame = background[:, pan:pan + w].copy()
+            for k in range(3):
+                x = int((37 * k + 3 * t * (k + 1)) % w)
+                cv2.circle(frame, (x, h // 2 + 30 * (k - 1)), 18, (255 - 80 * k, 60 * k, 120), -1)
+            frame += rng.normal(0, 4, frame.shape).astype(np.float32)
+            writer.write(frame.clip(0, 255).astype(np.uint8))
+        writer.release()
+        paths.append(path)
+    open(marker, "w").close()
+    return paths
+
+
+def _jobs(paths, count, frames, seed=0):
+    rng = np.random.default_rng(seed)
+    jobs = []
+    for _ in range(count):
+        path = paths[int(rng.integers(len(paths)))]
+        jobs.append((path, float(rng.random()), frames))
+    return jobs
+
+
+def _limit_one(job):
+    # the physical limit: open, seek, decode exactly the frames the clip needs, nothing else
+    path, u, frames = job
+    with data.VideoReader(path) as reader:
+        start = int(u * (reader.claimed_frames - frames + 1))
+        return reader.clips([start], frames)[0].shape[0]
+
+
+def _naive_one(job):
+    # the naive way: decode the whole video, then slice the clip out of it
+    path, u, frames = job
+    cap = cv2.VideoCapture(path)
+    video = []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        video.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+    cap.release()
+    start = int(u * (len(video) - frames + 1))
+    return np.stack(video[start:start + frames]).shape[0]
+
+
+def _init_process():
+    cv2.setNumThreads(0)
+    torch.set_num_threads(1)
+
+
+def _rate(fn, jobs, workers):
+    with ProcessPoolExecutor(workers, initializer=_init_process) as pool:
+        list(pool.map(fn, jobs[: workers * 2]))  # warm up the processes
+        t0 = time.perf_counter()
+        list(pool.map(fn, jobs, chunksize=4))
+        return len(jobs) / (time.perf_counter() - t0)
+
+
+def _rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def bench_loader(args):
+    root = os.path.join(os.path.expanduser("~"), ".cache", "videomoco", "bench-videos-v1")
+    t0 = time.time()
+    paths = make_bench_videos(root)
+    print(f"{len(paths)} videos, 320x240 XVID, 10 s each, in {root} ({time.time() - t0:.1f} s to prepare)")
+    frames, workers, count = args.frames, args.workers, args.clips
+    jobs = _jobs(paths, count, frames)
+    samples = [(p, 0) for p in paths] * 50  # long epochs: no restart stalls inside a measurement
+    dataset = data.VideoClips(samples, frames, 1, data.TrainTransform(args.crop), views=1)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=8, shuffle=True, num_workers=workers, collate_fn=data.collate,
+        worker_init_fn=lambda i: (data.worker_init(i), torch.set_num_threads(1)),
+        persistent_workers=True, prefetch_factor=4)
+
+    def pipeline_rate():
+        n, it = 0, iter(loader)
+        next(it)  # workers up and warm
+        t0 = time.perf_counter()
+        while n < count:
+            try:
+                n += len(next(it)["video"])
+            except StopIteration:
+                it = iter(loader)
+        return n / (time.perf_counter() - t0)
+
+    # interleave the three measurements twice and keep each one's best, so a noisy neighbour
+    # slows all of them rather than one
+    rates = {"pipeline": [], "limit": [], "naive": []}
+    for _ in range(2):
+        rates["pipeline"].append(pipeline_rate())
+        rates["limit"].append(_rate(_limit_one, jobs, workers))
+        rates["naive"].append(_rate(_naive_one, jobs[: count // 3], workers))
+    best = {k: max(v) for k, v in rates.items()}
+    print(f"clip: {frames} frames, crop {args.crop}; {workers} workers / processes each")
+    print(f"pipeline (decode + augment + collate): {best['pipeline']:8.1f} clips/s")
+    print(f"limit (decode exactly the clip's frames): {best['limit']:6.1f} clips/s")
+    print(f"naive (decode whole video, slice):   {best['naive']:10.1f} clips/s")
+    print(f"ratio pipeline / limit = {best['pipeline'] / best['limit']:.2f}  (target >= 0.8)")
+    print(f"ratio pipeline / naive = {best['pipeline'] / best['naive']:.2f}  (target >= 3)")
+
+    # memory: the dataset in this process, so every allocation it makes is counted
+    torch.set_num_threads(1)
+    for i in range(100):
+        dataset[i % len(dataset)]
+    rss0 = _rss_mb()
+    for i in range(args.memory_iters):
+        dataset[i % len(dataset)]
+    rss1 = _rss_mb()
+    print(f"resident memory over {args.memory_iters} iterations: {rss0:.0f} MB -> {rss1:.0f} MB "
+          f"({100 * (rss1 - rss0) / rss0:+.1f} %, target < 5 %)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description="VideoMoCo speed and memory ratios")
+    parser.add_argument("--loader", action="store_true", help="benchmark the data pipeline")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count()), help="loader workers")
+    parser.add_argument("--frames", type=int, default=32, help="clip length T (paper: 32)")
+    parser.add_argument("--crop", type=int, default=112, help="crop size (paper: 112)")
+    parser.add_argument("--clips", type=int, default=240, help="clips per throughput measurement")
+    parser.add_argument("--memory-iters", type=int, default=2000, help="iterations for the RSS check")
+    args = parser.parse_args()
+    run_all = not args.loader
+    if args.loader or run_all:
+        bench_loader(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,864 @@
+"""
+Video data for VideoMoCo: OpenCV clip reading, the official dataset layouts, the built-in demo set,
+temporally consistent augmentation, and two data tools.
+
+    python data.py demo DIR                              # write the built-in demo set (UCF101 layout)
+    python data.py check --dataset ucf101 --data-root R  # decode every listed video, report the bad ones
+    python data.py resize SRC DST --short-side 128       # re-encode a dataset tree for faster loading
+
+Everything a stage script needs is here: `list_videos` (layouts), `VideoClips` (a Dataset returning
+normalised float clips (C, T, H, W)), `build_loader` (DataLoader with per-worker RNG streams and the
+bad-video bookkeeping), `BadVideos` (the main-process log of skipped files).
+"""
+
+import argparse
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")  # bad files are reported by us, once, in one line
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".m4v")
+DATASETS = ("ucf101", "hmdb51", "kinetics", "folder", "demo")
+# Kinetics-400 statistics, the ones torchvision's video models are trained with.
+MEAN = (0.43216, 0.394666, 0.37645)
+STD = (0.22803, 0.22145, 0.216989)
+# Reading forward costs one decode per frame (~0.2 ms at 320x240); a seek costs a re-open of the
+# decoder at the previous keyframe plus the decodes from there (~3-5 ms measured on XVID 320x240,
+# i.e. ~20 frames). Seek only when the gap is larger than this.
+SEEK_AHEAD_FRAMES = 32
+
+
+class DataError(Exception):
+    """A problem with the user's data or flags; stage scripts print it as one line and exit 2."""
+
+
+class VideoError(Exception):
+    """One video cannot give the requested clip (unreadable, empty, truncated...)."""
+
+
+# -----------------------------------------------------------------------------
+# clip reader
+
+def open_capture(path):
+    if not os.path.isfile(path):
+        raise VideoError("file does not exist")
+    if os.path.getsize(path) == 0:
+        raise VideoError("empty file (0 bytes)")
+    # one decoder thread: parallelism comes from DataLoader workers, not from ffmpeg inside each
+    cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
+    if not cap.isOpened():
+        cap.release()
+        raise VideoError("OpenCV cannot open it (not a video, or a codec ffmpeg lacks)")
+    return cap
+
+
+class VideoReader:
+    """
+    Sequential, seek-aware frame access to one video file through cv2.VideoCapture.
+
+    `claimed_frames` is what the container says; it can lie (truncated downloads claim hundreds of
+    frames where a few dozen decode), so `real_frames` is only known once decoding hits the end, and
+    every read is checked. Frames are returned as uint8 RGB (H, W, 3).
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.cap = open_capture(path)
+        self.claimed_frames = max(int(self.cap.get(cv2.CAP_PROP_FRAME_COUNT)), 0)
+        self.real_frames = None  # set when the decoder runs out
+        self.pos = 0  # index of the frame the next grab() decodes
+        self.seeked = False  # after a seek past the real end, pos says nothing about the length
+
+    def close(self):
+        self.cap.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _reopen(self):
+        self.cap.release()
+        self.cap = open_capture(self.path)
+        self.pos, self.seeked = 0, False
+
+    def _goto(self, index):
+        if index < self.pos:
+            if index > SEEK_AHEAD_FRAMES:
+                return self._seek(index)
+            self._reopen()  # a short rewind: decoding from the start is as cheap as a seek
+        if index - self.pos > SEEK_AHEAD_FRAMES:
+            return self._seek(index)
+        while self.pos < index:
+            if not self.cap.grab():
+                self._hit_end()
+                return
+            self.pos += 1
+
+    def _seek(self, index):
+        self.cap.set(cv2.CAP_PROP_POS_FRAMES, index)
+        self.pos, self.seeked = index, True
+
+    def _hit_end(self):
+        if self.real_frames is None:
+            # reading forward from frame 0, the end is where we are; after a seek (possibly past the
+            # real end) we don't know, so count once
+            self.real_frames = self.count_frames() if self.seeked else self.pos
+        self.pos = math.inf
+
+    def count_frames(self):
+        """Decode-count the frames (grab only: no colour conversion). Leaves the reader at the end."""
+        self._reopen()
+        n = 0
+        while self.cap.grab():
+            n += 1
+        self.pos = math.inf
+        self.real_frames = n
+        return n
+
+    def frames(self, indices):
+        """Decode the frames at sorted unique `indices`; returns {index: frame} for those that exist."""
+        out = {}
+        for index in indices:
+            if self.real_frames is not None and index >= self.real_frames:
+                break
+            if index != self.pos:
+                self._goto(index)
+            if self.pos != index:
+                break  # ran out while getting there
+            ok, frame = self.cap.read()
+            if not ok or frame is None:
+                self._hit_end()
+                break
+            self.pos += 1
+            out[index] = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+        return out
+
+    def clips(self, starts, num_frames, stride=1, min_frames=1):
+        """
+        Clips of `num_frames` frames taken every `stride` frames from each start, as uint8 RGB
+        (len(starts), T, H, W, 3). Frames shared by overlapping clips are decoded once.
+
+        A clip that runs past the real end of the video (the container claimed more frames than
+        decode) is moved back to end at the last real frame. A video shorter than one clip's span
+        is looped: frame i of the clip is frame (i * stride) mod real_length, unless it has fewer
+        than `min_frames` frames, which is a VideoError (a 3-frame "video" is not a clip).
+        """
+        span = (num_frames - 1) * stride + 1
+        wanted = [s + stride * np.arange(num_frames) for s in starts]
+        got = self.frames(sorted(set(np.concatenate(wanted).tolist())))
+        if all(i in got for w in wanted for i in w):
+            return np.stack([np.stack([got[i] for i in w]) for w in wanted])
+        length = self.real_frames if self.real_frames is not None else self.count_frames()
+        if length == 0:
+            raise VideoError("no decodable frames")
+        if length < min_frames:
+            raise VideoError(f"too short: {length} frames decode, a clip needs at least {min_frames}")
+        if length >= span:
+            wanted = [min(s, length - span) + stride * np.arange(num_frames) for s in starts]
+        else:
+            wanted = [(stride * np.arange(num_frames)) % length for _ in starts]
+        need = sorted(set(np.concatenate(wanted).tolist()) - set(got))
+        if need:
+            self._reopen()  # (rare path: a lying container or a very short video)
+            got.update(self.frames(need))
+        if not all(i in got for w in wanted for i in w):
+            raise VideoError(f"decoding stopped early (only {len(got)} frames readable)")
+        return np.stack([np.stack([got[i] for i in w]) for w in wanted])
+
+
+def read_clip(path, start, num_frames, stride=1):
+    """`num_frames` uint8 RGB frames (T, H, W, 3) at temporal `stride` from frame `start` of `path`.
+    Short videos are looped and clips past the real end moved back (see VideoReader.clips)."""
+    with VideoReader(path) as reader:
+        return reader.clips([start], num_frames, stride)[0]
+
+
+def uniform_starts(num_frames_video, span, num_clips):
+    """Start frames of `num_clips` clips of `span` frames spread uniformly over the video, first
+    clip at frame 0, last one ending at the last frame (the paper's 10-clip test protocol)."""
+    last = max(num_frames_video - span, 0)
+    if num_clips == 1:
+        return [last // 2]
+    return [int(round(i * last / (num_clips - 1))) for i in range(num_clips)]
+
+
+# -----------------------------------------------------------------------------
+# dataset layouts, read as the official archives unpack
+
+def _read_lines(path):
+    with open(path, "r", encoding="utf-8", errors="replace", newline=None) as f:  # CRLF safe
+        return [line.strip() for line in f if line.strip()]
+
+
+def _is_video(name):
+    return name.lower().endswith(VIDEO_EXTENSIONS)
+
+
+def _class_folders(root):
+    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+
+
+def _videos_in(folder):
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if _is_video(f))
+
+
+def _require(path, what):
+    if not os.path.exists(path):
+        raise DataError(f"{what} not found: {path}")
+    return path
+
+
+def list_ucf101(root, split, train):
+    lists = _require(os.path.join(root, "ucfTrainTestlist"), "UCF101 split folder ucfTrainTestlist")
+    videos = _require(os.path.join(root, "UCF-101"), "UCF101 video folder UCF-101")
+    classes = []
+    for line in _read_lines(_require(os.path.join(lists, "classInd.txt"), "UCF101 classInd.txt")):
+        index, name = line.split(maxsplit=1)
+        classes.append((int(index), name))
+    classes = [name for _, name in sorted(classes)]  # labels are 1-based in the file
+    to_label = {name: i for i, name in enumerate(classes)}
+    split_file = os.path.join(lists, f"{'trainlist' if train else 'testlist'}0{split}.txt")
+    samples = []
+    for line in _read_lines(_require(split_file, "UCF101 split file")):
+        rel = line.split()[0]  # testlist has no label column; the class is the folder
+        class_name = rel.replace("\\", "/").split("/")[0]
+        if class_name not in to_label:
+            raise DataError(f"{split_file}: class {class_name!r} is not in classInd.txt")
+        samples.append((os.path.join(videos, rel), to_label[class_name]))
+    return samples, classes
+
+
+def list_hmdb51(root, split, train):
+    lists = _require(os.path.join(root, "testTrainMulti_7030_splits"),
+                     "HMDB51 split folder testTrainMulti_7030_splits")
+    videos = _require(os.path.join(root, "hmdb51_org"), "HMDB51 video folder hmdb51_org")
+    suffix = f"_test_split{split}.txt"
+    files = sorted(f for f in os.listdir(lists) if f.endswith(suffix))
+    if not files:
+        raise DataError(f"no *{suffix} files in {lists}")
+    classes = [f[: -len(suffix)] for f in files]
+    wanted = "1" if train else "2"  # 1 = train, 2 = test, 0 = unused
+    samples = []
+    for label, (class_name, f) in enumerate(zip(classes, files)):
+        for line in _read_lines(os.path.join(lists, f)):
+            name, _, tag = line.rpartition(" ")  # names contain spaces? no, but ( ) ! & # yes
+            if tag.strip() == wanted:
+                samples.append((os.path.join(videos, class_name, name.strip()), label))
+    return samples, classes
+
+
+def list_kinetics(root, split, train):
+    train_dir = _require(os.path.join(root, "train"), "Kinetics train folder")
+    classes = _class_folders(train_dir)
+    folder = train_dir if train else _require(os.path.join(root, "val"), "Kinetics val folder")
+    to_label = {name: i for i, name in enumerate(classes)}
+    samples = []
+    for class_name in _class_folders(folder):
+        if class_name not in to_label:
+            raise DataError(f"Kinetics val class {class_name!r} has no train folder")
+        samples += [(p, to_label[class_name]) for p in _videos_in(os.path.join(folder, class_name))]
+    return samples, classes
+
+
+def list_folder(root, split, train):
+    classes = _class_folders(root)
+    samples = [(p, i) for i, c in enumerate(classes) for p in _videos_in(os.path.join(root, c))]
+    return samples, classes
+
+
+def demo_root():
+    """Where the built-in demo set is generated once and cached ($VIDEOMOCO_DEMO overrides)."""
+    default = os.path.join(os.path.expanduser("~"), ".cache", "videomoco", f"demo-v{DEMO_VERSION}")
+    return os.environ.get("VIDEOMOCO_DEMO", default)
+
+
+def list_videos(dataset, root, split=1, train=True):
+    """
+    (samples, classes, missing): samples is a list of (path, label) with 0-based labels, classes the
+    class names in label order, missing the listed paths that do not exist (skipped; they count as
+    bad videos). Raises DataError, one clear line, for an unknown dataset, a missing root or split
+    file, or a list that names no existing video.
+    """
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+    if dataset == "demo":
+        root = ensure_demo(root or demo_root())
+        dataset = "ucf101"
+    if not root:
+        raise DataError(f"--data-root is required for --dataset {dataset}")
+    if not os.path.isdir(root):
+        raise DataError(f"data root is not a folder: {root}")
+    if dataset in ("ucf101", "hmdb51") and split not in (1, 2, 3):
+        raise DataError(f"{dataset} has splits 1, 2 and 3, not {split}")
+    lister = {"ucf101": list_ucf101, "hmdb51": list_hmdb51, "kinetics": list_kinetics,
+              "folder": list_folder}[dataset]
+    samples, classes = lister(root, split, train)
+    present = [(p, y) for p, y in samples if os.path.isfile(p)]
+    missing = [p for p, _ in samples if not os.path.isfile(p)]
+    if not present:
+        what = f"split {split} {'train' if train else 'test'}" if dataset != "folder" else "tree"
+        raise DataError(f"{dataset} {what} under {root} names no existing video "
+                        f"({len(samples)} listed, e.g. {samples[0][0] if samples else 'none'})")
+    return present, classes, missing
+
+
+# -----------------------------------------------------------------------------
+# temporally consistent augmentation: parameters drawn once per clip, applied to every frame
+#
+# Brightness, contrast, saturation, hue rotation and grayscale are all affine maps of a pixel's RGB
+# value, so a clip's whole colour augmentation is composed into one 3x4 matrix and applied in a single
+# cv2.transform pass over the uint8 frames, which also saturates to [0, 255]. torchvision clamps after
+# every op; we clamp once at the end (identical unless an intermediate op leaves [0, 1]). One matrix
+# for the whole clip makes the temporal consistency exact by construction.
+
+LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601, as torchvision's rgb_to_grayscale
+_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def _hue_matrix(angle):
+    # a hue shift is a rotation of the chroma plane in YIQ space
+    c, s = math.cos(angle), math.sin(angle)
+    return np.linalg.inv(_TO_YIQ) @ np.array([[1, 0, 0], [0, c, -s], [0, s, c]]) @ _TO_YIQ
+
+
+def color_matrix(rng, mean_rgb, jitter_p=0.8, grayscale_p=0.2, brightness=0.4, contrast=0.4,
+                 saturation=0.4, hue=0.1):
+    """The 3x4 affine colour map of one clip (RGB in 0..255): colour jitter with probability
+    `jitter_p` (its four ops in a random order, as torchvision's ColorJitter), then grayscale with
+    probability `grayscale_p`. Contrast blends towards the clip's mean grey level, computed from
+    `mean_rgb` (the clip's mean colour) through the ops applied before it."""
+    m = np.concatenate([np.eye(3), np.zeros((3, 1))], 1)  # x -> m[:, :3] @ x + m[:, 3]
+
+    def then(a, b=np.zeros(3)):
+        return np.concatenate([a @ m[:, :3], (a @ m[:, 3] + b)[:, None]], 1)
+
+    gray = np.tile(LUMA, (3, 1))  # each output channel = luma
+    if rng.random() < jitter_p:
+        for op in rng.permutation(4):
+            if op == 0:
+                m = then(np.eye(3) * rng.uniform(1 - brightness, 1 + brightness))
+            elif op == 1:
+                level = LUMA @ (m[:, :3] @ mean_rgb + m[:, 3])
+                c = rng.uniform(1 - contrast, 1 + contrast)
+                m = then(np.eye(3) * c, np.full(3, (1 - c) * level))
+            elif op == 2:
+                s = rng.uniform(1 - saturation, 1 + saturation)
+                m = then(s * np.eye(3) + (1 - s) * gray)
+            else:
+                m = then(_hue_matrix(2 * math.pi * rng.uniform(-hue, hue)))
+    if rng.random() < grayscale_p:
+        m = then(gray)
+    return m
+
+
+def apply_color(frames, matrix):
+    """Apply a 3x4 colour map to uint8 RGB frames (T, H, W, 3), saturating to 0..255."""
+    t, h, w, _ = frames.shape
+    out = cv2.transform(np.ascontiguousarray(frames).reshape(t * h, w, 3), matrix)
+    return out.reshape(t, h, w, 3)
+
+
+def random_resized_box(height, width, rng, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """(y, x, h, w) of a random crop covering `scale` of the area with aspect ratio in `ratio`."""
+    area = height * width
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    side = min(height, width)  # fallback: central square
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+def _resize_frames(frames, size_hw, flip=False):
+    h, w = size_hw
+    if frames.shape[1:3] == (h, w) and not flip:
+        return frames
+    out = np.empty((len(frames), h, w, 3), np.uint8)
+    for f, o in zip(frames, out):
+        cv2.resize(f, (w, h), dst=o, interpolation=cv2.INTER_LINEAR)
+        if flip:
+            cv2.flip(o, 1, dst=o)  # per frame in place: a strided [:, :, ::-1] copy costs 5x more
+    return out
+
+
+def to_tensor(frames):
+    """uint8 RGB (T, H, W, 3) -> normalised float (3, T, H, W): (x / 255 - MEAN) / STD."""
+    # uint8 transpose first (1 byte a value), then one float pass: 4x faster than the other order
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).contiguous().float()
+    scale = torch.tensor([1 / (255 * s) for s in STD]).view(3, 1, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(MEAN, STD)]).view(3, 1, 1, 1)
+    return x.mul_(scale).add_(shift)
+
+
+def denormalize(x):
+    """Inverse of to_tensor's normalisation: float (3, ...) back to [0, 1]."""
+    mean = torch.tensor(MEAN, dtype=x.dtype, device=x.device).view(3, *[1] * (x.dim() - 1))
+    std = torch.tensor(STD, dtype=x.dtype, device=x.device).view(3, *[1] * (x.dim() - 1))
+    return x * std + mean
+
+
+class TrainTransform:
+    """Random resized crop, horizontal flip, colour jitter (p 0.8), grayscale (p 0.2), normalise.
+    Every parameter is drawn once per clip from `rng` and applied to all frames (CVRL Sec 3.1)."""
+
+    def __init__(self, crop=112, scale=(0.2, 1.0), flip=0.5, jitter=0.8, grayscale=0.2):
+        self.crop, self.scale, self.flip, self.jitter, self.grayscale = crop, scale, flip, jitter, grayscale
+
+    def __call__(self, frames, rng):  # uint8 (T, H, W, 3) -> float (3, T, crop, crop)
+        y, x, h, w = random_resized_box(frames.shape[1], frames.shape[2], rng, self.scale)
+        flip = rng.random() < self.flip
+        frames = _resize_frames(frames[:, y:y + h, x:x + w], (self.crop, self.crop), flip)
+        mean_rgb = frames[:, ::4, ::4].reshape(-1, 3).mean(0)
+        frames = apply_color(frames, color_matrix(rng, mean_rgb, self.jitter, self.grayscale))
+        return to_tensor(frames)
+
+
+class EvalTransform:
+    """Resize the short side to `resize`, then a centre crop (crops=1) or three crops along the long
+    side (crops=3: start, centre, end). Returns (crops, 3, T, crop, crop)."""
+
+    def __init__(self, crop=112, resize=None, crops=1):
+        assert crops in (1, 3), "crops must be 1 or 3"
+        self.crop, self.crops = crop, crops
+        self.resize = resize or int(round(crop * 128 / 112))
+
+    def __call__(self, frames, rng=None):
+        height, width = frames.shape[1:3]
+        s = self.resize / min(height, width)
+        height, width = max(self.crop, round(height * s)), max(self.crop, round(width * s))
+        frames = _resize_frames(frames, (height, width))
+        cy, cx = (height - self.crop) // 2, (width - self.crop) // 2
+        if self.crops == 1:
+            boxes = [(cy, cx)]
+        elif width >= height:
+            boxes = [(cy, 0), (cy, cx), (cy, width - self.crop)]
+        else:
+            boxes = [(0, cx), (cy, cx), (height - self.crop, cx)]
+        return torch.stack([to_tensor(frames[:, y:y + self.crop, x:x + self.crop]) for y, x in boxes])
+
+
+# -----------------------------------------------------------------------------
+# dataset
+
+class VideoClips(torch.utils.data.Dataset):
+    """
+    Clips from a list of (path, label) videos.
+
+    Videos shorter than a clip are looped if at least half the clip's frames decode, else bad.
+
+    mode "train": one random clip per video, `views` independently augmented copies of it
+        -> {"video": (views, 3, T, crop, crop), "label", "index", "bad"}
+    mode "test": `clips` uniformly spaced clips, each with the eval transform's crops
+        -> {"video": (clips * crops, 3, T, crop, crop), "label", "index", "bad", "valid"}
+
+    A video that cannot give a clip is never a crash: in train mode it is replaced by another random
+    video, in test mode the sample comes back with valid=False (evaluation must not silently swap a
+    test video). `bad` lists the (index, reason) of the videos that failed while producing this
+    sample; `BadVideos` in the main process logs each once and enforces the bad fraction.
+    """
+
+    def __init__(self, samples, frames=32, stride=1, transform=None, mode="train", views=1, clips=10):
+        assert mode in ("train", "test")
+        self.samples, self.frames, self.stride = samples, frames, stride
+        self.transform, self.mode, self.views, self.clips = transform, mode, views, clips
+        self.min_frames = max(1, frames // 2)  # shorter videos are bad; longer ones loop if needed
+        self.known_bad = set()  # per process: don't retry a video this worker already saw fail
+
+    def __len__(self):
+        return len(self.samples)
+
+    def _rng(self):
+        # one fresh 62-bit seed per sample from torch's RNG: distinct per DataLoader worker (each is
+        # seeded base_seed + worker_id) and per epoch, reproducible from a seeded main process
+        return np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
+
+    def _load(self, index, rng):
+        path, label = self.samples[index]
+        span = (self.frames - 1) * self.stride + 1
+        with VideoReader(path) as reader:
+            n = reader.claimed_frames
+            if self.mode == "train":
+                starts = [int(rng.integers(0, max(n - span, 0) + 1))]
+            else:
+                starts = uniform_starts(n, span, self.clips)
+            clips = reader.clips(starts, self.frames, self.stride, min_frames=self.min_frames)
+        if self.mode == "train":
+            video = torch.stack([self.transform(clips[0], rng) for _ in range(self.views)])
+        else:
+            video = torch.cat([self.transform(c, rng) for c in clips])
+        return video, label
+
+    def __getitem__(self, index):
+        rng = self._rng()
+        bad = []
+        for _ in range(100):
+            if index not in self.known_bad:
+                try:
+                    video, label = self._load(index, rng)
+                    return {"video": video, "label": label, "index": index, "bad": bad, "valid": True}
+                except (VideoError, cv2.error) as e:
+                    self.known_bad.add(index)
+                    bad.append((index, str(e).strip().splitlines()[-1]))
+            if self.mode == "test":
+                shape = (self.clips * getattr(self.transform, "crops", 1), 3, self.frames,
+                         self.transform.crop, self.transform.crop)
+                return {"video": torch.zeros(shape), "label": self.samples[index][1], "index": index,
+                        "bad": bad, "valid": False}
+            index = int(rng.integers(0, len(self.samples)))
+        raise DataError("100 videos in a row failed to decode; is the data readable at all?")
+
+
+def collate(batch):
+    """default_collate, except `bad` lists are concatenated rather than stacked."""
+    bad = [b for sample in batch for b in sample["bad"]]
+    out = torch.utils.data.default_collate([{k: v for k, v in s.items() if k != "bad"} for s in batch])
+    out["bad"] = bad
+    return out
+
+
+class BadVideos:
+    """Main-process record of skipped videos: logs each once (path and reason), counts them, and
+    stops the run when more than `max_fraction` of the dataset is bad instead of training on garbage.
+    Listed-but-missing files count from the start."""
+
+    def __init__(self, samples, missing=(), max_fraction=0.1, log=True):
+        self.samples, self.max_fraction, self.log = samples, max_fraction, log
+        self.total = len(samples) + len(missing)
+        self.paths = {}
+        for path in missing:
+            self._add(path, "listed in the split file but does not exist")
+        self.check()
+
+    def _add(self, path, reason):
+        if path not in self.paths:
+            self.paths[path] = reason
+            if self.log:
+                print(f"skipping bad video {path}: {reason}", file=sys.stderr, flush=True)
+
+    def update(self, bad):
+        for index, reason in bad:
+            self._add(self.samples[index][0], reason)
+        self.check()
+
+    def __len__(self):
+        return len(self.paths)
+
+    def check(self):
+        if len(self.paths) > self.max_fraction * self.total:
+            raise DataError(f"{len(self.paths)} of {self.total} videos are unreadable or missing "
+                            f"(more than {self.max_fraction:.0%}); fix the data (python data.py check) "
+                            f"or raise --max-bad-fraction")
+
+    def write(self, path):
+        with open(path, "w") as f:
+            f.writelines(f"{p}\t{r}\n" for p, r in sorted(self.paths.items()))
+
+
+def worker_init(worker_id):
+    cv2.setNumThreads(0)  # OpenCV's own thread pool would oversubscribe the cores the workers share
+    seed = torch.initial_seed() % 2**32  # already base_seed + worker_id
+    np.random.seed(seed)
+    import random
+    random.seed(seed)
+
+
+def build_loader(dataset, batch_size, workers, train, seed=0, drop_last=None):
+    """DataLoader with a DistributedSampler when torch.distributed is initialised (each rank its own
+    shard; call loader.sampler.set_epoch(epoch) when it has one), per-worker RNG streams, and the
+    collate that keeps the bad-video lists."""
+    sampler = None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=train, seed=seed,
+                                                      drop_last=train)
+    generator = torch.Generator()
+    generator.manual_seed(seed + (torch.distributed.get_rank() if sampler is not None else 0))
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+        num_workers=workers, collate_fn=collate, worker_init_fn=worker_init, generator=generator,
+        pin_memory=torch.cuda.is_available(), drop_last=train if drop_last is None else drop_last,
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+
+
+def build_dataset(args, train, mode=None, views=2):
+    """The dataset a stage script asks for with the shared flags (--dataset --data-root --split
+    --frames --stride --crop); returns (dataset, classes, BadVideos)."""
+    samples, classes, missing = list_videos(args.dataset, args.data_root, args.split, train)
+    mode = mode or ("train" if train else "test")
+    if mode == "train":
+        transform = TrainTransform(args.crop)
+    else:
+        transform = EvalTransform(args.crop, crops=getattr(args, "crops", 1))
+    dataset = VideoClips(samples, args.frames, args.stride, transform, mode, views=views,
+                         clips=getattr(args, "clips", 1))
+    return dataset, classes, BadVideos(samples, missing, getattr(args, "max_bad_fraction", 0.1))
+
+
+# -----------------------------------------------------------------------------
+# the built-in demo set
+#
+# Six classes that differ only in how the objects move. Every appearance factor (background, object
+# colour, shape, size, position) has the same distribution in every class and at every frame: positions
+# live on a torus (they wrap around the frame edges) with a uniformly random phase, so a single frame
+# says nothing about the class. The motions are all symmetric under a horizontal flip, so the standard
+# flip augmentation never changes a label. Groups (like UCF101's g01..g25) share a background texture
+# and palette across all classes; train and test are split by group.
+
+DEMO_VERSION = 1
+DEMO_CLASSES = ("MoveUp", "MoveDown", "Grow", "Shrink", "SwingHorizontal", "SwingVertical")
+DEMO_GROUPS, DEMO_TEST_GROUPS, DEMO_CLIPS = 10, 3, 4  # groups 1-3 are test (UCF101: g01-g07 of 25)
+DEMO_SIZE, DEMO_FPS = (128, 96), 25
+
+
+def _smooth_noise(rng, h, w, cells):
+    noise = rng.random((cells, cells * w // h + 1, 3)).astype(np.float32)
+    return cv2.resize(noise, (w, h), interpolation=cv2.INTER_CUBIC)
+
+
+def _demo_video(rng, motion, background, palette, frames):
+    w, h = DEMO_SIZE
+    objects = []
+    for _ in range(int(rng.integers(2, 4))):
+        objects.append(dict(
+            x=rng.uniform(0, w), y=rng.uniform(0, h), phase=rng.uniform(0, 1),
+            size=rng.uniform(8, 20), speed=rng.uniform(2.0, 3.5), shape=int(rng.integers(0, 3)),
+            color=(palette[int(rng.integers(0, len(palette)))] + rng.normal(0, 20, 3)).clip(0, 255)))
+    out = []
+    for t in range(frames):
+        frame = background.copy()
+        for o in objects:
+            x, y, size = o["x"], o["y"], o["size"]
+            swing = 2 * abs(((o["phase"] + t * o["speed"] / 40) % 1) - 0.5) - 0.5  # triangle wave
+            cycle = (o["phase"] + t * o["speed"] / 60) % 1  # sawtooth for the size classes
+            if motion == "MoveUp":
+                y -= o["speed"] * t
+            elif motion == "MoveDown":
+                y += o["speed"] * t
+            elif motion == "SwingHorizontal":
+                x += 40 * swing
+            elif motion == "SwingVertical":
+                y += 40 * swing
+            elif motion == "Grow":
+                size = 8 + 12 * cycle
+            elif motion == "Shrink":
+                size = 20 - 12 * cycle
+            x, y = x % w, y % h
+            for dx in (-w, 0, w):  # draw the wrapped copies so objects cross the edges smoothly
+                for dy in (-h, 0, h):
+                    _draw_shape(frame, o["shape"], x + dx, y + dy, size, o["color"])
+        frame = frame + rng.normal(0, 6, frame.shape)
+        out.append(frame.clip(0, 255).astype(np.uint8))
+    return out
+
+
+def _draw_shape(frame, shape, x, y, size, color):
+    color = tuple(float(c) for c in color)
+    if shape == 0:
+        cv2.circle(frame, (int(x), int(y)), int(size / 2), color, -1, cv2.LINE_AA)
+    elif shape == 1:
+        s = int(size / 2)
+        cv2.rectangle(frame, (int(x) - s, int(y) - s), (int(x) + s, int(y) + s), color, -1)
+    else:
+        s = size / 2
+        pts = np.array([[x, y - s], [x - s, y + s], [x + s, y + s]], np.int32)
+        cv2.fillPoly(frame, [pts], color, cv2.LINE_AA)
+
+
+def make_demo(root, seed=0):
+    """Write the demo set under `root` in the UCF101 layout (UCF-101/ and ucfTrainTestlist/ with
+    CRLF split files, 3 splits that all hold out the same groups). ~240 videos, a few seconds."""
+    rng = np.random.default_rng(seed)
+    w, h = DEMO_SIZE
+    lists = os.path.join(root, "ucfTrainTestlist")
+    os.makedirs(lists, exist_ok=True)
+    train, test = [], []
+    for g in range(1, DEMO_GROUPS + 1):
+        background = (_smooth_noise(rng, h, w, 4) * 160 + rng.uniform(0, 95, 3)).astype(np.float32)
+        palette = rng.uniform(0, 255, (3, 3))
+        for label, motion in enumerate(DEMO_CLASSES):
+            os.makedirs(os.path.join(root, "UCF-101", motion), exist_ok=True)
+            for c in range(1, DEMO_CLIPS + 1):
+                rel = f"{motion}/v_{motion}_g{g:02d}_c{c:02d}.avi"
+                frames = _demo_video(rng, motion, background, palette, int(rng.integers(32, 49)))
+                writer = cv2.VideoWriter(os.path.join(root, "UCF-101", rel),
+                                         cv2.VideoWriter_fourcc(*"XVID"), DEMO_FPS, (w, h))
+                for f in frames:
+                    writer.write(f)
+                writer.release()
+                (test if g <= DEMO_TEST_GROUPS else train).append((rel, label + 1))
+    for split in (1, 2, 3):
+        with open(os.path.join(lists, f"trainlist0{split}.txt"), "w", newline="\r\n") as f:
+            f.writelines(f"{rel} {label}\n" for rel, label in train)
+        with open(os.path.join(lists, f"testlist0{split}.txt"), "w", newline="\r\n") as f:
+            f.writelines(f"{rel}\n" for rel, _ in test)
+    with open(os.path.join(lists, "classInd.txt"), "w", newline="\r\n") as f:
+        f.writelines(f"{i + 1} {name}\n" for i, name in enumerate(DEMO_CLASSES))
+    return root
+
+
+def ensure_demo(root):
+    """Generate the demo set into `root` unless it is already there (atomically: a half-written set
+    from an interrupted run is never used)."""
+    if os.path.isfile(os.path.join(root, "ucfTrainTestlist", "classInd.txt")):
+        return root
+    parent = os.path.dirname(os.path.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".demo-", dir=parent)
+    t0 = time.time()
+    make_demo(tmp)
+    try:
+        os.replace(tmp, root)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote the built-in demo set to {root} ({time.time() - t0:.1f} s)", file=sys.stderr)
+    return root
+
+
+# -----------------------------------------------------------------------------
+# data tools
+
+def _check_one(job):
+    path, min_frames = job
+    try:
+        with VideoReader(path) as reader:
+            claimed = reader.claimed_frames
+            real = reader.count_frames()
+    except VideoError as e:
+        return path, "unreadable", str(e), 0, 0
+    if real == 0:
+        return path, "unreadable", "no decodable frames", claimed, real
+    if real < min_frames:
+        return path, "too short", f"{real} frames < {min_frames}", claimed, real
+    if claimed != real:
+        return path, "frame-count mismatch", f"container claims {claimed}, {real} decode", claimed, real
+    return path, "ok", "", claimed, real
+
+
+def check(args):
+    """Decode every listed video of both splits; summary and a file of the bad ones."""
+    jobs, missing = [], []
+    for train in (True, False):
+        samples, _, miss = list_videos(args.dataset, args.data_root, args.split, train)
+        jobs += [(p, (args.frames - 1) * args.stride + 1) for p, _ in samples]
+        missing += miss
+    jobs = sorted(set(jobs))
+    counts = {"ok": 0, "unreadable": 0, "too short": 0, "frame-count mismatch": 0, "missing": len(missing)}
+    bad = [(p, "missing", "listed in the split file but does not exist") for p in sorted(set(missing))]
+    with ProcessPoolExecutor(max(args.workers, 1)) as pool:
+        for path, status, reason, _, _ in pool.map(_check_one, jobs, chunksize=8):
+            counts[status] += 1
+            if status != "ok":
+                bad.append((path, status, reason))
+    print(f"{len(jobs) + len(missing)} videos: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    with open(args.bad_list, "w") as f:
+        f.writelines(f"{p}\t{s}\t{r}\n" for p, s, r in bad)
+    print(f"wrote {len(bad)} problem videos to {args.bad_list} "
+          "(frame-count mismatches still load: the reader trusts decoding, not the container)")
+
+
+def _resize_one(job):
+    src, dst, short_side = job
+    try:
+        cap = open_capture(src)
+    except VideoError as e:
+        return src, str(e)
+    fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
+    writer, n = None, 0
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        h, w = frame.shape[:2]
+        s = short_side / min(h, w)
+        size = (max(2, round(w * s / 2) * 2), max(2, round(h * s / 2) * 2))  # even sizes for codecs
+        if writer is None:
+            fourcc = cv2.VideoWriter_fourcc(*("mp4v" if dst.lower().endswith(".mp4") else "XVID"))
+            writer = cv2.VideoWriter(dst + ".tmp" + os.path.splitext(dst)[1], fourcc, fps, size)
+        writer.write(cv2.resize(frame, size, interpolation=cv2.INTER_AREA))
+        n += 1
+    cap.release()
+    if writer is None:
+        return src, "no decodable frames"
+    writer.release()
+    os.replace(dst + ".tmp" + os.path.splitext(dst)[1], dst)
+    return src, None
+
+
+def resize(args):
+    """Re-encode every video under SRC into DST with the short side resized; other files (split
+    lists) are copied, the layout is kept. Already-converted videos are skipped, so it resumes."""
+    if not os.path.isdir(args.src):
+        raise DataError(f"source is not a folder: {args.src}")
+    jobs = []
+    for folder, _, files in os.walk(args.src):
+        out = os.path.join(args.dst, os.path.relpath(folder, args.src))
+        os.makedirs(out, exist_ok=True)
+        for name in files:
+            src, dst = os.path.join(folder, name), os.path.join(out, name)
+            if _is_video(name):
+                if not os.path.exists(dst):
+                    jobs.append((src, dst, args.short_side))
+            else:
+                shutil.copy2(src, dst)
+    failed = 0
+    with ProcessPoolExecutor(max(args.workers, 1)) as pool:
+        for i, (src, error) in enumerate(pool.map(_resize_one, jobs, chunksize=4), 1):
+            if error:
+                failed += 1
+                print(f"skipping {src}: {error}", file=sys.stderr)
+            if i % 500 == 0:
+                print(f"{i}/{len(jobs)} videos re-encoded", flush=True)
+    print(f"re-encoded {len(jobs) - failed} videos into {args.dst} ({failed} unreadable, skipped)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description="VideoMoCo data tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="write the built-in demo set (UCF101 layout)")
+    p.add_argument("dir", nargs="?", default=None, help="output folder (default: the demo cache)")
+    p = sub.add_parser("check", help="decode every listed video and report the bad ones")
+    p.add_argument("--dataset", default="demo", help=f"one of {', '.join(DATASETS)}")
+    p.add_argument("--data-root", default=None, help="dataset root as unpacked from the archives")
+    p.add_argument("--split", type=int, default=1, help="official split (1-3)")
+    p.add_argument("--frames", type=int, default=32, help="clip length T; shorter videos are 'too short'")
+    p.add_argument("--stride", type=int, default=1, help="temporal stride of a clip")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="decode processes")
+    p.add_argument("--bad-list", default="bad_videos.txt", help="where to write the problem videos")
+    p = sub.add_parser("resize", help="re-encode a dataset tree with a smaller short side")
+    p.add_argument("src", help="dataset root to read")
+    p.add_argument("dst", help="dataset root to write (same layout, split files copied)")
+    p.add_argument("--short-side", type=int, default=128, help="pixels of the short side (128)")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="encode processes")
+    args = parser.parse_args()
+    try:
+        if args.command == "demo":
+            if args.dir:
+                if os.path.exists(os.path.join(args.dir, "ucfTrainTestlist", "classInd.txt")):
+                    raise DataError(f"{args.dir} already holds a dataset")
+                t0 = time.time()
+                make_demo(args.dir)
+                print(f"wrote the demo set to {args.dir} in {time.time() - t0:.1f} s")
+            else:
+                print(ensure_demo(demo_root()))
+        elif args.command == "check":
+            check(args)
+        else:
+            resize(args)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
