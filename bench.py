@@ -2,10 +2,13 @@
 Speed and memory targets, measured as ratios within one run (absolute times on shared machines are
 noise; ratios taken back to back are not).
 
+    python bench.py            # both of the below
     python bench.py --loader   # data pipeline vs the decoding limit and vs naive whole-video decoding
+    python bench.py --step     # VideoMoCo's adversarial step vs a plain MoCo step; Eq 6 vs Eq 1
 
 Targets: pipeline / limit >= 0.8, pipeline / naive >= 3, resident memory growth over 2,000
-iterations < 5 %.
+iterations < 5 %; adversarial step / MoCo step <= 1.75; decayed / plain InfoNCE <= 1.05.
+On CPU the step runs at a reduced size (16 frames, crop 64, batch 4); on CUDA at the paper's.
 """
 
 import argparse
@@ -153,6 +156,78 @@ def bench_loader(args):
           f"({100 * (rss1 - rss0) / rss0:+.1f} %, target < 5 %)")
 
 
+# -----------------------------------------------------------------------------
+# training step
+
+def _time(fn, repeats, device):
+    fn()  # warm-up: allocator, kernel selection
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeats
+
+
+def bench_step(args):
+    import pretrain
+    import models
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    arch = args.arch or "r2plus1d_10"
+    batch = args.batch or (32 if cuda else 4)
+    frames = args.frames if cuda else min(args.frames, 16)
+    crop = args.crop if cuda else min(args.crop, 64)
+    ctx, scaler = pretrain.autocast_context(None, device)
+    step_args = argparse.Namespace(drop_frames=max(1, frames // 4), g_temperature=1.0)
+    model = models.VideoMoCo(arch, 128, args.moco_k, 0.999, 0.07, 0.99999).to(device)
+    generator = models.ConvLSTMGenerator(3, 256, 32).to(device)
+    opt_d = torch.optim.SGD(model.encoder_q.parameters(), 0.02, momentum=0.9, weight_decay=1e-4)
+    opt_g = torch.optim.SGD(generator.parameters(), 0.02, momentum=0.9)
+    x = torch.randn(batch, 3, frames, crop, crop, device=device)
+    x_key = torch.randn_like(x)
+
+    def step(phase):
+        out = pretrain.forward_step(model, generator, x, x_key, phase, step_args, ctx)
+        pretrain.backward_step(out, opt_d, opt_g, scaler)
+
+    print(f"step: {arch}, batch {batch}, {frames} frames, crop {crop}, K {args.moco_k}, on {device}"
+          + (f" ({torch.cuda.get_device_name()})" if cuda else ""))
+    times = {"moco": [], "adversarial": []}
+    for _ in range(3):  # interleaved, best of three
+        for phase in times:
+            times[phase].append(_time(lambda: step(phase), args.repeats, device))
+    moco, adv = min(times["moco"]), min(times["adversarial"])
+    print(f"plain MoCo step {moco * 1e3:8.1f} ms   ({batch / moco:.1f} clips/s)")
+    print(f"adversarial step {adv * 1e3:7.1f} ms   ({batch / adv:.1f} clips/s)")
+    print(f"ratio adversarial / MoCo step = {adv / moco:.2f}  (target <= 1.75)")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        step("adversarial")
+        print(f"peak GPU memory of an adversarial step: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+
+    # the loss alone at the paper's K: Eq 6 vs Eq 1, forward and backward
+    n, k = 128, 65536
+    q = torch.nn.functional.normalize(torch.randn(n, 128, device=device), dim=1).requires_grad_()
+    key = torch.nn.functional.normalize(torch.randn(n, 128, device=device), dim=1)
+    queue = torch.nn.functional.normalize(torch.randn(128, k, device=device), dim=0)
+    age = torch.arange(1, k + 1, device=device)
+
+    def loss(decay):
+        models.decayed_infonce(q, key, queue, age, 0.07, decay).backward()
+
+    times = {1.0: [], 0.99999: []}
+    for _ in range(5):
+        for decay in times:
+            times[decay].append(_time(lambda: loss(decay), args.repeats * 4, device))
+    plain, decayed = min(times[1.0]), min(times[0.99999])
+    print(f"InfoNCE (Eq 1) {plain * 1e3:.2f} ms, decayed InfoNCE (Eq 6) {decayed * 1e3:.2f} ms at N {n}, K {k}")
+    print(f"ratio decayed / plain InfoNCE = {decayed / plain:.3f}  (target <= 1.05)")
+
+
 def main():
     parser = argparse.ArgumentParser(description="VideoMoCo speed and memory ratios")
     parser.add_argument("--loader", action="store_true", help="benchmark the data pipeline")
@@ -161,10 +236,17 @@ def main():
     parser.add_argument("--crop", type=int, default=112, help="crop size (paper: 112)")
     parser.add_argument("--clips", type=int, default=240, help="clips per throughput measurement")
     parser.add_argument("--memory-iters", type=int, default=2000, help="iterations for the RSS check")
+    parser.add_argument("--step", action="store_true", help="benchmark the training step and the loss")
+    parser.add_argument("--arch", default=None, help="encoder for --step (default r2plus1d_10)")
+    parser.add_argument("--batch", type=int, default=None, help="per-step batch for --step (default 32 on CUDA, 4 on CPU)")
+    parser.add_argument("--moco-k", type=int, default=65536, help="queue size for --step")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement")
     args = parser.parse_args()
-    run_all = not args.loader
+    run_all = not (args.loader or args.step)
     if args.loader or run_all:
         bench_loader(args)
+    if args.step or run_all:
+        bench_step(args)
 
 
 if __name__ == "__main__":

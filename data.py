@@ -569,27 +569,66 @@ class BadVideos:
 
 def worker_init(worker_id):
     cv2.setNumThreads(0)  # OpenCV's own thread pool would oversubscribe the cores the workers share
-    seed = torch.initial_seed() % 2**32  # already base_seed + worker_id
+    torch.set_num_threads(1)
+    seed = torch.initial_seed() % 2**32  # base_seed + worker_id, see EpochSampler.set_epoch
     np.random.seed(seed)
     import random
     random.seed(seed)
 
 
-def build_loader(dataset, batch_size, workers, train, seed=0, drop_last=None):
-    """DataLoader with a DistributedSampler when torch.distributed is initialised (each rank its own
-    shard; call loader.sampler.set_epoch(epoch) when it has one), per-worker RNG streams, and the
-    collate that keeps the bad-video lists."""
-    sampler = None
+def _rank_world():
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=train, seed=seed,
-                                                      drop_last=train)
-    generator = torch.Generator()
-    generator.manual_seed(seed + (torch.distributed.get_rank() if sampler is not None else 0))
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """
+    This rank's indices for one epoch. Training: one permutation per (seed, epoch), shared by all
+    ranks, split into equal shards (the tail that does not divide is dropped, as DistributedSampler
+    with drop_last). Test: every index exactly once, rank r taking r, r + world, ...
+
+    set_epoch(epoch, skip) also reseeds the loader's generator from (seed, rank, epoch), which draws
+    the DataLoader workers' base seed: an epoch's shuffle and augmentations depend only on (seed,
+    rank, epoch), so a run resumed at an epoch boundary repeats the uninterrupted run exactly.
+    `skip` drops the first samples of this rank's shard (resuming mid-epoch without re-decoding).
+    """
+
+    def __init__(self, size, train, seed=0):
+        self.size, self.train, self.seed = size, train, seed
+        self.rank, self.world = _rank_world()
+        self.epoch, self.skip, self.generator = 0, 0, None
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+        if self.generator is not None:
+            seed = np.random.SeedSequence([self.seed, self.rank, epoch]).generate_state(1)[0]
+            self.generator.manual_seed(int(seed))
+
+    def _indices(self):
+        if not self.train:
+            return list(range(self.rank, self.size, self.world))
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+        per_rank = self.size // self.world
+        return order[self.rank * per_rank:(self.rank + 1) * per_rank].tolist()
+
+    def __iter__(self):
+        return iter(self._indices()[self.skip:])
+
+    def __len__(self):
+        return len(self._indices()) - self.skip
+
+
+def build_loader(dataset, batch_size, workers, train, seed=0):
+    """DataLoader over this rank's EpochSampler shard, with per-worker RNG streams and the collate
+    that keeps the bad-video lists. Call loader.sampler.set_epoch(epoch) before each epoch."""
+    sampler = EpochSampler(len(dataset), train, seed)
+    sampler.generator = torch.Generator()
+    sampler.set_epoch(0)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-        num_workers=workers, collate_fn=collate, worker_init_fn=worker_init, generator=generator,
-        pin_memory=torch.cuda.is_available(), drop_last=train if drop_last is None else drop_last,
-        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+        worker_init_fn=worker_init, generator=sampler.generator, drop_last=train,
+        pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers > 0 else None)
 
 
 def build_dataset(args, train, mode=None, views=2):

@@ -1,9 +1,16 @@
 """
 Tests for VideoMoCo. Small shapes, CPU, seconds each; every video is a real file encoded by OpenCV in a
-temporary folder, so the decoding path is always exercised. Run: python -m pytest -q
+temporary folder, so the decoding path is always exercised. Every equation is compared with a naive
+loop. Run: python -m pytest -q test_videomoco.py
 """
 
+import copy
+import itertools
+import json
+import math
 import os
+import shutil
+import socket
 import subprocess
 import sys
 
@@ -11,8 +18,17 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.models.video.resnet import (BasicBlock, BasicStem, Conv2Plus1D, Conv3DSimple,
+                                             R2Plus1dStem, VideoResNet)
 
 import data
+import models
+import pretrain
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -409,3 +425,671 @@ def test_check_and_resize_tools(tmp_path):
     assert (tmp_path / "dst" / "notes.txt").read_text() == "split file stand-in\n"
     clip = data.read_clip(str(tmp_path / "dst" / "good" / "g0.avi"), 0, 20)
     assert clip.shape == (20, 24, 32, 3)
+
+
+def test_epoch_sampler_shards_cover_the_data_once_and_repeat_per_epoch():
+    shards = []
+    for rank in range(3):
+        s = data.EpochSampler(20, train=True, seed=5)
+        s.rank, s.world = rank, 3
+        s.set_epoch(2)
+        shards.append(list(s))
+    flat = sum(shards, [])
+    assert all(len(x) == 6 for x in shards) and len(set(flat)) == 18  # disjoint, tail of 2 dropped
+    s = data.EpochSampler(20, train=True, seed=5)
+    s.rank, s.world = 0, 3
+    s.set_epoch(2, skip=4)
+    assert list(s) == shards[0][4:] and len(s) == 2
+    s.set_epoch(3)
+    assert list(s) != shards[0]
+    t = data.EpochSampler(7, train=False)
+    t.rank, t.world = 1, 2
+    assert list(t) == [1, 3, 5]
+
+
+# -----------------------------------------------------------------------------
+# models.py: equations, queue, generator
+
+
+def naive_decayed_infonce(q, k, queue, age, tau, decay):
+    """Eq 6 written out, one sample and one negative at a time, in float64."""
+    losses = []
+    for n in range(q.shape[0]):
+        qn = [float(v) for v in q[n]]
+        pos = math.exp(sum(a * b for a, b in zip(qn, k[n].tolist())) / tau)
+        neg = 0.0
+        for i in range(queue.shape[1]):
+            dot = sum(a * b for a, b in zip(qn, queue[:, i].tolist()))
+            neg += decay ** int(age[i]) * math.exp(dot / tau)
+        losses.append(-math.log(pos / (pos + neg)))
+    return sum(losses) / len(losses)
+
+
+def random_unit(*shape, dim):
+    return F.normalize(torch.randn(*shape), dim=dim)
+
+
+# -----------------------------------------------------------------------------
+# models.py: Eq 1, 5, 6
+
+@pytest.mark.parametrize("decay", [0.9, 0.99, 0.99999, 1.0])
+def test_decayed_infonce_matches_loop(decay):
+    torch.manual_seed(0)
+    q, k = random_unit(5, 8, dim=1), random_unit(5, 8, dim=1)
+    queue = random_unit(8, 11, dim=0)
+    age = torch.tensor([1, 2, 3, 5, 8, 13, 100, 1000, 20000, 65535, 65536])
+    loss = models.decayed_infonce(q, k, queue, age, 0.07, decay)
+    expected = naive_decayed_infonce(q.double(), k.double(), queue.double(), age, 0.07, decay)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_decay_changes_loss_only_through_negatives():
+    torch.manual_seed(1)
+    q, k, queue = random_unit(4, 8, dim=1), random_unit(4, 8, dim=1), random_unit(8, 6, dim=0)
+    age = torch.arange(1, 7)
+    plain = models.decayed_infonce(q, k, queue, age, 0.1, 1.0)
+    decayed = models.decayed_infonce(q, k, queue, age, 0.1, 0.5)
+    assert decayed < plain  # t^i < 1 shrinks the denominator, never the positive
+    # the positive is not decayed: all-zero ages make Eq 6 equal Eq 1
+    assert models.decayed_infonce(q, k, queue, torch.zeros(6, dtype=torch.long), 0.1, 0.5) == plain
+
+
+def test_decay_one_is_moco_infonce_exactly():
+    torch.manual_seed(2)
+    q, k, queue = random_unit(6, 16, dim=1), random_unit(6, 16, dim=1), random_unit(16, 32, dim=0)
+    age = torch.randint(1, 1000, (32,))
+    loss = models.decayed_infonce(q, k, queue, age, 0.07, 1.0)
+    # MoCo v1 builder + main_moco: logits = cat(l_pos, l_neg) / T, cross-entropy with label 0
+    l_pos = (q * k).sum(dim=1, keepdim=True)
+    logits = torch.cat([l_pos, q @ queue], dim=1) / 0.07
+    moco = F.cross_entropy(logits, torch.zeros(6, dtype=torch.long))
+    assert torch.equal(loss, moco)
+    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
+    l_neg = torch.einsum("nc,ck->nk", q, queue)
+    moco_einsum = F.cross_entropy(torch.cat([l_pos, l_neg], 1) / 0.07, torch.zeros(6, dtype=torch.long))
+    torch.testing.assert_close(loss, moco_einsum, atol=1e-7, rtol=0)
+
+
+def test_decay_weights_and_oldest_key_of_full_queue():
+    age = torch.tensor([0, 1, 8000, 65536])
+    weights = models.decay_weights(age, 0.99999)
+    for a, w in zip(age.tolist(), weights.tolist()):
+        assert w == pytest.approx(0.99999 ** a, rel=1e-12)
+    assert models.decay_weights(torch.tensor([8000]), 0.999).item() == pytest.approx(0.000334, rel=1e-2)
+    model = models.VideoMoCo("tiny", dim=4, K=65536)
+    model.dequeue_and_enqueue(random_unit(256, 4, dim=1))
+    oldest = int(model.queue_age.max())
+    assert oldest == 65536
+    assert models.decay_weights(torch.tensor([oldest]), 0.99999).item() == pytest.approx(0.52, abs=0.005)
+    assert sorted(model.queue_age.tolist()) == list(range(1, 65537))
+
+
+# -----------------------------------------------------------------------------
+# models.py: Eq 2
+
+def test_momentum_update_matches_loop():
+    torch.manual_seed(3)
+    model = models.VideoMoCo("tiny", dim=8, K=16, m=0.9)
+    with torch.no_grad():
+        for p in model.encoder_q.parameters():
+            p.add_(torch.randn_like(p))
+        for b in model.encoder_q.buffers():
+            if b.is_floating_point():
+                b.add_(torch.rand_like(b))
+    theta_k = [p.clone() for p in model.encoder_k.parameters()]
+    theta_q = [p.clone() for p in model.encoder_q.parameters()]
+    model.momentum_update()
+    for p_k, old_k, p_q in zip(model.encoder_k.parameters(), theta_k, theta_q):
+        torch.testing.assert_close(p_k, 0.9 * old_k + 0.1 * p_q, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(p_k, old_k)
+        assert not p_k.requires_grad
+    for b_k, b_q in zip(model.encoder_k.buffers(), model.encoder_q.buffers()):
+        assert torch.equal(b_k, b_q)
+
+
+# -----------------------------------------------------------------------------
+# models.py: queue and ages
+
+def queue_fifo(model):
+    """The keys' ids in FIFO order, oldest first (the slot at queue_ptr holds the oldest)."""
+    ptr, K = int(model.queue_ptr), model.K
+    slots = [(ptr + i) % K for i in range(K)]
+    return [round(model.queue[0, j].item()) for j in slots], [int(model.queue_age[j]) for j in slots]
+
+
+@pytest.mark.parametrize("decay_unit", ["key", "step"])
+def test_queue_wraparound_and_ages(decay_unit):
+    K, dim = 10, 3
+    model = models.VideoMoCo("tiny", dim=dim, K=K, decay_unit=decay_unit)
+    # initial keys: ids -K..-1 in slot order, enqueued one per step (slot 0 oldest)
+    model.queue[:] = torch.arange(-K, 0, dtype=torch.float)
+    fifo = [(i, -(K - 1) + j) for j, i in enumerate(range(-K, 0))]  # (id, step it was enqueued)
+    assert queue_fifo(model)[1] == [K - j for j in range(K)]
+    next_id, step = 0, 0
+    for batch in (4, 4, 4, 4, 4, 13, 3, 7, 10):
+        step += 1
+        ids = list(range(next_id, next_id + batch))
+        next_id += batch
+        model.dequeue_and_enqueue(torch.tensor(ids, dtype=torch.float)[:, None].repeat(1, dim))
+        fifo = (fifo + [(i, step) for i in ids])[-K:]
+        got_ids, got_ages = queue_fifo(model)
+        assert got_ids == [i for i, _ in fifo]
+        assert int(model.queue_ptr) == (next_id + K) % K  # initial fill counts as K keys
+        if decay_unit == "key":
+            assert got_ages == list(range(K, 0, -1))  # rank, newest = 1
+        else:
+            assert got_ages == [step - s + 1 for _, s in fifo]  # enqueue steps, new = 1
+
+
+def test_queue_batch_larger_than_queue_keeps_newest():
+    model = models.VideoMoCo("tiny", dim=2, K=5)
+    model.dequeue_and_enqueue(torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
+    keys = torch.arange(100, 112, dtype=torch.float)[:, None].repeat(1, 2)
+    model.dequeue_and_enqueue(keys)
+    ids, ages = queue_fifo(model)
+    assert ids == list(range(107, 112))
+    assert ages == [5, 4, 3, 2, 1]
+    assert int(model.queue_ptr) == (2 + 12) % 5
+
+
+def test_queue_state_is_in_state_dict():
+    model = models.VideoMoCo("tiny", dim=4, K=8)
+    model.dequeue_and_enqueue(random_unit(3, 4, dim=1))
+    state = copy.deepcopy(model.state_dict())
+    assert {"queue", "queue_ptr", "queue_age"} <= set(state)
+    fresh = models.VideoMoCo("tiny", dim=4, K=8)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.queue, model.queue)
+    assert int(fresh.queue_ptr) == 3
+    assert torch.equal(fresh.queue_age, model.queue_age)
+
+
+def test_eval_forward_leaves_queue_and_key_encoder():
+    torch.manual_seed(4)
+    model = models.VideoMoCo("tiny", dim=8, K=16).eval()
+    with torch.no_grad():
+        for p in model.encoder_q.parameters():
+            p.add_(1.0)
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 3, 4, 32, 32)
+    model(x, x)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    model.train()
+    model(x, x)
+    assert int(model.queue_ptr) == 2
+    assert not torch.equal(model.encoder_k.fc.weight, before["encoder_k.fc.weight"])
+
+
+# -----------------------------------------------------------------------------
+# models.py: Eq 3, generator
+
+def test_drop_frames_hard_top_k():
+    torch.manual_seed(5)
+    n, t, k = 3, 8, 3
+    x = torch.randn(n, 3, t, 6, 5)
+    importance = torch.randn(n, t, requires_grad=True)
+    x_query, mask = models.drop_frames(x, importance, k)
+    assert x_query.shape == x.shape
+    assert mask.shape == (n, t)
+    for i in range(n):
+        dropped = sorted(range(t), key=lambda j: -importance[i, j].item())[:k]
+        for j in range(t):
+            if j in dropped:
+                assert mask[i, j].item() == 1.0
+                assert torch.count_nonzero(x_query[i, :, j]) == 0
+            else:
+                assert mask[i, j].item() == 0.0
+                assert torch.equal(x_query[i, :, j], x[i, :, j])
+    assert torch.equal(mask.sum(1), torch.full((n,), float(k)))
+
+
+def test_drop_frames_straight_through_gradient():
+    torch.manual_seed(6)
+    n, t, k, temperature = 2, 6, 2, 0.5
+    x = torch.randn(n, 3, t, 4, 4)
+    importance = torch.randn(n, t, requires_grad=True)
+    weight = torch.randn_like(x)
+    x_query, _ = models.drop_frames(x, importance, k, temperature)
+    (x_query * weight).sum().backward()
+    grad = importance.grad
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    # d/d importance_j = sum(-x_j * weight_j) * sigmoid'(z_j) / temperature,
+    # z_j = (importance_j - thr) / temperature
+    for i in range(n):
+        values = sorted(importance[i].tolist(), reverse=True)
+        thr = (values[k - 1] + values[k]) / 2
+        for j in range(t):
+            s = 1 / (1 + math.exp(-(importance[i, j].item() - thr) / temperature))
+            expected = -(x[i, :, j] * weight[i, :, j]).sum().item() * s * (1 - s) / temperature
+            assert grad[i, j].item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def test_drop_frames_k_bounds():
+    x, importance = torch.randn(2, 3, 4, 8, 8), torch.randn(2, 4)
+    x_query, mask = models.drop_frames(x, importance, 0)
+    assert x_query is x and mask.sum() == 0
+    with pytest.raises(ValueError):
+        models.drop_frames(x, importance, 4)
+    with pytest.raises(ValueError):
+        models.random_drop(x, 4)
+
+
+def test_random_drop():
+    x = torch.randn(64, 3, 8, 4, 4)
+    x_query, mask = models.random_drop(x, 2, torch.Generator().manual_seed(0))
+    assert torch.equal(mask.sum(1), torch.full((64,), 2.0))
+    dropped = mask.bool()
+    assert torch.count_nonzero(x_query.transpose(1, 2)[dropped]) == 0
+    assert torch.equal(x_query.transpose(1, 2)[~dropped], x.transpose(1, 2)[~dropped])
+    assert mask.sum(0).min() > 0  # every position gets dropped somewhere: not a fixed choice
+    again, mask_again = models.random_drop(x, 2, torch.Generator().manual_seed(0))
+    assert torch.equal(mask, mask_again)
+
+
+@pytest.mark.parametrize("frames,crop", itertools.product([8, 16], [32, 48]))
+def test_generator_any_length_and_crop(frames, crop):
+    generator = models.ConvLSTMGenerator(hidden=32, width=8)
+    importance = generator(torch.randn(2, 3, frames, crop, crop + 16))
+    assert importance.shape == (2, frames)
+    assert importance.dtype == torch.float32 and torch.isfinite(importance).all()
+
+
+# -----------------------------------------------------------------------------
+# models.py: gradient routing
+
+def adversarial_forward(model, generator, x, x_key, k):
+    x_query, _ = models.drop_frames(x, generator(x), k)
+    x_query_in = x_query.detach().requires_grad_()
+    return model(x_query_in, x_key, x_full=x), x_query, x_query_in
+
+
+def test_adversarial_backward_routes_losses():
+    torch.manual_seed(7)
+    model = models.VideoMoCo("tiny", dim=8, K=16)
+    generator = models.ConvLSTMGenerator(hidden=16, width=8)
+    x, x_key = torch.randn(4, 3, 8, 32, 32), torch.randn(4, 3, 8, 32, 32)
+    start = copy.deepcopy((model.state_dict(), generator.state_dict()))
+
+    def run(backward):
+        model.load_state_dict(start[0])
+        generator.load_state_dict(start[1])
+        model.zero_grad(set_to_none=True)
+        generator.zero_grad(set_to_none=True)
+        torch.manual_seed(8)  # the same key shuffle every time
+        out, x_query, x_query_in = adversarial_forward(model, generator, x, x_key, 2)
+        backward(out, x_query, x_query_in)
+        return ([p.grad.clone() for p in model.encoder_q.parameters()],
+                [None if p.grad is None else p.grad.clone() for p in generator.parameters()])
+
+    routed_d, routed_g = run(
+        lambda o, xq, xin: models.adversarial_backward(o["loss_d"], o["loss_g"], xq, xin))
+    only_d, no_g = run(lambda o, xq, xin: o["loss_d"].backward())
+    leaked_d, _ = run(lambda o, xq, xin: (o["loss_d"] + o["loss_g"]).backward())
+
+    for routed, reference in zip(routed_d, only_d):
+        torch.testing.assert_close(routed, reference, rtol=1e-6, atol=1e-9)
+    assert any(not torch.allclose(a, b) for a, b in zip(leaked_d, only_d))  # the test would see a leak
+    assert all(g is None for g in no_g)  # loss_d alone never reaches G
+    assert all(p.grad is None for p in model.encoder_k.parameters())
+    assert all(torch.isfinite(g).all() for g in routed_g)
+    assert sum(g.abs().sum() for g in routed_g) > 0
+
+    # G's gradient is that of Eq 4 through D with G attached (no detach), D's grads discarded
+    model.load_state_dict(start[0])
+    generator.load_state_dict(start[1])
+    torch.manual_seed(8)
+    x_query, _ = models.drop_frames(x, generator(x), 2)
+    out = model(x_query, x_key, x_full=x)
+    reference_g = torch.autograd.grad(out["loss_g"], list(generator.parameters()))
+    for routed, reference in zip(routed_g, reference_g):
+        torch.testing.assert_close(routed, reference, rtol=1e-5, atol=1e-8)
+
+
+def test_adversarial_backward_scales_both_losses():
+    torch.manual_seed(9)
+    model = models.VideoMoCo("tiny", dim=8, K=16).eval()
+    generator = models.ConvLSTMGenerator(hidden=16, width=8).eval()
+    x = torch.randn(2, 3, 8, 32, 32)
+    grads = []
+    for scale in (None, lambda loss: loss * 8.0):
+        model.zero_grad(set_to_none=True)
+        generator.zero_grad(set_to_none=True)
+        out, x_query, x_query_in = adversarial_forward(model, generator, x, x, 2)
+        models.adversarial_backward(out["loss_d"], out["loss_g"], x_query, x_query_in, scale=scale)
+        grads.append([p.grad.clone() for p in itertools.chain(model.encoder_q.parameters(),
+                                                              generator.parameters())])
+    for plain, scaled in zip(*grads):
+        torch.testing.assert_close(scaled, 8.0 * plain, rtol=1e-5, atol=1e-9)
+
+
+def fit_batchnorm(net, x):
+    """Set BN running statistics to those of x (a D that has seen data), then eval mode."""
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    net.train()
+    with torch.no_grad():
+        net(x)
+    net.eval()
+
+
+def generator_step_change(seed, lr):
+    """One SGD step of G on Eq 4 through VideoMoCo + adversarial_backward, D fixed (eval mode).
+    Returns the change of E|D(x_query) - D(x)|_1 on the toy batch; lr < 0 steps the wrong way."""
+    torch.manual_seed(seed)
+    frames, k = 32, 8  # the paper's clip length and k
+    model = models.VideoMoCo("tiny", dim=16, K=32)
+    generator = models.ConvLSTMGenerator(hidden=16, width=8)
+    x = torch.randn(4, 3, frames, 32, 32).cumsum(dim=2) / frames ** 0.5  # smooth in time, like video
+    fit_batchnorm(model.encoder_q, x)
+    fit_batchnorm(generator, x)
+    model.eval()
+
+    def distance():
+        with torch.no_grad():
+            x_query, _ = models.drop_frames(x, generator(x), k)
+            q = F.normalize(model.encoder_q(x_query), dim=1)
+            q_full = F.normalize(model.encoder_q(x), dim=1)
+            return (q - q_full).abs().sum(dim=1).mean().item()
+
+    before = distance()
+    optimizer = torch.optim.SGD(generator.parameters(), lr=abs(lr), maximize=lr < 0)
+    out, x_query, x_query_in = adversarial_forward(model, generator, x, x, k)
+    models.adversarial_backward(out["loss_d"], out["loss_g"], x_query, x_query_in)
+    optimizer.step()
+    return distance() - before
+
+
+def test_generator_ascent_step_increases_l1():
+    """The hard top-k drop makes Eq 4 piecewise constant in G's parameters, so a step helps only
+    through the straight-through estimate; on 40 seeds of this toy problem one step raised the L1
+    distance 35 times and the sign-flipped step lowered it 38 times. With i.i.d. noise clips, or
+    with D's BN statistics left at their initial values, the estimate is no better than chance
+    (measured), so the toy clips are smooth in time and D's BN statistics fitted to them."""
+    seeds = range(16)
+    ascent = [generator_step_change(seed, 100.0) for seed in seeds]
+    descent = [generator_step_change(seed, -100.0) for seed in seeds]
+    assert sum(change > 0 for change in ascent) >= 12
+    assert sum(change < 0 for change in descent) >= 12
+    assert sum(ascent) / len(ascent) > 0 > sum(descent) / len(descent)
+
+
+# -----------------------------------------------------------------------------
+# models.py: shuffle-BN
+
+def test_encode_key_restores_order_in_eval_mode():
+    torch.manual_seed(10)
+    model = models.VideoMoCo("tiny", dim=8, K=16, shuffle_splits=2).eval()
+    fit_batchnorm(model.encoder_k, torch.randn(4, 3, 4, 32, 32))
+    x = torch.randn(6, 3, 4, 32, 32)
+    keys = model.encode_key(x)
+    for i in range(6):
+        expected = F.normalize(model.encoder_k(x[i:i + 1]), dim=1)[0]
+        torch.testing.assert_close(keys[i], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(keys.norm(dim=1), torch.ones(6))
+
+
+def test_encode_key_uses_sub_batch_statistics_in_train_mode():
+    model = models.VideoMoCo("tiny", dim=8, K=16, shuffle_splits=2).train()
+    x = torch.randn(6, 3, 4, 32, 32)
+    torch.manual_seed(11)
+    keys = model.encode_key(x)
+    with torch.no_grad():
+        one_batch = F.normalize(model.encoder_k(x), dim=1)
+        torch.manual_seed(11)
+        perm = torch.randperm(6)
+        halves = [model.encoder_k(x[perm[:3]]), model.encoder_k(x[perm[3:]])]
+    by_halves = F.normalize(torch.cat(halves)[perm.argsort()], dim=1)
+    assert not torch.allclose(keys, one_batch, atol=1e-3)
+    torch.testing.assert_close(keys, by_halves, rtol=1e-5, atol=1e-6)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _distributed_worker(rank, world_size, port, x, keys, state, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    model = models.VideoMoCo("tiny", dim=4, K=7).eval()
+    model.load_state_dict(state)
+    n = x.shape[0] // world_size
+    local = slice(rank * n, (rank + 1) * n)
+    torch.manual_seed(rank)  # the shuffle must come from rank 0's permutation, not the local seed
+    encoded = model.encode_key(x[local])
+    model.dequeue_and_enqueue(keys[local])
+    torch.save({"keys": encoded, "queue": model.queue, "age": model.queue_age,
+                "ptr": model.queue_ptr}, os.path.join(result_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_distributed_shuffle_and_enqueue(tmp_path):
+    torch.manual_seed(12)
+    model = models.VideoMoCo("tiny", dim=4, K=7).eval()
+    x, keys = torch.randn(6, 3, 4, 32, 32), torch.arange(6.0)[:, None].repeat(1, 4)
+    mp.spawn(_distributed_worker, args=(2, _free_port(), x, keys, model.state_dict(), str(tmp_path)),
+             nprocs=2)
+    results = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
+    with torch.no_grad():
+        expected = torch.cat([F.normalize(model.encoder_k(x[i:i + 1]), dim=1) for i in range(6)])
+    torch.testing.assert_close(torch.cat([r["keys"] for r in results]), expected, rtol=1e-5, atol=1e-6)
+    model.dequeue_and_enqueue(keys)  # one process, the global batch in rank order
+    for r in results:
+        assert torch.equal(r["queue"], model.queue)
+        assert torch.equal(r["age"], model.queue_age)
+        assert torch.equal(r["ptr"], model.queue_ptr)
+
+
+def test_concat_all_gather_is_identity_in_a_world_of_one():
+    t = torch.randn(3, 2)
+    assert models.concat_all_gather(t) is t
+
+
+# -----------------------------------------------------------------------------
+# models.py: encoders
+
+TORCHVISION_ARCHS = ("r3d_18", "r2plus1d_18", "mc3_18")
+
+
+@pytest.mark.parametrize("arch", models.ARCHS)
+def test_encoder_shapes(arch):
+    torch.manual_seed(13)
+    encoder = models.build_encoder(arch, 16).eval()
+    with torch.no_grad():
+        for shape in [(2, 3, 4, 32, 32), (1, 3, 5, 32, 48)]:
+            assert encoder(torch.randn(shape)).shape == (shape[0], 16)
+        assert isinstance(encoder.fc, nn.Linear) and encoder.fc.out_features == 16
+        width = encoder.fc.in_features
+        encoder.fc = nn.Identity()
+        assert encoder(torch.randn(2, 3, 4, 32, 32)).shape == (2, width)
+    print(arch, "parameters without fc:", models.count_parameters(encoder))
+
+
+@pytest.mark.parametrize("arch", TORCHVISION_ARCHS + ("r3d_10", "r2plus1d_10"))
+def test_encoder_state_dict_loads_into_torchvision(arch):
+    encoder = models.build_encoder(arch, 16)
+    if arch in TORCHVISION_ARCHS:
+        reference = getattr(torchvision.models.video, arch)(num_classes=16)
+    elif arch == "r3d_10":
+        reference = VideoResNet(BasicBlock, [Conv3DSimple] * 4, [1, 1, 1, 1], BasicStem, num_classes=16)
+    else:
+        reference = VideoResNet(BasicBlock, [Conv2Plus1D] * 4, [1, 1, 1, 1], R2Plus1dStem, num_classes=16)
+    reference.load_state_dict(encoder.state_dict(), strict=True)
+    assert models.count_parameters(reference) == models.count_parameters(encoder)
+
+
+def test_parameter_counts():
+    counts = {}
+    for arch in ("r3d_10", "r2plus1d_10", "c3d"):
+        encoder = models.build_encoder(arch, 128)
+        counts[arch] = models.count_parameters(encoder) - models.count_parameters(encoder.fc)
+    print("parameters without fc:", counts)
+    assert counts == {"r3d_10": 14_361_792, "r2plus1d_10": 12_487_005, "c3d": 27_661_440}
+
+
+def test_unknown_arch_lists_choices():
+    with pytest.raises(ValueError, match="r2plus1d_10") as error:
+        models.build_encoder("resnet50", 8)
+    assert "\n" not in str(error.value)
+
+
+# -----------------------------------------------------------------------------
+# models.py: mixed precision
+
+def test_autocast_bfloat16_forward():
+    torch.manual_seed(14)
+    model = models.VideoMoCo("tiny", dim=8, K=16)
+    generator = models.ConvLSTMGenerator(hidden=16, width=8)
+    x = torch.randn(4, 3, 8, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, x_query, x_query_in = adversarial_forward(model, generator, x, x, 2)
+    assert out["loss_d"].dtype == torch.float32 and torch.isfinite(out["loss_d"])
+    assert out["loss_g"].dtype == torch.float32 and torch.isfinite(out["loss_g"])
+    assert model.queue.dtype == torch.float32 and int(model.queue_ptr) == 4
+    models.adversarial_backward(out["loss_d"], out["loss_g"], x_query, x_query_in)
+    assert all(torch.isfinite(p.grad).all() for p in generator.parameters())
+
+
+# -----------------------------------------------------------------------------
+# pretrain.py: end to end on small real videos
+
+
+@pytest.fixture(scope="session")
+def small_tree(tmp_path_factory):
+    """A `folder` dataset of 8 short random-texture videos in 2 classes."""
+    root = tmp_path_factory.mktemp("small")
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        base = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+        frames = [np.roll(base, 2 * t * (1 if i % 2 else -1), axis=1) for t in range(12)]
+        write_video(str(root / f"c{i % 2}" / f"v{i}.avi"), frames)
+    return str(root)
+
+
+def small_args(root, out, *extra):
+    return ["--dataset", "folder", "--data-root", root, "--out", str(out), "--arch", "tiny", "--frames", "4",
+            "--crop", "32", "--batch-size", "4", "--epochs", "2", "--adv-start", "1", "--moco-k", "12",
+            "--decay", "0.99", "--workers", "0", "--g-hidden", "8", "--g-width", "4", "--drop-frames", "1",
+            "--print-freq", "1", "--lr", "0.05", *extra]
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_pretrain_resume_is_exact(small_tree, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    kept = {}
+    real_save = pretrain.save_atomic
+
+    def save_and_keep(obj, path):  # keep the end-of-epoch-0 checkpoint that epoch 1 overwrites
+        real_save(obj, path)
+        if isinstance(obj, dict) and obj.get("epoch") == 1 and obj.get("epoch_step") == 0:
+            kept["ckpt"] = path + ".epoch1"
+            shutil.copy(path, kept["ckpt"])
+
+    monkeypatch.setattr(pretrain, "save_atomic", save_and_keep)
+    model = pretrain.main(small_args(small_tree, straight))
+    monkeypatch.setattr(pretrain, "save_atomic", real_save)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(kept["ckpt"], resumed / "ckpt.pt")
+    model2 = pretrain.main(small_args(small_tree, resumed))
+    a = [r for r in read_log(straight) if r["epoch"] == 1]
+    b = read_log(resumed)
+    assert len(a) == len(b) == 2 and {r["phase"] for r in a} == {"adversarial"}
+    for ra, rb in zip(a, b):
+        assert (ra["step"], ra["loss_d"], ra["loss_g"]) == (rb["step"], rb["loss_d"], rb["loss_g"])
+    for (name, x), y in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(x, y), name  # queue, ages, pointer, both encoders
+
+
+def test_checkpoint_loads_weights_only_and_backbone_into_torchvision(small_tree, tmp_path):
+    import torchvision
+    out = tmp_path / "r3d"
+    pretrain.main(small_args(small_tree, out, "--arch", "r3d_18", "--epochs", "1", "--moco-dim", "16"))
+    ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert ckpt["kind"] == "pretrain" and ckpt["epoch"] == 1 and ckpt["args"]["arch"] == "r3d_18"
+    assert {"queue", "queue_ptr", "queue_age"} <= {k.split(".")[-1] for k in ckpt["model"]}
+    backbone = torch.load(out / "backbone.pt", map_location="cpu", weights_only=True)
+    net = torchvision.models.video.r3d_18(num_classes=16)
+    net.load_state_dict(backbone, strict=True)
+    q = {k[len("encoder_q."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder_q.")}
+    assert all(torch.equal(q[k], v) for k, v in backbone.items())
+    assert not os.path.exists(str(out / "ckpt.pt") + ".tmp")
+
+
+def test_pretrain_bf16_autocast_on_cpu(small_tree, tmp_path):
+    out = tmp_path / "bf16"
+    pretrain.main(small_args(small_tree, out, "--amp", "bf16", "--adv-start", "0", "--epochs", "1"))
+    log = read_log(out)
+    assert len(log) == 2 and all(np.isfinite(r["loss_d"]) and np.isfinite(r["loss_g"]) for r in log)
+
+
+def test_demo_preset_fills_only_flags_not_given():
+    parser = pretrain.get_args_parser()
+    args = pretrain.parse_args(parser, pretrain.DEMO_PRESET, ["--epochs", "3"])
+    assert args.epochs == 3 and args.arch == "tiny" and args.moco_k == pretrain.DEMO_PRESET["moco_k"]
+    args = pretrain.parse_args(parser, pretrain.DEMO_PRESET, ["--data-root", "/x", "--dataset", "folder"])
+    assert args.arch == "r2plus1d_10" and args.moco_k == 65536 and args.epochs == 200
+
+
+def test_sigterm_saves_and_the_rerun_resumes_mid_epoch(small_tree, tmp_path):
+    out = tmp_path / "pre"
+    cmd = [sys.executable, os.path.join(HERE, "pretrain.py"), *small_args(small_tree, out, "--epochs", "400")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "step 3/" in line:
+            break
+    proc.send_signal(15)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=60) == 0, rest
+    assert "signal received" in rest
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] >= 3
+    r = subprocess.run(cmd[:-2] + ["--epochs", str(ckpt["epoch"] + 1)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming from {out / 'ckpt.pt'}: epoch {ckpt['epoch']}, step {ckpt['step']}" in r.stdout
+    steps = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
+    assert steps == list(range(1, steps[-1] + 1))  # no step repeated or lost across the restart
+
+
+def test_nonfinite_losses_skip_steps_then_abort(small_tree, tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "pretrain.py"),
+                        *small_args(small_tree, tmp_path / "nan", "--lr", "1e30", "--max-nonfinite", "2",
+                                    "--epochs", "20")], capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "non-finite loss" in r.stdout and "2 non-finite losses in a row" in r.stderr
+
+
+def _ddp_worker(rank, world, port, argv, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    model = pretrain.main(argv)
+    torch.save({k: v for k, v in model.state_dict().items()}, os.path.join(out, f"rank{rank}.pt"))
+
+
+def test_ddp_two_gloo_processes_keep_identical_queues_and_weights(small_tree, tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = small_args(small_tree, tmp_path, "--adv-start", "0", "--epochs", "1")
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, argv, str(tmp_path)), nprocs=2, join=True)
+    s0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    s1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert int(s0["queue_ptr"]) == 8  # two steps of a global batch of 4 (2 per process)
+    for key in s0:
+        if "running_" in key or "num_batches" in key:
+            continue  # BN statistics are per process (DDP broadcast_buffers=False)
+        assert torch.equal(s0[key], s1[key]), key
+    log = read_log(tmp_path)
+    assert len(log) == 2 and log[0]["phase"] == "adversarial" and np.isfinite(log[0]["loss_g"])

@@ -1,0 +1,405 @@
+"""
+Self-supervised pretraining: VideoMoCo (Pan et al., CVPR 2021).
+
+    python pretrain.py                                   # demo preset: built-in data, CPU, ~5 minutes
+    torchrun --nproc_per_node=8 pretrain.py --dataset kinetics --data-root /data/k400 --out runs/k400
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 pretrain.py ...
+
+The step, in paper terms. x is a clip, x_key another augmentation of the same clip. Before
+--adv-start, D is trained alone with MoCo's InfoNCE (Eq 1, with the decay of Eq 6). From --adv-start
+on, G scores every frame, the k most important frames are dropped (Eq 3), D minimises the decayed
+InfoNCE with x_query as the query (Eq 5/6), and G maximises |D(x_query) - D(x)|_1 (Eq 4), each net
+updated only by its own loss (models.adversarial_backward). The momentum encoder follows Eq 2.
+
+Rerunning the same command with the same --out resumes from OUT/ckpt.pt. SIGTERM / SIGUSR1 (cluster
+pre-emption) saves a checkpoint and exits cleanly.
+"""
+
+import argparse
+import inspect
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import models
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("VideoMoCo pretraining", add_help=True)
+    # data (the same flags in every stage script)
+    p.add_argument("--dataset", default="demo", choices=data.DATASETS, help="dataset layout (demo: the built-in set)")
+    p.add_argument("--data-root", default=None, help="dataset root as the official archives unpack; none = demo preset")
+    p.add_argument("--split", type=int, default=1, help="official split for ucf101/hmdb51 (1-3)")
+    p.add_argument("--frames", type=int, default=32, help="frames per clip T (paper: 32)")
+    p.add_argument("--stride", type=int, default=1, help="temporal stride between clip frames (paper: 1, consecutive)")
+    p.add_argument("--crop", type=int, default=112, help="crop size in pixels (paper: 112)")
+    p.add_argument("--workers", type=int, default=8, help="DataLoader workers per process")
+    p.add_argument("--max-bad-fraction", type=float, default=0.1, help="stop if more than this fraction of videos is unreadable")
+    # model
+    p.add_argument("--arch", default="r2plus1d_10", choices=models.ARCHS, help="encoder D (paper ablation: R(2+1)D-10)")
+    p.add_argument("--moco-dim", type=int, default=128, help="feature dimension (MoCo: 128)")
+    p.add_argument("--moco-k", type=int, default=65536, help="queue size K in keys (paper: 65536)")
+    p.add_argument("--moco-m", type=float, default=0.999, help="momentum m of the key encoder, Eq 2 (paper: 0.999)")
+    p.add_argument("--moco-t", type=float, default=0.07, help="softmax temperature tau, Eq 1 (paper: 0.07)")
+    p.add_argument("--decay", type=float, default=0.99999, help="temporal decay t of Eq 6; 1 = plain MoCo (paper: 0.99999)")
+    p.add_argument("--decay-unit", default="key", choices=("key", "step"),
+                   help="age i of Eq 6 counted in keys (paper's t^65536 = 0.52) or in enqueue steps (authors' code)")
+    p.add_argument("--shuffle-splits", type=int, default=2, help="sub-batches of the shuffle-BN emulation in a world of one")
+    # generator
+    p.add_argument("--generator", default="convlstm", choices=("convlstm", "random", "none"),
+                   help="how frames are dropped: ConvLSTM G (adversarial), random (Table 1 ablation), none (MoCo baseline)")
+    p.add_argument("--drop-frames", type=int, default=8, help="k frames dropped of T, Eq 3 (paper: 8 of 32)")
+    p.add_argument("--g-hidden", type=int, default=256, help="LSTM hidden units of G (paper: 256)")
+    p.add_argument("--g-width", type=int, default=32, help="channels of G's first conv layer")
+    p.add_argument("--g-lr", type=float, default=0.02, help="G's SGD learning rate (paper: 0.02, momentum 0.9, no weight decay)")
+    p.add_argument("--g-temperature", type=float, default=1.0, help="temperature of the straight-through soft mask")
+    p.add_argument("--adv-start", type=int, default=None, help="epoch the adversarial phase starts (default: half the epochs)")
+    # optimisation
+    p.add_argument("--epochs", type=int, default=200, help="training epochs (paper: 200)")
+    p.add_argument("--batch-size", type=int, default=128, help="global batch size, all processes (paper: 128)")
+    p.add_argument("--lr", type=float, default=0.02, help="D's SGD learning rate at batch-size, cosine decay (paper: 0.02)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
+    p.add_argument("--wd", type=float, default=1e-4, help="D's weight decay (MoCo: 1e-4)")
+    p.add_argument("--amp", default=None, choices=("bf16", "fp16", "none"), help="autocast dtype (default: bf16 on CUDA, none on CPU)")
+    # run
+    p.add_argument("--out", default="runs/pretrain", help="output folder: ckpt.pt, backbone.pt, log.jsonl")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--print-freq", type=int, default=20, help="steps between log lines")
+    p.add_argument("--save-every-min", type=float, default=30, help="minutes between mid-epoch checkpoints")
+    p.add_argument("--max-nonfinite", type=int, default=20, help="abort after this many non-finite losses in a row")
+    return p
+
+
+# The demo preset: what `python pretrain.py` runs when no --data-root is given, so that it finishes in
+# about 5 minutes on 2 CPU cores. Flags given on the command line win. t is chosen so that the oldest
+# key weighs about 0.52 (0.9949^128), as the paper's 0.99999 does for K = 65536.
+# K stays below the 168 training videos, or every video would sit in the queue as its own negative.
+DEMO_PRESET = dict(arch="tiny", frames=16, stride=2, crop=64, batch_size=16, epochs=30, workers=2,
+                   moco_k=128, moco_m=0.99, decay=0.9949, drop_frames=4, g_hidden=64, g_width=16,
+                   lr=0.05, g_lr=0.05, print_freq=10, out="runs/demo")
+
+
+def parse_args(parser, preset, argv=None):
+    """Parse flags; with no --data-root, fill the flags the user did not give from `preset`."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    if args.data_root is None and args.dataset == "demo":
+        sentinel = object()
+        given = parser.parse_args(argv, argparse.Namespace(**{k: sentinel for k in vars(args)}))
+        for key, value in preset.items():
+            if getattr(given, key) is sentinel:
+                setattr(args, key, value)
+        args.demo_preset = True
+    return args
+
+
+# -----------------------------------------------------------------------------
+# distributed, precision, checkpoints, logging (shared by the stage scripts)
+
+def init_distributed():
+    """torchrun's environment -> process group (nccl on CUDA, gloo on CPU); none -> a world of one,
+    same code, collectives skipped. Returns (rank, world_size, device)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def autocast_context(amp, device):
+    """(context, GradScaler or None) for --amp; a scaler only for float16."""
+    amp = amp or ("bf16" if device.type == "cuda" else "none")
+    if amp == "none":
+        return nullcontext(), None
+    if amp == "fp16" and device.type != "cuda":
+        raise SystemExit("error: --amp fp16 needs CUDA; use --amp bf16 on CPU")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    return torch.autocast(device.type, dtype=dtype), scaler
+
+
+def rng_state():
+    return {"python": list(random.getstate()[1]), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate((3, tuple(state["python"]), None))
+    np_state = np.random.get_state()
+    np.random.set_state((np_state[0], state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomic(obj, path):
+    """torch.save to path.tmp, then os.replace: a crash mid-write never leaves a broken file."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, kind=None):
+    """torch.load(weights_only=True) with one clear line for a missing, corrupt or wrong-kind file."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"error: checkpoint not found: {path}")
+    except Exception as e:  # unpickling errors come in many types
+        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    if not isinstance(ckpt, dict) or (kind is not None and ckpt.get("kind") != kind):
+        found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise SystemExit(f"error: {path} is a {found} checkpoint, expected {kind}")
+    return ckpt
+
+
+class Logger:
+    """One human line and one JSON line (OUT/log.jsonl) per call, rank 0 only."""
+
+    def __init__(self, out, rank):
+        self.rank, self.path = rank, os.path.join(out, "log.jsonl")
+
+    def __call__(self, line, **fields):
+        if self.rank != 0:
+            return
+        print(line, flush=True)
+        if fields:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(fields) + "\n")
+
+
+def format_eta(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1 (cluster pre-emption); all ranks agree on it at each step."""
+
+    def __init__(self):
+        self.set = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.set = True
+
+
+def all_ranks_any(flags, device):
+    """Element-wise OR of small boolean lists across ranks (one all-reduce)."""
+    t = torch.tensor([float(f) for f in flags], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+# -----------------------------------------------------------------------------
+# the VideoMoCo step
+
+def forward_step(model, generator, x, x_key, phase, args, ctx):
+    """Forward of one step. phase "moco": x is the query (Eq 1, decayed by Eq 6); "random-drop": k
+    random frames of x dropped (Table 1's ablation); "adversarial": G drops the k most important
+    frames (Eq 3), and D(x) is computed once more, without gradient, for G's loss (Eq 4).
+    x, x_key: (N, 3, T, H, W), two augmentations of the same clip."""
+    with ctx:
+        if phase == "adversarial":
+            x_query, _ = models.drop_frames(x, generator(x), args.drop_frames, args.g_temperature)
+        elif phase == "random-drop":
+            x_query, _ = models.random_drop(x, args.drop_frames)
+        else:
+            x_query = x
+        x_query_in = x_query.detach().requires_grad_(phase == "adversarial")
+        out = model(x_query_in, x_key, x if phase == "adversarial" else None)
+    out["x_query"], out["x_query_in"] = x_query, x_query_in
+    return out
+
+
+def backward_step(out, opt_d, opt_g, scaler):
+    """Backward and update: D by loss_d only; in the adversarial phase G by loss_g only
+    (models.adversarial_backward). Both optimizers go through the one GradScaler under fp16."""
+    opt_d.zero_grad(set_to_none=True)
+    opt_g.zero_grad(set_to_none=True)
+    adversarial = out["loss_g"] is not None
+    scale = scaler.scale if scaler is not None else (lambda loss: loss)
+    if adversarial:
+        models.adversarial_backward(out["loss_d"], out["loss_g"], out["x_query"], out["x_query_in"], scale=scale)
+    else:
+        scale(out["loss_d"]).backward()
+    for opt in (opt_d, opt_g) if adversarial else (opt_d,):
+        if scaler is not None:
+            scaler.step(opt)
+        else:
+            opt.step()
+    if scaler is not None:
+        scaler.update()
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(get_args_parser(), DEMO_PRESET, argv)
+    rank, world, device = init_distributed()
+    if args.batch_size % world:
+        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
+    if args.adv_start is None:
+        args.adv_start = args.epochs // 2  # the paper: D alone for the first half (Sec 4.2)
+    os.makedirs(args.out, exist_ok=True)
+    log = Logger(args.out, rank)
+    if getattr(args, "demo_preset", False):
+        log(f"demo preset (no --data-root): {', '.join(f'{k}={getattr(args, k)}' for k in DEMO_PRESET)}")
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+    ctx, scaler = autocast_context(args.amp, device)
+
+    # data
+    try:
+        dataset, _, bad = data.build_dataset(args, train=True, views=2)
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}")
+    loader = data.build_loader(dataset, args.batch_size // world, args.workers, train=True, seed=args.seed)
+    if len(loader) == 0:
+        raise SystemExit(f"error: {len(dataset)} videos give no full batch of {args.batch_size // world} per process")
+
+    # model
+    model = models.VideoMoCo(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.decay,
+                             args.decay_unit, args.shuffle_splits).to(device)
+    generator = models.ConvLSTMGenerator(3, args.g_hidden, args.g_width).to(device)
+    # every process starts from the same weights and queue (MoCo relies on identical queues)
+    if world > 1:
+        for t in list(model.state_dict().values()) + list(generator.state_dict().values()):
+            dist.broadcast(t, src=0)
+    # broadcast_buffers=False: the queue is updated identically on every rank from gathered keys, so
+    # re-broadcasting it (dim x K floats) every step, as DDP's default would, is pure traffic
+    # (torch >= 2.14 renamed the switch to forward_sync_buffers)
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                      else {"broadcast_buffers": False})
+    model_ddp = DDP(model, **no_buffer_sync) if world > 1 else model
+    generator_ddp = DDP(generator) if world > 1 else generator
+    log(f"D: {args.arch}, {models.count_parameters(model.encoder_q) / 1e6:.2f}M parameters; "
+        f"G: ConvLSTM, {models.count_parameters(generator) / 1e6:.2f}M; {world} process(es) on {device}")
+
+    # optimizers: D's and G's are separate; G's has no weight decay (it is a scorer, not a feature)
+    opt_d = torch.optim.SGD(model.encoder_q.parameters(), args.lr, momentum=args.momentum, weight_decay=args.wd)
+    opt_g = torch.optim.SGD(generator.parameters(), args.g_lr, momentum=args.momentum)
+
+    # resume
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    start_epoch, step, skip = 0, 0, 0
+    if os.path.exists(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path, kind="pretrain")
+        model.load_state_dict(ckpt["model"])
+        generator.load_state_dict(ckpt["generator"])
+        opt_d.load_state_dict(ckpt["opt_d"])
+        opt_g.load_state_dict(ckpt["opt_g"])
+        if scaler is not None and ckpt["scaler"]:
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, step, skip = ckpt["epoch"], ckpt["step"], ckpt["epoch_step"]
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        log(f"resuming from {ckpt_path}: epoch {start_epoch}, step {step}"
+            + (f" (mid-epoch, {skip} steps of it done)" if skip else ""))
+
+    def save(epoch, epoch_step):
+        states = [rng_state()]
+        if world > 1:  # every rank's RNG, so a resumed run continues each stream
+            states = [None] * world
+            dist.all_gather_object(states, rng_state())
+        if rank != 0:
+            return
+        save_atomic({"kind": "pretrain", "method": "videomoco", "model": model.state_dict(),
+                     "generator": generator.state_dict(), "opt_d": opt_d.state_dict(),
+                     "opt_g": opt_g.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                     "epoch": epoch, "step": step, "epoch_step": epoch_step, "args": vars(args),
+                     "rng": states}, ckpt_path)
+        # the query encoder alone, loadable into the torchvision model of the same arch (strict)
+        save_atomic(model.encoder_q.state_dict(), os.path.join(args.out, "backbone.pt"))
+
+    # loop
+    stop, nonfinite, last_save = StopFlag(), 0, time.time()
+    steps_per_epoch = len(loader)
+    total_steps = args.epochs * steps_per_epoch
+    t_start, step_at_start = time.time(), step
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch, skip * (args.batch_size // world))
+        lr_factor = 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))  # cosine, per epoch (MoCo v2)
+        for group in opt_d.param_groups:
+            group["lr"] = args.lr * lr_factor
+        for group in opt_g.param_groups:
+            group["lr"] = args.g_lr * lr_factor
+        phase = "moco"
+        if epoch >= args.adv_start and args.generator != "none":
+            phase = "adversarial" if args.generator == "convlstm" else "random-drop"
+        model_ddp.train()
+        generator_ddp.train()
+        t_log, clips_since_log = time.time(), 0
+        for epoch_step, batch in enumerate(loader, start=skip):
+            bad.update(batch["bad"])
+            video = batch["video"].to(device, non_blocking=True)  # (N, 2, 3, T, H, W)
+            x, x_key = video[:, 0], video[:, 1]
+            out = forward_step(model_ddp, generator_ddp, x, x_key, phase, args, ctx)
+            loss_d, loss_g = out["loss_d"], out["loss_g"]
+            finite = bool(torch.isfinite(loss_d)) and (loss_g is None or bool(torch.isfinite(loss_g)))
+            is_stop, is_nonfinite = all_ranks_any([stop.set, not finite], device)
+            if is_nonfinite:
+                nonfinite += 1
+                log(f"non-finite loss at step {step} (loss_d {loss_d.item()}, {nonfinite} in a row): step skipped")
+                if nonfinite >= args.max_nonfinite:
+                    raise SystemExit(f"error: {nonfinite} non-finite losses in a row; lower --lr or try --amp none")
+            else:
+                nonfinite = 0
+                backward_step(out, opt_d, opt_g, scaler)
+            step += 1
+            clips_since_log += args.batch_size
+
+            if step % args.print_freq == 0 or epoch_step + 1 == steps_per_epoch:
+                elapsed = time.time() - t_log
+                rate = clips_since_log / max(elapsed, 1e-9)
+                eta = (time.time() - t_start) / max(step - step_at_start, 1) * (total_steps - step)
+                lg = loss_g.item() if loss_g is not None else float("nan")
+                fields = dict(epoch=epoch, step=step, loss_d=loss_d.item(), loss_g=lg, acc=out["acc"].item(),
+                              lr=opt_d.param_groups[0]["lr"], clips_per_s=rate, eta_s=eta, bad_videos=len(bad),
+                              phase=phase)
+                log(f"epoch {epoch} step {step}/{total_steps} loss_d {fields['loss_d']:.4f} loss_g {lg:.4f} "
+                    f"acc {fields['acc']:.3f} lr {fields['lr']:.4g} {rate:.1f} clips/s eta {format_eta(eta)} "
+                    f"bad {len(bad)} [{phase}]", **fields)
+                t_log, clips_since_log = time.time(), 0
+            if is_stop:
+                save(epoch, epoch_step + 1)
+                log(f"signal received: saved {ckpt_path} at epoch {epoch} step {step}; rerun the same command to resume")
+                return
+            if time.time() - last_save > args.save_every_min * 60:
+                save(epoch, epoch_step + 1)
+                last_save = time.time()
+        skip = 0
+        save(epoch + 1, 0)
+        last_save = time.time()
+        log(f"epoch {epoch} done: {len(bad)} bad videos skipped so far; saved {ckpt_path}")
+    if len(bad) and rank == 0:
+        bad.write(os.path.join(args.out, "bad_videos.txt"))
+    log(f"done. backbone: {os.path.join(args.out, 'backbone.pt')}\n"
+        f"next: python evaluate.py --ckpt {ckpt_path}  (kNN retrieval of the pretrained features)\n"
+        f"      python finetune.py --ckpt {ckpt_path} --out {args.out}-finetune")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return model
+
+
+if __name__ == "__main__":
+    main()
