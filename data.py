@@ -143,13 +143,15 @@ class VideoReader:
             out[index] = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
         return out
 
-    def clips(self, starts, num_frames, stride=1, min_frames=1):
+    def clips(self, starts, num_frames, stride=1, min_frames=1, rng=None):
         """
         Clips of `num_frames` frames taken every `stride` frames from each start, as uint8 RGB
         (len(starts), T, H, W, 3). Frames shared by overlapping clips are decoded once.
 
         A clip that runs past the real end of the video (the container claimed more frames than
-        decode) is moved back to end at the last real frame. A video shorter than one clip's span
+        decode) is moved back to end at the last real frame, or, given `rng`, redrawn uniformly over
+        the real length (so a truncated training video still yields varied clips). A video shorter
+        than one clip's span
         is looped: frame i of the clip is frame (i * stride) mod real_length, unless it has fewer
         than `min_frames` frames, which is a VideoError (a 3-frame "video" is not a clip).
         """
@@ -164,6 +166,8 @@ class VideoReader:
         if length < min_frames:
             raise VideoError(f"too short: {length} frames decode, a clip needs at least {min_frames}")
         if length >= span:
+            if rng is not None:
+                starts = [int(rng.integers(0, length - span + 1)) if s + span > length else s for s in starts]
             wanted = [min(s, length - span) + stride * np.arange(num_frames) for s in starts]
         else:
             wanted = [(stride * np.arange(num_frames)) % length for _ in starts]
@@ -181,6 +185,11 @@ def read_clip(path, start, num_frames, stride=1):
     Short videos are looped and clips past the real end moved back (see VideoReader.clips)."""
     with VideoReader(path) as reader:
         return reader.clips([start], num_frames, stride)[0]
+
+
+def min_clip_frames(frames):
+    """A video with fewer decodable frames than this is bad; a longer one shorter than a clip loops."""
+    return max(1, frames // 2)
 
 
 def uniform_starts(num_frames_video, span, num_clips):
@@ -335,8 +344,11 @@ def color_matrix(rng, mean_rgb, jitter_p=0.8, grayscale_p=0.2, brightness=0.4, c
                  saturation=0.4, hue=0.1):
     """The 3x4 affine colour map of one clip (RGB in 0..255): colour jitter with probability
     `jitter_p` (its four ops in a random order, as torchvision's ColorJitter), then grayscale with
-    probability `grayscale_p`. Contrast blends towards the clip's mean grey level, computed from
-    `mean_rgb` (the clip's mean colour) through the ops applied before it."""
+    probability `grayscale_p`. Brightness, contrast and saturation use torchvision's blend formulas;
+    contrast blends towards the clip's mean grey level, computed from `mean_rgb` (the clip's mean
+    colour) through the ops applied before it. Hue is a rotation of the YIQ chroma plane by
+    2*pi*h (linear, unlike torchvision's HSV shift, which is not affine): the same range of hue
+    changes, not the same per-pixel result."""
     m = np.concatenate([np.eye(3), np.zeros((3, 1))], 1)  # x -> m[:, :3] @ x + m[:, 3]
 
     def then(a, b=np.zeros(3)):
@@ -474,16 +486,21 @@ class VideoClips(torch.utils.data.Dataset):
         assert mode in ("train", "test")
         self.samples, self.frames, self.stride = samples, frames, stride
         self.transform, self.mode, self.views, self.clips = transform, mode, views, clips
-        self.min_frames = max(1, frames // 2)  # shorter videos are bad; longer ones loop if needed
+        self.min_frames = min_clip_frames(frames)
         self.known_bad = set()  # per process: don't retry a video this worker already saw fail
 
     def __len__(self):
         return len(self.samples)
 
-    def _rng(self):
-        # one fresh 62-bit seed per sample from torch's RNG: distinct per DataLoader worker (each is
-        # seeded base_seed + worker_id) and per epoch, reproducible from a seeded main process
-        return np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
+    @staticmethod
+    def _rng(seed):
+        # EpochSampler hands every sample its own seed, derived from (run seed, epoch, index): the
+        # clip position, crop and colours then depend neither on which worker loads it nor on how
+        # many workers there are, and a run resumed mid-epoch draws exactly what it would have.
+        # Indexed directly (an int, no seed), a sample draws its seed from torch's RNG.
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        return np.random.default_rng(seed)
 
     def _load(self, index, rng):
         path, label = self.samples[index]
@@ -494,15 +511,17 @@ class VideoClips(torch.utils.data.Dataset):
                 starts = [int(rng.integers(0, max(n - span, 0) + 1))]
             else:
                 starts = uniform_starts(n, span, self.clips)
-            clips = reader.clips(starts, self.frames, self.stride, min_frames=self.min_frames)
+            clips = reader.clips(starts, self.frames, self.stride, min_frames=self.min_frames,
+                                 rng=rng if self.mode == "train" else None)
         if self.mode == "train":
             video = torch.stack([self.transform(clips[0], rng) for _ in range(self.views)])
         else:
             video = torch.cat([self.transform(c, rng) for c in clips])
         return video, label
 
-    def __getitem__(self, index):
-        rng = self._rng()
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        rng = self._rng(seed)
         bad = []
         for _ in range(100):
             if index not in self.known_bad:
@@ -531,13 +550,17 @@ def collate(batch):
 
 class BadVideos:
     """Main-process record of skipped videos: logs each once (path and reason), counts them, and
-    stops the run when more than `max_fraction` of the dataset is bad instead of training on garbage.
-    Listed-but-missing files count from the start."""
+    stops the run (DataError) when more than `max_fraction` of the dataset is bad instead of training
+    on garbage. Listed-but-missing files count from the start.
+
+    Under torch.distributed each rank meets the bad videos of its own shard: `update` only collects
+    them, and `flush` (a collective: every rank calls it at the same step) merges all ranks' reports,
+    so the count, the log and the decision to stop are global and the same on every rank."""
 
     def __init__(self, samples, missing=(), max_fraction=0.1, log=True):
         self.samples, self.max_fraction, self.log = samples, max_fraction, log
         self.total = len(samples) + len(missing)
-        self.paths = {}
+        self.paths, self.pending = {}, []
         for path in missing:
             self._add(path, "listed in the split file but does not exist")
         self.check()
@@ -549,7 +572,17 @@ class BadVideos:
                 print(f"skipping bad video {path}: {reason}", file=sys.stderr, flush=True)
 
     def update(self, bad):
-        for index, reason in bad:
+        self.pending += bad
+        if _rank_world()[1] == 1:
+            self.flush()
+
+    def flush(self):
+        reports = [self.pending]
+        if _rank_world()[1] > 1:
+            reports = [None] * _rank_world()[1]
+            torch.distributed.all_gather_object(reports, self.pending)
+        self.pending = []
+        for index, reason in (b for report in reports for b in report):
             self._add(self.samples[index][0], reason)
         self.check()
 
@@ -588,13 +621,13 @@ class EpochSampler(torch.utils.data.Sampler):
     ranks, split into equal shards (the tail that does not divide is dropped, as DistributedSampler
     with drop_last). Test: every index exactly once, rank r taking r, r + world, ...
 
-    set_epoch(epoch, skip) also reseeds the loader's generator from (seed, rank, epoch), which draws
-    the DataLoader workers' base seed: an epoch's shuffle and augmentations depend only on (seed,
-    rank, epoch), so a run resumed at an epoch boundary repeats the uninterrupted run exactly.
-    `skip` drops the first samples of this rank's shard (resuming mid-epoch without re-decoding).
+    Each index comes with its own seed from (seed, epoch, index), so every random choice made for a
+    sample is fixed by the run's seed, whatever the number of workers; set_epoch(epoch, skip) also
+    reseeds the loader's generator (the workers' base seed). `skip` drops the first samples of this
+    rank's shard: a run resumed mid-epoch continues exactly, without re-decoding what was done.
     """
 
-    def __init__(self, size, train, seed=0):
+    def __init__(self, size, train, seed=0):  # yields (index, per-sample seed)
         self.size, self.train, self.seed = size, train, seed
         self.rank, self.world = _rank_world()
         self.epoch, self.skip, self.generator = 0, 0, None
@@ -613,7 +646,9 @@ class EpochSampler(torch.utils.data.Sampler):
         return order[self.rank * per_rank:(self.rank + 1) * per_rank].tolist()
 
     def __iter__(self):
-        return iter(self._indices()[self.skip:])
+        for index in self._indices()[self.skip:]:
+            seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(2, np.uint64)[0]
+            yield index, int(seed)
 
     def __len__(self):
         return len(self._indices()) - self.skip
@@ -631,18 +666,32 @@ def build_loader(dataset, batch_size, workers, train, seed=0):
         pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers > 0 else None)
 
 
-def build_dataset(args, train, mode=None, views=2):
+def add_data_args(p):
+    """The data flags every training script shares (paper defaults: 32 consecutive frames, crop 112)."""
+    p.add_argument("--dataset", default="demo", choices=DATASETS, help="dataset layout (demo: the built-in set)")
+    p.add_argument("--data-root", default=None, help="dataset root as the official archives unpack; none = demo preset")
+    p.add_argument("--split", type=int, default=1, help="official split for ucf101/hmdb51, 1-3 (paper: 1)")
+    p.add_argument("--frames", type=int, default=32, help="frames per clip T (paper: 32)")
+    p.add_argument("--stride", type=int, default=1, help="temporal stride between clip frames (paper: 1, consecutive)")
+    p.add_argument("--crop", type=int, default=112, help="crop size in pixels (paper: 112)")
+    p.add_argument("--workers", type=int, default=8, help="DataLoader workers per process")
+    p.add_argument("--max-bad-fraction", type=float, default=0.1, help="stop if more than this fraction of videos is unreadable")
+
+
+def build_dataset(args, train, mode=None, views=1, transform=None):
     """The dataset a stage script asks for with the shared flags (--dataset --data-root --split
-    --frames --stride --crop); returns (dataset, classes, BadVideos)."""
+    --frames --stride --crop, and --clips --crops for testing); returns (dataset, classes, BadVideos).
+    `train` picks the split; `mode` how clips are drawn (default: "train" for the train split)."""
     samples, classes, missing = list_videos(args.dataset, args.data_root, args.split, train)
     mode = mode or ("train" if train else "test")
-    if mode == "train":
+    if transform is None and mode == "train":
         transform = TrainTransform(args.crop)
-    else:
+    elif transform is None:
         transform = EvalTransform(args.crop, crops=getattr(args, "crops", 1))
     dataset = VideoClips(samples, args.frames, args.stride, transform, mode, views=views,
                          clips=getattr(args, "clips", 1))
-    return dataset, classes, BadVideos(samples, missing, getattr(args, "max_bad_fraction", 0.1))
+    bad = BadVideos(samples, missing, getattr(args, "max_bad_fraction", 0.1), log=_rank_world()[0] == 0)
+    return dataset, classes, bad
 
 
 # -----------------------------------------------------------------------------
@@ -779,7 +828,7 @@ def _check_one(job):
     if real == 0:
         return path, "unreadable", "no decodable frames", claimed, real
     if real < min_frames:
-        return path, "too short", f"{real} frames < {min_frames}", claimed, real
+        return path, "too short", f"{real} frames, a clip needs at least {min_frames} to loop", claimed, real
     if claimed != real:
         return path, "frame-count mismatch", f"container claims {claimed}, {real} decode", claimed, real
     return path, "ok", "", claimed, real
@@ -790,7 +839,7 @@ def check(args):
     jobs, missing = [], []
     for train in (True, False):
         samples, _, miss = list_videos(args.dataset, args.data_root, args.split, train)
-        jobs += [(p, (args.frames - 1) * args.stride + 1) for p, _ in samples]
+        jobs += [(p, min_clip_frames(args.frames)) for p, _ in samples]
         missing += miss
     jobs = sorted(set(jobs))
     counts = {"ok": 0, "unreadable": 0, "too short": 0, "frame-count mismatch": 0, "missing": len(missing)}
@@ -871,8 +920,7 @@ def main():
     p.add_argument("--dataset", default="demo", help=f"one of {', '.join(DATASETS)}")
     p.add_argument("--data-root", default=None, help="dataset root as unpacked from the archives")
     p.add_argument("--split", type=int, default=1, help="official split (1-3)")
-    p.add_argument("--frames", type=int, default=32, help="clip length T; shorter videos are 'too short'")
-    p.add_argument("--stride", type=int, default=1, help="temporal stride of a clip")
+    p.add_argument("--frames", type=int, default=32, help="clip length T; videos under T/2 frames are 'too short'")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="decode processes")
     p.add_argument("--bad-list", default="bad_videos.txt", help="where to write the problem videos")
     p = sub.add_parser("resize", help="re-encode a dataset tree with a smaller short side")

@@ -392,16 +392,18 @@ def generator_loss(q_query, q_full):
     return -(q_query.float() - q_full.float()).abs().sum(dim=1).mean()
 
 
-def adversarial_backward(loss_d, loss_g, x_query, x_query_in, scale=None):
+def adversarial_backward(loss_d, loss_g, x_query, x_query_in, d_params, scale=None):
     """Backward of one adversarial step with the paper's routing: D gets only loss_d (Eq 5/6),
     G gets only loss_g (Eq 4). See the comment at the top of this file.
 
     x_query: G's output (graph to G); x_query_in = x_query.detach().requires_grad_(), what D saw.
+    d_params: D's trainable parameters; loss_d's backward is restricted to them, so it skips the
+    gradient w.r.t. the clip that only loss_g needs (the first conv's input gradient is not free).
     scale: a GradScaler's `scale` for float16 AMP; both losses are scaled, so step both optimizers
     through the same scaler.
     """
     if scale is None:
         scale = lambda loss: loss  # noqa: E731
     grad_in, = torch.autograd.grad(scale(loss_g), x_query_in, retain_graph=True)
-    scale(loss_d).backward()
+    torch.autograd.backward(scale(loss_d), inputs=list(d_params))
     x_query.backward(grad_in)

@@ -37,15 +37,7 @@ import models
 
 def get_args_parser():
     p = argparse.ArgumentParser("VideoMoCo pretraining", add_help=True)
-    # data (the same flags in every stage script)
-    p.add_argument("--dataset", default="demo", choices=data.DATASETS, help="dataset layout (demo: the built-in set)")
-    p.add_argument("--data-root", default=None, help="dataset root as the official archives unpack; none = demo preset")
-    p.add_argument("--split", type=int, default=1, help="official split for ucf101/hmdb51 (1-3)")
-    p.add_argument("--frames", type=int, default=32, help="frames per clip T (paper: 32)")
-    p.add_argument("--stride", type=int, default=1, help="temporal stride between clip frames (paper: 1, consecutive)")
-    p.add_argument("--crop", type=int, default=112, help="crop size in pixels (paper: 112)")
-    p.add_argument("--workers", type=int, default=8, help="DataLoader workers per process")
-    p.add_argument("--max-bad-fraction", type=float, default=0.1, help="stop if more than this fraction of videos is unreadable")
+    data.add_data_args(p)  # --dataset --data-root --split --frames --stride --crop --workers --max-bad-fraction
     # model
     p.add_argument("--arch", default="r2plus1d_10", choices=models.ARCHS, help="encoder D (paper ablation: R(2+1)D-10)")
     p.add_argument("--moco-dim", type=int, default=128, help="feature dimension (MoCo: 128)")
@@ -90,18 +82,26 @@ DEMO_PRESET = dict(arch="tiny", frames=16, stride=2, crop=64, batch_size=16, epo
                    lr=0.05, g_lr=0.05, print_freq=10, out="runs/demo")
 
 
-def parse_args(parser, preset, argv=None):
-    """Parse flags; with no --data-root, fill the flags the user did not give from `preset`."""
+def parse_args(parser, argv=None):
+    """(args, given): the parsed flags and the names of those set on the command line, so that a
+    preset can fill in only the others."""
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    if args.data_root is None and args.dataset == "demo":
-        sentinel = object()
-        given = parser.parse_args(argv, argparse.Namespace(**{k: sentinel for k in vars(args)}))
-        for key, value in preset.items():
-            if getattr(given, key) is sentinel:
-                setattr(args, key, value)
-        args.demo_preset = True
-    return args
+    sentinel = object()
+    probe = parser.parse_args(argv, argparse.Namespace(**{k: sentinel for k in vars(args)}))
+    return args, {k for k, v in vars(probe).items() if v is not sentinel}
+
+
+def apply_preset(args, given, preset):
+    """Set the flags of `preset` that were not given on the command line; returns what it set."""
+    applied = {k: v for k, v in preset.items() if k not in given}
+    for key, value in applied.items():
+        setattr(args, key, value)
+    return applied
+
+
+def is_demo(args):
+    return args.dataset == "demo" and args.data_root is None
 
 
 # -----------------------------------------------------------------------------
@@ -135,15 +135,20 @@ def autocast_context(amp, device):
 
 
 def rng_state():
-    return {"python": list(random.getstate()[1]), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+    """Every RNG's full state, in types torch.load(weights_only=True) accepts."""
+    version, words, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(words), gauss],
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state):
-    random.setstate((3, tuple(state["python"]), None))
-    np_state = np.random.get_state()
-    np.random.set_state((np_state[0], state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -239,7 +244,8 @@ def backward_step(out, opt_d, opt_g, scaler):
     adversarial = out["loss_g"] is not None
     scale = scaler.scale if scaler is not None else (lambda loss: loss)
     if adversarial:
-        models.adversarial_backward(out["loss_d"], out["loss_g"], out["x_query"], out["x_query_in"], scale=scale)
+        models.adversarial_backward(out["loss_d"], out["loss_g"], out["x_query"], out["x_query_in"],
+                                    opt_d.param_groups[0]["params"], scale=scale)
     else:
         scale(out["loss_d"]).backward()
     for opt in (opt_d, opt_g) if adversarial else (opt_d,):
@@ -254,16 +260,20 @@ def backward_step(out, opt_d, opt_g, scaler):
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    args = parse_args(get_args_parser(), DEMO_PRESET, argv)
+    args, given = parse_args(get_args_parser(), argv)
+    preset = apply_preset(args, given, DEMO_PRESET) if is_demo(args) else {}
     rank, world, device = init_distributed()
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
     if args.adv_start is None:
         args.adv_start = args.epochs // 2  # the paper: D alone for the first half (Sec 4.2)
+    if args.generator != "none" and not 0 < args.drop_frames < args.frames:
+        raise SystemExit(f"error: --drop-frames must be in 1..{args.frames - 1} for --frames {args.frames} "
+                         "(no dropping is --generator none)")
     os.makedirs(args.out, exist_ok=True)
     log = Logger(args.out, rank)
-    if getattr(args, "demo_preset", False):
-        log(f"demo preset (no --data-root): {', '.join(f'{k}={getattr(args, k)}' for k in DEMO_PRESET)}")
+    if preset:
+        log(f"demo preset (no --data-root): {', '.join(f'{k}={v}' for k, v in preset.items())}")
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
@@ -312,6 +322,11 @@ def main(argv=None):
         if scaler is not None and ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step, skip = ckpt["epoch"], ckpt["step"], ckpt["epoch_step"]
+        changed = [k for k in ("epochs", "adv_start", "lr", "batch_size", "generator", "drop_frames", "decay")
+                   if ckpt["args"].get(k) != getattr(args, k)]
+        if changed:
+            log("warning: resuming with changed flags " + ", ".join(
+                f"--{k.replace('_', '-')} {ckpt['args'][k]} -> {getattr(args, k)}" for k in changed))
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         log(f"resuming from {ckpt_path}: epoch {start_epoch}, step {step}"
             + (f" (mid-epoch, {skip} steps of it done)" if skip else ""))
@@ -332,65 +347,73 @@ def main(argv=None):
         save_atomic(model.encoder_q.state_dict(), os.path.join(args.out, "backbone.pt"))
 
     # loop
-    stop, nonfinite, last_save = StopFlag(), 0, time.time()
-    steps_per_epoch = len(loader)
-    total_steps = args.epochs * steps_per_epoch
-    t_start, step_at_start = time.time(), step
-    for epoch in range(start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch, skip * (args.batch_size // world))
-        lr_factor = 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))  # cosine, per epoch (MoCo v2)
-        for group in opt_d.param_groups:
-            group["lr"] = args.lr * lr_factor
-        for group in opt_g.param_groups:
-            group["lr"] = args.g_lr * lr_factor
-        phase = "moco"
-        if epoch >= args.adv_start and args.generator != "none":
-            phase = "adversarial" if args.generator == "convlstm" else "random-drop"
-        model_ddp.train()
-        generator_ddp.train()
-        t_log, clips_since_log = time.time(), 0
-        for epoch_step, batch in enumerate(loader, start=skip):
-            bad.update(batch["bad"])
-            video = batch["video"].to(device, non_blocking=True)  # (N, 2, 3, T, H, W)
-            x, x_key = video[:, 0], video[:, 1]
-            out = forward_step(model_ddp, generator_ddp, x, x_key, phase, args, ctx)
-            loss_d, loss_g = out["loss_d"], out["loss_g"]
-            finite = bool(torch.isfinite(loss_d)) and (loss_g is None or bool(torch.isfinite(loss_g)))
-            is_stop, is_nonfinite = all_ranks_any([stop.set, not finite], device)
-            if is_nonfinite:
-                nonfinite += 1
-                log(f"non-finite loss at step {step} (loss_d {loss_d.item()}, {nonfinite} in a row): step skipped")
-                if nonfinite >= args.max_nonfinite:
-                    raise SystemExit(f"error: {nonfinite} non-finite losses in a row; lower --lr or try --amp none")
-            else:
-                nonfinite = 0
-                backward_step(out, opt_d, opt_g, scaler)
-            step += 1
-            clips_since_log += args.batch_size
+    try:  # a DataError (too many bad videos) is raised on every rank at the same flush
+        stop, nonfinite, last_save = StopFlag(), 0, time.time()
+        steps_per_epoch = len(loader)
+        total_steps = args.epochs * steps_per_epoch
+        t_start, step_at_start = time.time(), step
+        for epoch in range(start_epoch, args.epochs):
+            loader.sampler.set_epoch(epoch, skip * (args.batch_size // world))
+            lr_factor = 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))  # cosine, per epoch (MoCo v2)
+            for group in opt_d.param_groups:
+                group["lr"] = args.lr * lr_factor
+            for group in opt_g.param_groups:
+                group["lr"] = args.g_lr * lr_factor
+            phase = "moco"
+            if epoch >= args.adv_start and args.generator != "none":
+                phase = "adversarial" if args.generator == "convlstm" else "random-drop"
+            model_ddp.train()
+            generator_ddp.train()
+            t_log, clips_since_log = time.time(), 0
+            for epoch_step, batch in enumerate(loader, start=skip):
+                bad.update(batch["bad"])
+                video = batch["video"].to(device, non_blocking=True)  # (N, 2, 3, T, H, W)
+                x, x_key = video[:, 0], video[:, 1]
+                out = forward_step(model_ddp, generator_ddp, x, x_key, phase, args, ctx)
+                loss_d, loss_g = out["loss_d"], out["loss_g"]
+                finite = bool(torch.isfinite(loss_d)) and (loss_g is None or bool(torch.isfinite(loss_g)))
+                save_due = time.time() - last_save > args.save_every_min * 60
+                # one all-reduce: every rank skips, stops and saves at the same step (save() is collective)
+                is_stop, is_nonfinite, save_due = all_ranks_any([stop.set, not finite, save_due], device)
+                if is_nonfinite:
+                    nonfinite += 1
+                    log(f"non-finite loss at step {step} (loss_d {loss_d.item()}, {nonfinite} in a row): step skipped")
+                    if nonfinite >= args.max_nonfinite:
+                        raise SystemExit(f"error: {nonfinite} non-finite losses in a row; lower --lr or try --amp none")
+                else:
+                    nonfinite = 0
+                    backward_step(out, opt_d, opt_g, scaler)
+                step += 1
+                clips_since_log += args.batch_size
 
-            if step % args.print_freq == 0 or epoch_step + 1 == steps_per_epoch:
-                elapsed = time.time() - t_log
-                rate = clips_since_log / max(elapsed, 1e-9)
-                eta = (time.time() - t_start) / max(step - step_at_start, 1) * (total_steps - step)
-                lg = loss_g.item() if loss_g is not None else float("nan")
-                fields = dict(epoch=epoch, step=step, loss_d=loss_d.item(), loss_g=lg, acc=out["acc"].item(),
-                              lr=opt_d.param_groups[0]["lr"], clips_per_s=rate, eta_s=eta, bad_videos=len(bad),
-                              phase=phase)
-                log(f"epoch {epoch} step {step}/{total_steps} loss_d {fields['loss_d']:.4f} loss_g {lg:.4f} "
-                    f"acc {fields['acc']:.3f} lr {fields['lr']:.4g} {rate:.1f} clips/s eta {format_eta(eta)} "
-                    f"bad {len(bad)} [{phase}]", **fields)
-                t_log, clips_since_log = time.time(), 0
-            if is_stop:
-                save(epoch, epoch_step + 1)
-                log(f"signal received: saved {ckpt_path} at epoch {epoch} step {step}; rerun the same command to resume")
-                return
-            if time.time() - last_save > args.save_every_min * 60:
-                save(epoch, epoch_step + 1)
-                last_save = time.time()
-        skip = 0
-        save(epoch + 1, 0)
-        last_save = time.time()
-        log(f"epoch {epoch} done: {len(bad)} bad videos skipped so far; saved {ckpt_path}")
+                if step % args.print_freq == 0 or epoch_step + 1 == steps_per_epoch:
+                    bad.flush()  # all ranks' bad videos (a collective, at the same step on every rank)
+                    elapsed = time.time() - t_log
+                    rate = clips_since_log / max(elapsed, 1e-9)
+                    eta = (time.time() - t_start) / max(step - step_at_start, 1) * (total_steps - step)
+                    lg = loss_g.item() if loss_g is not None else float("nan")
+                    fields = dict(epoch=epoch, step=step, loss_d=loss_d.item(), loss_g=lg, acc=out["acc"].item(),
+                                  lr=opt_d.param_groups[0]["lr"], clips_per_s=rate, eta_s=eta, bad_videos=len(bad),
+                                  phase=phase)
+                    log(f"epoch {epoch} step {step}/{total_steps} loss_d {fields['loss_d']:.4f} loss_g {lg:.4f} "
+                        f"acc {fields['acc']:.3f} lr {fields['lr']:.4g} {rate:.1f} clips/s eta {format_eta(eta)} "
+                        f"bad {len(bad)} [{phase}]", **fields)
+                    t_log, clips_since_log = time.time(), 0
+                if is_stop:
+                    save(epoch, epoch_step + 1)
+                    log(f"signal received: saved {ckpt_path} at epoch {epoch} step {step}; rerun the same command to resume")
+                    if dist.is_initialized():
+                        dist.destroy_process_group()
+                    return model
+                if save_due:
+                    save(epoch, epoch_step + 1)
+                    last_save = time.time()
+            skip = 0
+            save(epoch + 1, 0)
+            last_save = time.time()
+            log(f"epoch {epoch} done: {len(bad)} bad videos skipped so far; saved {ckpt_path}")
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}")
     if len(bad) and rank == 0:
         bad.write(os.path.join(args.out, "bad_videos.txt"))
     log(f"done. backbone: {os.path.join(args.out, 'backbone.pt')}\n"

@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -434,17 +435,29 @@ def test_epoch_sampler_shards_cover_the_data_once_and_repeat_per_epoch():
         s.rank, s.world = rank, 3
         s.set_epoch(2)
         shards.append(list(s))
-    flat = sum(shards, [])
+    flat = [i for shard in shards for i, _ in shard]
     assert all(len(x) == 6 for x in shards) and len(set(flat)) == 18  # disjoint, tail of 2 dropped
+    seeds = [seed for shard in shards for _, seed in shard]
+    assert len(set(seeds)) == 18  # one seed per sample
     s = data.EpochSampler(20, train=True, seed=5)
     s.rank, s.world = 0, 3
     s.set_epoch(2, skip=4)
     assert list(s) == shards[0][4:] and len(s) == 2
     s.set_epoch(3)
-    assert list(s) != shards[0]
+    assert [i for i, _ in s] != [i for i, _ in shards[0]]
     t = data.EpochSampler(7, train=False)
     t.rank, t.world = 1, 2
-    assert list(t) == [1, 3, 5]
+    assert [i for i, _ in t] == [1, 3, 5]
+
+
+def test_batches_do_not_depend_on_the_number_of_workers(tmp_path):
+    rng = np.random.default_rng(2)
+    samples = [(write_video(str(tmp_path / f"v{i}.avi"), [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)] * 20), 0)
+               for i in range(6)]
+    dataset = data.VideoClips(samples, 8, 1, data.TrainTransform(32), views=2)
+    a = _first_batches(dataset, seed=7, workers=0)
+    b = _first_batches(dataset, seed=7, workers=2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 # -----------------------------------------------------------------------------
@@ -724,7 +737,8 @@ def test_adversarial_backward_routes_losses():
                 [None if p.grad is None else p.grad.clone() for p in generator.parameters()])
 
     routed_d, routed_g = run(
-        lambda o, xq, xin: models.adversarial_backward(o["loss_d"], o["loss_g"], xq, xin))
+        lambda o, xq, xin: models.adversarial_backward(o["loss_d"], o["loss_g"], xq, xin,
+                                                       model.encoder_q.parameters()))
     only_d, no_g = run(lambda o, xq, xin: o["loss_d"].backward())
     leaked_d, _ = run(lambda o, xq, xin: (o["loss_d"] + o["loss_g"]).backward())
 
@@ -757,7 +771,8 @@ def test_adversarial_backward_scales_both_losses():
         model.zero_grad(set_to_none=True)
         generator.zero_grad(set_to_none=True)
         out, x_query, x_query_in = adversarial_forward(model, generator, x, x, 2)
-        models.adversarial_backward(out["loss_d"], out["loss_g"], x_query, x_query_in, scale=scale)
+        models.adversarial_backward(out["loss_d"], out["loss_g"], x_query, x_query_in,
+                                    model.encoder_q.parameters(), scale=scale)
         grads.append([p.grad.clone() for p in itertools.chain(model.encoder_q.parameters(),
                                                               generator.parameters())])
     for plain, scaled in zip(*grads):
@@ -798,7 +813,7 @@ def generator_step_change(seed, lr):
     before = distance()
     optimizer = torch.optim.SGD(generator.parameters(), lr=abs(lr), maximize=lr < 0)
     out, x_query, x_query_in = adversarial_forward(model, generator, x, x, k)
-    models.adversarial_backward(out["loss_d"], out["loss_g"], x_query, x_query_in)
+    models.adversarial_backward(out["loss_d"], out["loss_g"], x_query, x_query_in, model.encoder_q.parameters())
     optimizer.step()
     return distance() - before
 
@@ -952,7 +967,7 @@ def test_autocast_bfloat16_forward():
     assert out["loss_d"].dtype == torch.float32 and torch.isfinite(out["loss_d"])
     assert out["loss_g"].dtype == torch.float32 and torch.isfinite(out["loss_g"])
     assert model.queue.dtype == torch.float32 and int(model.queue_ptr) == 4
-    models.adversarial_backward(out["loss_d"], out["loss_g"], x_query, x_query_in)
+    models.adversarial_backward(out["loss_d"], out["loss_g"], x_query, x_query_in, model.encoder_q.parameters())
     assert all(torch.isfinite(p.grad).all() for p in generator.parameters())
 
 
@@ -1035,10 +1050,12 @@ def test_pretrain_bf16_autocast_on_cpu(small_tree, tmp_path):
 
 def test_demo_preset_fills_only_flags_not_given():
     parser = pretrain.get_args_parser()
-    args = pretrain.parse_args(parser, pretrain.DEMO_PRESET, ["--epochs", "3"])
-    assert args.epochs == 3 and args.arch == "tiny" and args.moco_k == pretrain.DEMO_PRESET["moco_k"]
-    args = pretrain.parse_args(parser, pretrain.DEMO_PRESET, ["--data-root", "/x", "--dataset", "folder"])
-    assert args.arch == "r2plus1d_10" and args.moco_k == 65536 and args.epochs == 200
+    args, given = pretrain.parse_args(parser, ["--epochs", "3", "--moco-k=4096"])
+    assert given == {"epochs", "moco_k"} and pretrain.is_demo(args)
+    applied = pretrain.apply_preset(args, given, pretrain.DEMO_PRESET)
+    assert args.epochs == 3 and args.moco_k == 4096 and args.arch == "tiny" and "epochs" not in applied
+    args, given = pretrain.parse_args(parser, ["--data-root", "/x", "--dataset", "folder"])
+    assert not pretrain.is_demo(args) and args.arch == "r2plus1d_10" and args.moco_k == 65536
 
 
 def test_sigterm_saves_and_the_rerun_resumes_mid_epoch(small_tree, tmp_path):
@@ -1093,3 +1110,174 @@ def test_ddp_two_gloo_processes_keep_identical_queues_and_weights(small_tree, tm
         assert torch.equal(s0[key], s1[key]), key
     log = read_log(tmp_path)
     assert len(log) == 2 and log[0]["phase"] == "adversarial" and np.isfinite(log[0]["loss_g"])
+
+
+# -----------------------------------------------------------------------------
+# finetune.py and evaluate.py
+
+import evaluate  # noqa: E402
+import finetune  # noqa: E402
+
+
+def test_retrieval_recall_matches_brute_force_loop():
+    gen = torch.Generator().manual_seed(0)
+    query = F.normalize(torch.randn(30, 8, generator=gen), dim=1)
+    gallery = F.normalize(torch.randn(50, 8, generator=gen), dim=1)
+    ql, gl = torch.randint(0, 4, (30,), generator=gen), torch.randint(0, 4, (50,), generator=gen)
+    got = evaluate.retrieval_recall(query, gallery, ql, gl, ks=(1, 5, 10, 20))
+    for k in (1, 5, 10, 20):
+        hits = 0
+        for i in range(30):
+            dist_ = [(-sum(query[i][d].item() * gallery[j][d].item() for d in range(8)), j) for j in range(50)]
+            nearest = [j for _, j in sorted(dist_)[:k]]
+            hits += any(gl[j] == ql[i] for j in nearest)
+        assert got[f"R@{k}"] == pytest.approx(hits / 30)
+
+
+def test_knn_vote_and_entropy_match_loops():
+    gen = torch.Generator().manual_seed(1)
+    query = F.normalize(torch.randn(12, 6, generator=gen), dim=1)
+    gallery = F.normalize(torch.randn(40, 6, generator=gen), dim=1)
+    gl = torch.randint(0, 3, (40,), generator=gen)
+    pred = evaluate.knn_predict(query, gallery, gl, 3, k=7, temperature=0.1)
+    for i in range(12):
+        sims = sorted(((query[i] @ gallery[j]).item(), j) for j in range(40))[-7:]
+        votes = [0.0] * 3
+        for s, j in sims:
+            votes[int(gl[j])] += math.exp(s / 0.1)
+        assert int(pred[i]) == max(range(3), key=lambda c: votes[c])
+    probs = torch.softmax(torch.randn(5, 4, generator=gen), dim=1)
+    for row, h in zip(probs, evaluate.entropy(probs)):
+        assert h.item() == pytest.approx(-sum(p * math.log(p) for p in row.tolist()), rel=1e-5)
+
+
+def test_grad_cam_matches_a_hand_computed_map():
+    torch.manual_seed(0)
+    model = models.build_encoder("tiny", 3).eval()
+    clip = torch.randn(1, 3, 8, 32, 32)
+    cam, pred = evaluate.grad_cam(model, clip)
+    act = model.features(clip).detach().requires_grad_()
+    logits = model.fc(model.avgpool(act).flatten(1))
+    assert int(logits.argmax()) == pred
+    grad, = torch.autograd.grad(logits[0, pred], act)
+    weights = [grad[0, c].mean().item() for c in range(act.shape[1])]
+    raw = sum(w * act[0, c].detach() for c, w in enumerate(weights)).clamp(min=0)
+    expected = F.interpolate(raw[None, None], size=(8, 32, 32), mode="trilinear", align_corners=False)[0, 0]
+    torch.testing.assert_close(cam, expected / expected.max(), rtol=1e-4, atol=1e-5)
+
+
+def test_weight_transfer_changes_backbone_and_leaves_head_fresh(small_tree, tmp_path):
+    pre = tmp_path / "pre"
+    pretrain.main(small_args(small_tree, pre, "--epochs", "1"))
+    arch, state, source = finetune.backbone_from_checkpoint(str(pre / "ckpt.pt"))
+    assert arch == "tiny" and source["kind"] == "pretrain" and not any(k.startswith("fc.") for k in state)
+    torch.manual_seed(0)
+    fresh = models.build_encoder("tiny", 2)
+    torch.manual_seed(0)
+    model = models.build_encoder("tiny", 2)
+    n = finetune.transfer_weights(model, state, "x")
+    assert n == len(state)
+    for key, value in model.state_dict().items():
+        if key.startswith("fc."):
+            assert torch.equal(value, fresh.state_dict()[key])  # head: new
+        elif key in state:
+            assert torch.equal(value, state[key])  # backbone: pretrained
+    with pytest.raises(SystemExit, match="does not fit|does not match"):
+        finetune.transfer_weights(models.build_encoder("c3d", 2), state, "tiny.pt")
+
+
+def test_finetune_then_evaluate_end_to_end_json_keys(small_tree, tmp_path):
+    pre, ft = tmp_path / "pre", tmp_path / "ft"
+    pretrain.main(small_args(small_tree, pre, "--epochs", "1", "--adv-start", "0"))
+    finetune.main(["--ckpt", str(pre / "ckpt.pt"), "--dataset", "folder", "--data-root", small_tree, "--out", str(ft),
+                   "--epochs", "1", "--batch-size", "4", "--workers", "0", "--print-freq", "1"])
+    ckpt = torch.load(ft / "ckpt.pt", weights_only=True)
+    assert ckpt["kind"] == "finetune" and ckpt["arch"] == "tiny" and ckpt["classes"] == ["c0", "c1"]
+    assert ckpt["data"]["frames"] == 4 and ckpt["generator"]["drop_frames"] == 1
+    cams = tmp_path / "cams"
+    out = evaluate.main(["--ckpt", str(ft / "ckpt.pt"), "--clips", "3", "--workers", "0", "--occlusion",
+                         "--cam", "2", str(cams), "--json", str(tmp_path / "r.json")])
+    for key in ("top1", "top5", "n_videos", "n_skipped", "entropy_none", "entropy_random", "entropy_adversarial",
+                "top1_none", "top1_random", "top1_adversarial"):
+        assert out[key] is not None, key
+    assert out["n_videos"] == 8 and 0 <= out["top1"] <= 1 and out["top1"] == out["top1_none"]
+    assert json.load(open(tmp_path / "r.json")) == json.loads(json.dumps(out))
+    assert len(os.listdir(cams)) == 2
+    knn = evaluate.main(["--ckpt", str(pre / "ckpt.pt"), "--clips", "2", "--workers", "0"])
+    for key in ("R@1", "R@5", "R@10", "R@20", "knn_top1"):
+        assert 0 <= knn[key] <= 1
+    assert knn["R@20"] == 1.0  # the gallery holds both classes
+
+
+def test_evaluate_rejects_corrupt_and_wrong_checkpoints(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), "--ckpt", str(bad)],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "not a readable checkpoint" in r.stderr and "Traceback" not in r.stderr
+    odd = tmp_path / "odd.pt"
+    torch.save({"kind": "something-else"}, odd)
+    with pytest.raises(SystemExit, match="something-else checkpoint"):
+        evaluate.main(["--ckpt", str(odd)])
+    with pytest.raises(SystemExit, match="not found"):
+        evaluate.main(["--ckpt", str(tmp_path / "missing.pt")])
+
+
+def test_linear_probe_trains_only_the_head_and_finetune_resumes(small_tree, tmp_path, capsys):
+    pre, lin = tmp_path / "pre", tmp_path / "lin"
+    pretrain.main(small_args(small_tree, pre, "--epochs", "1"))
+    argv = ["--ckpt", str(pre / "backbone.pt"), "--arch", "tiny", "--linear", "--dataset", "folder",
+            "--data-root", small_tree, "--frames", "4", "--crop", "32", "--out", str(lin), "--epochs", "1",
+            "--batch-size", "4", "--workers", "0"]
+    model = finetune.main(argv)
+    backbone = torch.load(pre / "backbone.pt", weights_only=True)
+    for key, value in model.state_dict().items():
+        if not key.startswith("fc."):
+            assert torch.equal(value, backbone[key]), key  # frozen, BN statistics included
+    assert torch.load(lin / "ckpt.pt", weights_only=True)["args"]["lr"] == finetune.LINEAR_DEFAULTS["lr"]
+    capsys.readouterr()
+    finetune.main(argv[:-6] + ["--epochs", "2", "--batch-size", "4", "--workers", "0"])
+    assert f"resuming from {lin / 'ckpt.pt'}: epoch 1" in capsys.readouterr().out
+
+
+def _bad_videos_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    samples = [(f"/v{i}.avi", 0) for i in range(20)]
+    bad = data.BadVideos(samples, max_fraction=0.25, log=False)
+    bad.update([(rank, "broken")])  # each rank meets a different bad video
+    counts = [len(bad)]
+    bad.flush()
+    counts.append(len(bad))
+    bad.update([(10 + rank, "x"), (12 + rank, "y")])  # 6 of 20 bad in all: over 25 %, but 3 per rank
+    try:
+        bad.flush()
+        counts.append("no stop")
+    except data.DataError:
+        counts.append("stopped")
+    torch.save(counts, os.path.join(out, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_bad_videos_are_counted_over_all_ranks(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_bad_videos_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        assert torch.load(tmp_path / f"{rank}.pt") == [0, 2, "stopped"]
+
+
+def test_rng_state_round_trip_is_complete(tmp_path):
+    random.random(), np.random.standard_normal(), torch.rand(1)  # numpy caches a gaussian: keep it
+    state = pretrain.rng_state()
+    a = (random.gauss(0, 1), np.random.standard_normal(3).tolist(), torch.rand(2).tolist())
+    torch.save(state, tmp_path / "rng.pt")
+    pretrain.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.gauss(0, 1), np.random.standard_normal(3).tolist(), torch.rand(2).tolist()) == a
+
+
+def test_bad_drop_frames_fails_at_start_not_mid_run():
+    for k in ("0", "4"):
+        with pytest.raises(SystemExit, match="--drop-frames must be in 1..3"):
+            pretrain.main(["--frames", "4", "--drop-frames", k, "--out", "/nonexistent/never-written"])

@@ -1,0 +1,332 @@
+"""
+Evaluate a checkpoint: prints a short table, then one JSON object as the last line of stdout.
+
+    python evaluate.py --ckpt runs/demo-finetune/ckpt.pt              # 10-clip test: top1, top5
+    python evaluate.py --ckpt runs/demo/ckpt.pt                       # pretraining: kNN retrieval
+    python evaluate.py --ckpt runs/demo-finetune/ckpt.pt --occlusion  # entropy / top-1 with frames dropped
+    python evaluate.py --ckpt runs/demo-finetune/ckpt.pt --cam 4 cams/ # Grad-CAM strips as PNG
+
+Finetuned checkpoint (finetune.py): `--clips` uniformly spaced clips per test video (x `--crops`),
+softmax averaged (the paper's protocol, Sec 4.2). Pretraining checkpoint, backbone.pt (with --arch) or
+--knn: pooled backbone features of the train split (gallery) and test split (queries), L2-normalised
+per clip and averaged over clips; retrieval R@k is a hit when any of the k nearest train videos has
+the query's class (VCOP / CoCLR protocol); knn_top1 is a weighted k-NN vote (k = --knn-k, weights
+exp(cos / 0.07), as DINO). --occlusion (paper Sec 3.4): mean prediction entropy and top-1 with k of T
+frames dropped, none / random / chosen by the pretraining's generator G.
+Dataset and clip settings default to the checkpoint's; flags override them.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import cv2
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import finetune
+import models
+import pretrain
+
+DATA_KEYS = ("dataset", "data_root", "split", "frames", "stride", "crop")
+# for a checkpoint that carries no data settings (backbone.pt, random init): the demo preset's
+DEMO_SETTINGS = {"dataset": "demo", "data_root": None, "split": 1, **{k: pretrain.DEMO_PRESET[k] for k in ("frames", "stride", "crop")}}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("VideoMoCo evaluation")
+    p.add_argument("--ckpt", default=None,
+                   help="finetune ckpt.pt, pretraining ckpt.pt, or backbone.pt (with --arch); none = random init of --arch (kNN baseline)")
+    p.add_argument("--dataset", default=None, choices=data.DATASETS, help="default: the checkpoint's")
+    p.add_argument("--data-root", default=None, help="default: the checkpoint's")
+    p.add_argument("--split", type=int, default=None, help="default: the checkpoint's")
+    p.add_argument("--frames", type=int, default=None, help="frames per clip; default: the checkpoint's")
+    p.add_argument("--stride", type=int, default=None, help="temporal stride; default: the checkpoint's")
+    p.add_argument("--crop", type=int, default=None, help="crop size; default: the checkpoint's")
+    p.add_argument("--arch", default=None, choices=models.ARCHS, help="only for a bare backbone.pt")
+    p.add_argument("--clips", type=int, default=10, help="uniformly spaced clips per video (paper: 10)")
+    p.add_argument("--crops", type=int, default=1, choices=(1, 3), help="spatial crops per clip")
+    p.add_argument("--knn", action="store_true", help="kNN retrieval even for a finetuned checkpoint (its backbone)")
+    p.add_argument("--knn-k", type=int, default=20, help="neighbours in the k-NN vote")
+    p.add_argument("--occlusion", action="store_true", help="entropy and top-1 with frames dropped (finetuned checkpoint)")
+    p.add_argument("--drop-frames", type=int, default=None, help="k frames dropped for --occlusion (default: the G's, else T/4)")
+    p.add_argument("--gen-ckpt", default=None, help="pretraining checkpoint whose G chooses the frames for --occlusion")
+    p.add_argument("--cam", nargs=2, metavar=("N", "DIR"), default=None, help="write Grad-CAM strips of N test clips to DIR")
+    p.add_argument("--batch-size", type=int, default=8, help="videos per batch")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader workers")
+    p.add_argument("--amp", default=None, choices=("bf16", "fp16", "none"), help="autocast dtype (default: bf16 on CUDA)")
+    p.add_argument("--json", default=None, help="also write the JSON result to this file")
+    return p
+
+
+# -----------------------------------------------------------------------------
+# metrics (pure functions, tested against loops)
+
+def retrieval_recall(query, gallery, query_labels, gallery_labels, ks=(1, 5, 10, 20)):
+    """R@k: fraction of queries with at least one of their k nearest gallery items (cosine) in the
+    query's class. query (Q, D), gallery (G, D) L2-normalised."""
+    sim = query @ gallery.T  # (Q, G)
+    order = sim.topk(min(max(ks), gallery.shape[0]), dim=1).indices  # (Q, k_max)
+    hits = gallery_labels[order] == query_labels[:, None]  # (Q, k_max)
+    return {f"R@{k}": hits[:, :k].any(dim=1).float().mean().item() for k in ks}
+
+
+def knn_predict(query, gallery, gallery_labels, num_classes, k=20, temperature=0.07):
+    """Weighted k-NN vote: each of the k nearest gallery items votes exp(cos / T) for its class."""
+    sim, index = (query @ gallery.T).topk(min(k, gallery.shape[0]), dim=1)  # (Q, k)
+    votes = torch.zeros(query.shape[0], num_classes, dtype=sim.dtype, device=sim.device)
+    votes.scatter_add_(1, gallery_labels[index], (sim / temperature).exp())
+    return votes.argmax(dim=1)
+
+
+def entropy(probs):
+    """Shannon entropy (nats) of each row of probabilities, the paper's Sec 3.4 measure."""
+    return -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1)
+
+
+def topk_accuracy(probs, labels, k):
+    return (probs.topk(k, dim=1).indices == labels[:, None]).any(dim=1).float().mean().item()
+
+
+# -----------------------------------------------------------------------------
+# running the model over a test set
+
+def _gather(obj):
+    if not dist.is_initialized():
+        return obj
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return [x for part in parts for x in part]
+
+
+@torch.no_grad()
+def per_video(fn, loader, device, ctx):
+    """fn(clips (V*C, 3, T, H, W)) -> (V*C, D) per clip; returns {index: (C, D) cpu float}, skipped
+    indices. Each batch holds V videos of C clips; invalid (bad) videos are skipped and counted."""
+    results, skipped = [], []
+    for batch in loader:
+        video = batch["video"].to(device, non_blocking=True)  # (V, C, 3, T, H, W)
+        v, c = video.shape[:2]
+        with ctx:
+            out = fn(video.flatten(0, 1)).float().view(v, c, -1).cpu()
+        for i, index in enumerate(batch["index"].tolist()):
+            if batch["valid"][i]:
+                results.append((index, out[i]))
+            else:
+                skipped.append(index)
+    return dict(_gather(results)), _gather(skipped)
+
+
+def load_model(args):
+    """(kind, model, ckpt): a finetuned classifier or a pretrained encoder, on the checkpoint's data
+    settings unless overridden."""
+    if args.ckpt is None:
+        if args.arch is None:
+            raise SystemExit("error: pass --ckpt, or --arch for a randomly initialised encoder (the kNN baseline)")
+        torch.manual_seed(0)
+        ckpt, kind = {}, "random-init"
+        model = models.build_encoder(args.arch, 128)
+        settings = DEMO_SETTINGS
+        for key in DATA_KEYS:
+            if getattr(args, key) is None:
+                setattr(args, key, settings[key])
+        return kind, model, ckpt
+    ckpt = pretrain.load_checkpoint(args.ckpt)
+    kind = ckpt.get("kind", "backbone")
+    if kind == "finetune":
+        model = models.build_encoder(ckpt["arch"], len(ckpt["classes"]))
+        model.load_state_dict(ckpt["model"])
+        settings = ckpt["data"]
+    elif kind == "pretrain":
+        arch, state, _ = finetune.backbone_from_checkpoint(args.ckpt)
+        model = models.build_encoder(arch, ckpt["args"]["moco_dim"])
+        model.load_state_dict(state, strict=False)
+        settings = {k: ckpt["args"][k] for k in DATA_KEYS}
+    elif kind == "backbone":
+        if args.arch is None:
+            raise SystemExit(f"error: {args.ckpt} is a bare backbone; pass --arch")
+        model = models.build_encoder(args.arch, ckpt["fc.weight"].shape[0] if "fc.weight" in ckpt else 1)
+        finetune.transfer_weights(model, {k: v for k, v in ckpt.items() if not k.startswith("fc.")}, args.ckpt)
+        settings = DEMO_SETTINGS
+    else:
+        raise SystemExit(f"error: {args.ckpt} is a {kind} checkpoint; evaluate takes finetune or pretrain checkpoints")
+    for key in DATA_KEYS:
+        if getattr(args, key) is None:
+            setattr(args, key, settings[key])
+    return kind, model, ckpt
+
+
+# -----------------------------------------------------------------------------
+# occlusion and class-activation maps
+
+def occlusion_generator(args, ckpt, device):
+    """The G that picks frames for --occlusion: --gen-ckpt's, else the one the finetuned checkpoint
+    carried over from its pretraining; (None, k) if there is none."""
+    spec = None
+    if args.gen_ckpt:
+        source = pretrain.load_checkpoint(args.gen_ckpt, kind="pretrain")
+        a = source["args"]
+        spec = {"state": source["generator"], "hidden": a["g_hidden"], "width": a["g_width"],
+                "drop_frames": a["drop_frames"], "frames": a["frames"]}
+    elif ckpt.get("generator"):
+        spec = ckpt["generator"]
+    k = args.drop_frames or (round(spec["drop_frames"] * args.frames / spec["frames"]) if spec else args.frames // 4)
+    if spec is None:
+        return None, k
+    generator = models.ConvLSTMGenerator(3, spec["hidden"], spec["width"])
+    generator.load_state_dict(spec["state"])
+    return generator.to(device).eval(), k
+
+
+def grad_cam(model, clip):
+    """Grad-CAM (Selvaraju et al.) on the last conv stage, the input of `avgpool`, for the predicted
+    class of one clip (1, 3, T, H, W). Returns (map (T, H, W) in [0, 1], predicted class)."""
+    store = {}
+
+    def hook(module, inputs):
+        store["act"] = inputs[0]
+        inputs[0].register_hook(lambda g: store.__setitem__("grad", g))
+
+    handle = model.avgpool.register_forward_pre_hook(hook)
+    try:
+        with torch.enable_grad():
+            logits = model(clip)
+            pred = int(logits.argmax(1))
+            model.zero_grad(set_to_none=True)
+            logits[0, pred].backward()
+    finally:
+        handle.remove()
+    act, grad = store["act"][0], store["grad"][0]  # (C, t, h, w)
+    cam = F.relu((grad.mean(dim=(1, 2, 3))[:, None, None, None] * act).sum(0))  # (t, h, w)
+    cam = F.interpolate(cam[None, None], size=clip.shape[2:], mode="trilinear", align_corners=False)[0, 0]
+    return (cam / cam.max().clamp_min(1e-8)).detach(), pred
+
+
+def write_cam_strip(path, clip, cam, title, max_frames=8):
+    """PNG strip: up to `max_frames` evenly spaced frames with the map overlaid, a title above."""
+    frames = (data.denormalize(clip[0].float().cpu()).clamp(0, 1).permute(1, 2, 3, 0).numpy() * 255).astype(np.uint8)
+    cam = cam.cpu().numpy()
+    picks = np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().astype(int)
+    tiles = []
+    for t in picks:
+        heat = cv2.applyColorMap((cam[t] * 255).astype(np.uint8), cv2.COLORMAP_JET)
+        tiles.append(cv2.addWeighted(cv2.cvtColor(frames[t], cv2.COLOR_RGB2BGR), 0.55, heat, 0.45, 0))
+    strip = np.concatenate(tiles, axis=1)
+    scale = max(1, 128 // strip.shape[0])
+    strip = cv2.resize(strip, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    banner = np.full((22, strip.shape[1], 3), 255, np.uint8)
+    cv2.putText(banner, title, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.imwrite(path, np.concatenate([banner, strip], axis=0))
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    rank, world, device = pretrain.init_distributed()
+    kind, model, ckpt = load_model(args)
+    model.to(device).eval()
+    ctx, _ = pretrain.autocast_context(args.amp, device)
+    if args.occlusion and kind != "finetune":
+        raise SystemExit("error: --occlusion needs a finetuned checkpoint (a classifier)")
+    if args.cam and kind != "finetune":
+        raise SystemExit("error: --cam needs a finetuned checkpoint (a classifier)")
+
+    def loader(train):
+        try:
+            dataset, classes, _ = data.build_dataset(args, train=train, mode="test")
+        except data.DataError as e:
+            raise SystemExit(f"error: {e}")
+        return data.build_loader(dataset, args.batch_size, args.workers, train=False), classes
+
+    test_loader, classes = loader(train=False)
+    labels = torch.tensor([y for _, y in test_loader.dataset.samples])
+    result = {"checkpoint": args.ckpt, "kind": kind, "dataset": args.dataset, "split": args.split,
+              "clips": args.clips, "crops": args.crops, "n_videos": len(labels)}
+    table = []
+
+    if kind == "finetune" and not args.knn:
+        probs, skipped = per_video(lambda x: model(x).softmax(dim=1), test_loader, device, ctx)
+        index = torch.tensor(sorted(probs))
+        p = torch.stack([probs[i].mean(0) for i in index.tolist()])  # (V, classes), averaged over clips
+        result.update(top1=topk_accuracy(p, labels[index], 1), top5=topk_accuracy(p, labels[index], min(5, p.shape[1])),
+                      n_skipped=len(skipped), n_videos=len(index))
+        table.append(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  ({len(index)} videos, "
+                     f"{args.clips} clips x {args.crops} crops, {len(skipped)} skipped)")
+
+    if kind != "finetune" or args.knn:
+        gallery_loader, _ = loader(train=True)
+        gallery_labels = torch.tensor([y for _, y in gallery_loader.dataset.samples])
+        head, model.fc = model.fc, nn.Identity()  # the pooled backbone features, the input of the head
+
+        def video_features(loader):
+            feats, skipped = per_video(lambda x: F.normalize(model(x), dim=1), loader, device, ctx)
+            index = torch.tensor(sorted(feats))
+            return F.normalize(torch.stack([feats[i].mean(0) for i in index.tolist()]), dim=1), index, skipped
+
+        q, q_index, q_skipped = video_features(test_loader)
+        g, g_index, g_skipped = video_features(gallery_loader)
+        model.fc = head
+        recall = retrieval_recall(q, g, labels[q_index], gallery_labels[g_index])
+        pred = knn_predict(q, g, gallery_labels[g_index], len(classes), args.knn_k)
+        result.update(recall, knn_top1=(pred == labels[q_index]).float().mean().item(),
+                      n_skipped=len(q_skipped) + len(g_skipped), n_videos=len(q_index), n_gallery=len(g_index))
+        table.append("retrieval " + "  ".join(f"{k} {v:.4f}" for k, v in recall.items())
+                     + f"  kNN top-1 {result['knn_top1']:.4f} (k={args.knn_k}; {len(q_index)} queries, "
+                     f"{len(g_index)} train videos)")
+
+    if args.occlusion:
+        generator, k = occlusion_generator(args, ckpt, device)
+        modes = {"none": lambda x: x, "random": lambda x: models.random_drop(x, k)[0]}
+        if generator is not None:
+            modes["adversarial"] = lambda x: models.drop_frames(x, generator(x), k)[0]
+        result.update(entropy_adversarial=None, top1_adversarial=None)
+        torch.manual_seed(0)  # the random drops are the same on every run
+        for mode, drop in modes.items():
+            probs, _ = per_video(lambda x: model(drop(x)).softmax(dim=1), test_loader, device, ctx)
+            index = torch.tensor(sorted(probs))
+            p = torch.stack([probs[i].mean(0) for i in index.tolist()])  # (V, classes)
+            result[f"entropy_{mode}"] = entropy(p).mean().item()
+            result[f"top1_{mode}"] = topk_accuracy(p, labels[index], 1)
+        table.append(f"occlusion, {k} of {args.frames} frames dropped: " + "  ".join(
+            f"{m}: entropy {result[f'entropy_{m}']:.3f} top-1 {result[f'top1_{m}']:.3f}" for m in modes)
+            + ("" if generator is not None else "  (no generator: pass --gen-ckpt for the adversarial row)"))
+
+    if args.cam and rank == 0:
+        n, out_dir = int(args.cam[0]), args.cam[1]
+        os.makedirs(out_dir, exist_ok=True)
+        written = 0
+        for i in np.linspace(0, len(test_loader.dataset) - 1, n).round().astype(int).tolist():  # across classes
+            sample = test_loader.dataset[i]
+            if not sample["valid"]:
+                continue
+            clip = sample["video"][len(sample["video"]) // 2][None].to(device)  # the middle clip
+            cam, pred = grad_cam(model, clip)
+            name = os.path.splitext(os.path.basename(test_loader.dataset.samples[i][0]))[0]
+            title = f"{name}: true {classes[sample['label']]}, predicted {classes[pred]}"
+            write_cam_strip(os.path.join(out_dir, f"{name}.png"), clip, cam, title)
+            written += 1
+        result["cam_dir"] = out_dir
+        table.append(f"Grad-CAM strips of {written} test clips written to {out_dir}")
+
+    if rank == 0:
+        print(f"{args.ckpt} ({kind}) on {args.dataset} split {args.split}:")
+        for line in table:
+            print("  " + line)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        print(json.dumps(result))
+        sys.stdout.flush()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main()

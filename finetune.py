@@ -1,0 +1,230 @@
+"""
+Supervised finetuning (or a linear probe) of a pretrained encoder on an action-recognition dataset.
+
+    python finetune.py --ckpt runs/demo/ckpt.pt                 # demo set, the pretraining's clip settings
+    python finetune.py                                          # demo set, random init (the baseline)
+    torchrun --nproc_per_node=8 finetune.py --ckpt runs/k400/ckpt.pt --dataset ucf101 --data-root /data/ucf101
+    python finetune.py --ckpt runs/k400/backbone.pt --arch r2plus1d_10 --linear ...   # linear probe
+
+The paper's protocol (Sec 4.2): 10 epochs, batch 32, lr 0.05, 32 frames, 112 crop, UCF101/HMDB51
+split 1; testing averages 10 uniformly spaced clips (python evaluate.py --ckpt OUT/ckpt.pt).
+Weight transfer is explicit: the query encoder D of the pretraining checkpoint (or backbone.pt) is
+loaded into the classifier without its projection head, missing and unexpected keys are reported,
+and an architecture mismatch stops with one line. The classifier head is always new.
+"""
+
+import argparse
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import models
+import pretrain
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("VideoMoCo finetuning / linear probe")
+    p.add_argument("--ckpt", default=None, help="pretraining checkpoint (ckpt.pt) or backbone.pt; none = random init")
+    p.add_argument("--linear", action="store_true", help="freeze the backbone (BN in eval mode) and train the classifier only")
+    data.add_data_args(p)  # --dataset --data-root --split --frames --stride --crop --workers --max-bad-fraction
+    p.add_argument("--arch", default="r2plus1d_10", choices=models.ARCHS,
+                   help="encoder; a pretraining checkpoint's own arch by default (backbone.pt needs it)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs (paper: 10; linear probe default 30)")
+    p.add_argument("--batch-size", type=int, default=32, help="global batch size (paper: 32)")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate, cosine decay (paper: 0.05; linear probe default 0.5)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--wd", type=float, default=5e-4, help="weight decay (linear probe default 0)")
+    p.add_argument("--amp", default=None, choices=("bf16", "fp16", "none"), help="autocast dtype (default: bf16 on CUDA, none on CPU)")
+    p.add_argument("--out", default="runs/finetune", help="output folder: ckpt.pt, log.jsonl")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--print-freq", type=int, default=20, help="steps between log lines")
+    return p
+
+
+DEMO_PRESET = dict(arch="tiny", frames=16, stride=2, crop=64, batch_size=16, epochs=30, workers=2,
+                   print_freq=10, out="runs/demo-finetune")
+LINEAR_DEFAULTS = dict(epochs=30, lr=0.5, wd=0.0)
+
+
+def backbone_from_checkpoint(path):
+    """(arch or None, encoder state dict without the projection head `fc`, the checkpoint dict or
+    None) from a pretraining checkpoint or a backbone.pt; one clear line for anything else."""
+    ckpt = pretrain.load_checkpoint(path)
+    if ckpt.get("kind") == "pretrain":
+        prefix = "encoder_q."
+        state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+        arch = ckpt["args"]["arch"]
+    elif "kind" in ckpt:
+        raise SystemExit(f"error: {path} is a {ckpt['kind']} checkpoint; finetuning starts from a pretraining "
+                         "checkpoint or a backbone.pt")
+    else:  # backbone.pt: the bare state dict of the query encoder
+        state, arch, ckpt = ckpt, None, None
+    return arch, {k: v for k, v in state.items() if not k.startswith("fc.")}, ckpt
+
+
+def transfer_weights(model, state, source):
+    """Load a pretrained backbone into `model` (head excluded); report what did not match, and stop
+    with one line when nothing or the wrong architecture matches."""
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        first = [line.strip() for line in str(e).splitlines() if "size mismatch" in line][:1]
+        raise SystemExit(f"error: {source} does not fit --arch: {first[0] if first else str(e)[:200]}")
+    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
+    if missing or result.unexpected_keys:
+        if len(missing) > len(state) // 2:
+            raise SystemExit(f"error: {source} does not match the architecture: {len(missing)} missing keys, "
+                             f"e.g. {missing[0]}; pass the right --arch")
+        print(f"weight transfer from {source}: {len(missing)} missing keys {missing[:3]}, "
+              f"{len(result.unexpected_keys)} unexpected {result.unexpected_keys[:3]}")
+    return len(state) - len(result.unexpected_keys)
+
+
+@torch.no_grad()
+def quick_test(model, loader, device, ctx):
+    """Top-1 on one centre clip per test video (the full 10-clip protocol is evaluate.py's)."""
+    model.eval()
+    correct = torch.zeros(2, device=device)
+    for batch in loader:
+        video = batch["video"].to(device, non_blocking=True)  # (N, 1, 3, T, H, W)
+        valid = batch["valid"].to(device)
+        with ctx:
+            pred = model(video[:, 0]).argmax(1)
+        correct += torch.stack([((pred == batch["label"].to(device)) & valid).sum(), valid.sum()]).float()
+    if dist.is_initialized():
+        dist.all_reduce(correct)
+    return (correct[0] / correct[1].clamp(min=1)).item()
+
+
+def main(argv=None):
+    args, given = pretrain.parse_args(get_args_parser(), argv)
+    source_arch, state, source = backbone_from_checkpoint(args.ckpt) if args.ckpt else (None, None, None)
+    if "arch" in given and source_arch and args.arch != source_arch:
+        raise SystemExit(f"error: --arch {args.arch} but {args.ckpt} was pretrained with {source_arch}")
+    if source is not None:  # finetune with the pretraining's architecture and clip settings by default
+        given |= set(pretrain.apply_preset(args, given, {k: source["args"][k] for k in ("arch", "frames", "stride", "crop")}))
+    preset = pretrain.apply_preset(args, given, DEMO_PRESET) if pretrain.is_demo(args) else {}
+    if args.linear:
+        pretrain.apply_preset(args, given, LINEAR_DEFAULTS)
+    rank, world, device = pretrain.init_distributed()
+    if args.batch_size % world:
+        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
+    os.makedirs(args.out, exist_ok=True)
+    log = pretrain.Logger(args.out, rank)
+    if preset:
+        log(f"demo preset (no --data-root): {', '.join(f'{k}={v}' for k, v in preset.items())}")
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+    ctx, scaler = pretrain.autocast_context(args.amp, device)
+
+    # data
+    try:
+        train_set, classes, bad = data.build_dataset(
+            args, train=True, transform=data.TrainTransform(args.crop, jitter=0.0, grayscale=0.0))
+        test_set, _, _ = data.build_dataset(args, train=False)
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}")
+    per_rank = args.batch_size // world
+    loader = data.build_loader(train_set, per_rank, args.workers, train=True, seed=args.seed)
+    test_loader = data.build_loader(test_set, per_rank, args.workers, train=False, seed=args.seed)
+    if len(loader) == 0:
+        raise SystemExit(f"error: {len(train_set)} videos give no full batch of {per_rank} per process")
+
+    # model: pretrained backbone, new classifier head
+    model = models.build_encoder(args.arch, len(classes))
+    if state is not None:
+        n = transfer_weights(model, state, args.ckpt)
+        log(f"loaded {n} pretrained tensors from {args.ckpt} ({args.arch}); classifier head new, {len(classes)} classes")
+    else:
+        log(f"random init of {args.arch} (no --ckpt): the baseline")
+    model.to(device)
+    if args.linear:
+        for name, param in model.named_parameters():
+            param.requires_grad = name.startswith("fc.")
+    model_ddp = DDP(model) if world > 1 else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, args.lr, momentum=args.momentum, weight_decay=args.wd)
+
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    start_epoch, step = 0, 0
+    if os.path.exists(ckpt_path):
+        ckpt = pretrain.load_checkpoint(ckpt_path, kind="finetune")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt["scaler"]:
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, step = ckpt["epoch"], ckpt["step"]
+        pretrain.set_rng_state(ckpt["rng"])
+        log(f"resuming from {ckpt_path}: epoch {start_epoch}")
+
+    def save(epoch, test_top1):
+        if rank != 0:
+            return
+        generator = None
+        if source is not None and source.get("generator") is not None:
+            generator = {"state": source["generator"], "hidden": source["args"]["g_hidden"],
+                         "width": source["args"]["g_width"], "drop_frames": source["args"]["drop_frames"],
+                         "frames": source["args"]["frames"]}
+        pretrain.save_atomic({
+            "kind": "finetune", "model": model.state_dict(), "arch": args.arch, "classes": classes,
+            "linear": args.linear, "source": args.ckpt, "generator": generator,
+            "data": {k: getattr(args, k) for k in ("dataset", "data_root", "split", "frames", "stride", "crop")},
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+            "epoch": epoch, "step": step, "test_top1_1clip": test_top1, "args": vars(args),
+            "rng": pretrain.rng_state()}, ckpt_path)
+
+    steps_per_epoch, total_steps = len(loader), args.epochs * len(loader)
+    t_start, step_at_start = time.time(), step
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))
+        model_ddp.train()
+        if args.linear:
+            model.eval()  # frozen backbone: BN uses its pretrained statistics
+        t_log, clips = time.time(), 0
+        for epoch_step, batch in enumerate(loader):
+            bad.update(batch["bad"])
+            video = batch["video"].to(device, non_blocking=True)[:, 0]  # (N, 3, T, H, W)
+            label = batch["label"].to(device, non_blocking=True)
+            with ctx:
+                loss = F.cross_entropy(model_ddp(video).float(), label)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            step += 1
+            clips += args.batch_size
+            if step % args.print_freq == 0 or epoch_step + 1 == steps_per_epoch:
+                rate = clips / max(time.time() - t_log, 1e-9)
+                eta = (time.time() - t_start) / max(step - step_at_start, 1) * (total_steps - step)
+                log(f"epoch {epoch} step {step}/{total_steps} loss {loss.item():.4f} lr {optimizer.param_groups[0]['lr']:.4g} "
+                    f"{rate:.1f} clips/s eta {pretrain.format_eta(eta)} bad {len(bad)}",
+                    epoch=epoch, step=step, loss=loss.item(), lr=optimizer.param_groups[0]["lr"],
+                    clips_per_s=rate, eta_s=eta, bad_videos=len(bad))
+                t_log, clips = time.time(), 0
+        top1 = quick_test(model_ddp, test_loader, device, ctx)
+        save(epoch + 1, top1)
+        log(f"epoch {epoch} done: test top-1 (1 centre clip) {top1:.3f}; {len(bad)} bad videos skipped; saved {ckpt_path}",
+            epoch=epoch, test_top1_1clip=top1)
+    log(f"done. next: python evaluate.py --ckpt {ckpt_path}  (10-clip test protocol)")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return model
+
+
+if __name__ == "__main__":
+    main()
