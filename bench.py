@@ -190,8 +190,10 @@ def bench_step(args):
     x = torch.randn(batch, 3, frames, crop, crop, device=device)
     x_key = torch.randn_like(x)
 
+    video = torch.stack([x, x_key], dim=1)
+
     def step(phase):
-        out = pretrain.forward_step(model, generator, x, x_key, phase, step_args, ctx)
+        out = pretrain.forward_step(model, generator, video, None, phase, step_args, ctx)
         pretrain.backward_step(out, opt_d, opt_g, scaler)
 
     print(f"step: {arch}, batch {batch}, {frames} frames, crop {crop}, K {args.moco_k}, on {device}"

@@ -463,6 +463,57 @@ class EvalTransform:
 
 
 # -----------------------------------------------------------------------------
+# temporal sampling of the positive pair: the same clip (VideoMoCo), two clips d frames apart (CVRL),
+# two tuples of one clip per segment (VCLR)
+
+INTERVALS = ("linear", "quadratic", "uniform")
+
+
+def interval_probs(max_distance, shape="linear"):
+    """P(d), d = 0..max_distance, of the distance between the starts of CVRL's two clips (Qian et
+    al., Sec 3.2: a monotonically decreasing distribution, so that distant clips, which may show
+    different content, are rarer positives). linear: P(d) proportional to -d + c with c =
+    max_distance + 1 (CVRL's choice); quadratic: (-d + c)^2; uniform: flat."""
+    d = np.arange(max_distance + 1, dtype=np.float64)
+    weight = {"linear": max_distance + 1 - d, "quadratic": (max_distance + 1 - d) ** 2,
+              "uniform": np.ones_like(d)}[shape]
+    return weight / weight.sum()
+
+
+def cvrl_starts(rng, num_frames_video, span, shape="linear"):
+    """Start frames of CVRL's two clips of `span` frames: distance d ~ interval_probs, the pair placed
+    uniformly in the video, which clip comes first random."""
+    last = max(num_frames_video - span, 0)
+    d = int(rng.choice(last + 1, p=interval_probs(last, shape)))
+    first = int(rng.integers(0, last - d + 1))
+    pair = [first, first + d]
+    return pair if rng.random() < 0.5 else pair[::-1]
+
+
+def segment_starts(rng, num_frames_video, span, segments):
+    """VCLR's tuple (Kuang et al., Sec 3.2 and 5.3): the video is cut into `segments` equal parts and
+    one clip start is drawn uniformly in each, so the clip lies inside its segment when the segment
+    is long enough for it (else the clip starts in its segment and runs on)."""
+    bounds = np.linspace(0, num_frames_video, segments + 1)
+    starts = []
+    for j in range(segments):
+        lo, hi = int(math.ceil(bounds[j])), max(int(math.ceil(bounds[j + 1])) - 1, int(math.ceil(bounds[j])))
+        starts.append(int(rng.integers(lo, max(lo, hi - span + 1) + 1)))
+    return starts
+
+
+def order_shuffle(rng, segments):
+    """With probability 0.5 a random non-identity permutation of a tuple's clips, else the identity
+    (VCLR Sec 3.3). Returns (permutation, shuffled)."""
+    if rng.random() < 0.5:
+        return list(range(segments)), False
+    while True:
+        perm = rng.permutation(segments).tolist()
+        if perm != sorted(perm):
+            return perm, True
+
+
+# -----------------------------------------------------------------------------
 # dataset
 
 class VideoClips(torch.utils.data.Dataset):
@@ -471,8 +522,14 @@ class VideoClips(torch.utils.data.Dataset):
 
     Videos shorter than a clip are looped if at least half the clip's frames decode, else bad.
 
-    mode "train": one random clip per video, `views` independently augmented copies of it
-        -> {"video": (views, 3, T, crop, crop), "label", "index", "bad"}
+    mode "train", temporal "same": one random clip per video, `views` independently augmented
+        copies of it -> {"video": (views, 3, T, crop, crop), "label", "index", "bad"}
+    mode "train", temporal "cvrl": two clips whose starts are d ~ interval_probs(`interval`) apart,
+        each with its own augmentation -> "video": (2, 3, T, crop, crop)
+    mode "train", temporal "vclr": an anchor and a positive tuple of one clip per segment, each
+        tuple with one augmentation for all its clips, each tuple's clips shuffled with probability
+        0.5 -> "video": (2, segments, 3, T, crop, crop), "order": 0 both tuples in order, 1 the
+        first shuffled, 2 the second, 3 both
     mode "test": `clips` uniformly spaced clips, each with the eval transform's crops
         -> {"video": (clips * crops, 3, T, crop, crop), "label", "index", "bad", "valid"}
 
@@ -482,10 +539,12 @@ class VideoClips(torch.utils.data.Dataset):
     sample; `BadVideos` in the main process logs each once and enforces the bad fraction.
     """
 
-    def __init__(self, samples, frames=32, stride=1, transform=None, mode="train", views=1, clips=10):
-        assert mode in ("train", "test")
+    def __init__(self, samples, frames=32, stride=1, transform=None, mode="train", views=1, clips=10,
+                 temporal="same", interval="linear", segments=3):
+        assert mode in ("train", "test") and temporal in ("same", "cvrl", "vclr")
         self.samples, self.frames, self.stride = samples, frames, stride
         self.transform, self.mode, self.views, self.clips = transform, mode, views, clips
+        self.temporal, self.interval, self.segments = temporal, interval, segments
         self.min_frames = min_clip_frames(frames)
         self.known_bad = set()  # per process: don't retry a video this worker already saw fail
 
@@ -505,19 +564,37 @@ class VideoClips(torch.utils.data.Dataset):
     def _load(self, index, rng):
         path, label = self.samples[index]
         span = (self.frames - 1) * self.stride + 1
+        extra = {}
         with VideoReader(path) as reader:
             n = reader.claimed_frames
-            if self.mode == "train":
-                starts = [int(rng.integers(0, max(n - span, 0) + 1))]
-            else:
+            if self.mode == "test":
                 starts = uniform_starts(n, span, self.clips)
+            elif self.temporal == "cvrl":
+                starts = cvrl_starts(rng, n, span, self.interval)
+            elif self.temporal == "vclr":
+                starts = segment_starts(rng, n, span, self.segments) + segment_starts(rng, n, span, self.segments)
+            else:
+                starts = [int(rng.integers(0, max(n - span, 0) + 1))]
             clips = reader.clips(starts, self.frames, self.stride, min_frames=self.min_frames,
-                                 rng=rng if self.mode == "train" else None)
-        if self.mode == "train":
-            video = torch.stack([self.transform(clips[0], rng) for _ in range(self.views)])
-        else:
+                                 rng=rng if self.mode == "train" and self.temporal == "same" else None)
+        if self.mode == "test":
             video = torch.cat([self.transform(c, rng) for c in clips])
-        return video, label
+        elif self.temporal == "cvrl":
+            video = torch.stack([self.transform(c, rng) for c in clips])
+        elif self.temporal == "vclr":
+            tuples, shuffled = [], []
+            for clips_of_tuple in (clips[:self.segments], clips[self.segments:]):
+                # one augmentation for the whole tuple: its clips side by side in time
+                t = self.transform(np.concatenate(clips_of_tuple), rng)  # (3, S*T, crop, crop)
+                t = t.view(3, self.segments, self.frames, *t.shape[2:]).transpose(0, 1)  # (S, 3, T, ...)
+                perm, was_shuffled = order_shuffle(rng, self.segments)
+                tuples.append(t[perm])
+                shuffled.append(was_shuffled)
+            video = torch.stack(tuples)  # (2, S, 3, T, crop, crop)
+            extra["order"] = int(shuffled[0]) + 2 * int(shuffled[1])
+        else:
+            video = torch.stack([self.transform(clips[0], rng) for _ in range(self.views)])
+        return video, label, extra
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, None)
@@ -526,8 +603,8 @@ class VideoClips(torch.utils.data.Dataset):
         for _ in range(100):
             if index not in self.known_bad:
                 try:
-                    video, label = self._load(index, rng)
-                    return {"video": video, "label": label, "index": index, "bad": bad, "valid": True}
+                    video, label, extra = self._load(index, rng)
+                    return {"video": video, "label": label, "index": index, "bad": bad, "valid": True, **extra}
                 except (VideoError, cv2.error) as e:
                     self.known_bad.add(index)
                     bad.append((index, str(e).strip().splitlines()[-1]))
@@ -678,7 +755,7 @@ def add_data_args(p):
     p.add_argument("--max-bad-fraction", type=float, default=0.1, help="stop if more than this fraction of videos is unreadable")
 
 
-def build_dataset(args, train, mode=None, views=1, transform=None):
+def build_dataset(args, train, mode=None, views=1, transform=None, temporal="same"):
     """The dataset a stage script asks for with the shared flags (--dataset --data-root --split
     --frames --stride --crop, and --clips --crops for testing); returns (dataset, classes, BadVideos).
     `train` picks the split; `mode` how clips are drawn (default: "train" for the train split)."""
@@ -689,7 +766,8 @@ def build_dataset(args, train, mode=None, views=1, transform=None):
     elif transform is None:
         transform = EvalTransform(args.crop, crops=getattr(args, "crops", 1))
     dataset = VideoClips(samples, args.frames, args.stride, transform, mode, views=views,
-                         clips=getattr(args, "clips", 1))
+                         clips=getattr(args, "clips", 1), temporal=temporal,
+                         interval=getattr(args, "cvrl_interval", "linear"), segments=getattr(args, "segments", 3))
     bad = BadVideos(samples, missing, getattr(args, "max_bad_fraction", 0.1), log=_rank_world()[0] == 0)
     return dataset, classes, bad
 

@@ -35,6 +35,9 @@ import data
 import models
 
 
+METHODS = ("videomoco", "moco", "cvrl", "vclr")
+
+
 def get_args_parser():
     p = argparse.ArgumentParser("VideoMoCo pretraining", add_help=True)
     data.add_data_args(p)  # --dataset --data-root --split --frames --stride --crop --workers --max-bad-fraction
@@ -48,6 +51,15 @@ def get_args_parser():
     p.add_argument("--decay-unit", default="key", choices=("key", "step"),
                    help="age i of Eq 6 counted in keys (paper's t^65536 = 0.52) or in enqueue steps (authors' code)")
     p.add_argument("--shuffle-splits", type=int, default=2, help="sub-batches of the shuffle-BN emulation in a world of one")
+    # method: VideoMoCo, its MoCo baseline, and the methods users compare it with, on the same code
+    p.add_argument("--method", default="videomoco", choices=METHODS,
+                   help="videomoco; moco (= --generator none --decay 1); cvrl (Qian et al.); vclr (Kuang et al.)")
+    p.add_argument("--cvrl-t", type=float, default=0.1, help="CVRL: temperature of the in-batch InfoNCE (CVRL: 0.1)")
+    p.add_argument("--cvrl-hidden", type=int, default=2048, help="CVRL: width of the 3-layer MLP head")
+    p.add_argument("--cvrl-interval", default="linear", choices=data.INTERVALS,
+                   help="CVRL: distribution of the distance between the two clips (CVRL: linear, decreasing)")
+    p.add_argument("--segments", type=int, default=3, help="VCLR: segments per video, one clip each (VCLR: 3)")
+    p.add_argument("--order-weight", type=float, default=1.0, help="VCLR: weight of the temporal-order loss")
     # generator
     p.add_argument("--generator", default="convlstm", choices=("convlstm", "random", "none"),
                    help="how frames are dropped: ConvLSTM G (adversarial), random (Table 1 ablation), none (MoCo baseline)")
@@ -77,6 +89,8 @@ def get_args_parser():
 # about 5 minutes on 2 CPU cores. Flags given on the command line win. t is chosen so that the oldest
 # key weighs about 0.52 (0.9949^128), as the paper's 0.99999 does for K = 65536.
 # K stays below the 168 training videos, or every video would sit in the queue as its own negative.
+# per method, on top of DEMO_PRESET: VCLR's three clips must fit in the demo's 32-48 frame videos
+METHOD_DEMO_PRESET = {"vclr": dict(frames=8, stride=1), "cvrl": dict(cvrl_hidden=256)}
 DEMO_PRESET = dict(arch="tiny", frames=16, stride=2, crop=64, batch_size=16, epochs=30, workers=2,
                    moco_k=128, moco_m=0.99, decay=0.9949, drop_frames=4, g_hidden=64, g_width=16,
                    lr=0.05, g_lr=0.05, print_freq=10, out="runs/demo")
@@ -218,11 +232,19 @@ def all_ranks_any(flags, device):
 # -----------------------------------------------------------------------------
 # the VideoMoCo step
 
-def forward_step(model, generator, x, x_key, phase, args, ctx):
+def forward_step(model, generator, video, order, phase, args, ctx):
     """Forward of one step. phase "moco": x is the query (Eq 1, decayed by Eq 6); "random-drop": k
     random frames of x dropped (Table 1's ablation); "adversarial": G drops the k most important
     frames (Eq 3), and D(x) is computed once more, without gradient, for G's loss (Eq 4).
-    x, x_key: (N, 3, T, H, W), two augmentations of the same clip."""
+    video: (N, 2, 3, T, H, W), x and x_key, two augmentations of the same clip. Phases "cvrl" and
+    "vclr" pass the method's views (CVRL: two clips; VCLR: two tuples and their order label) to its
+    model; every phase returns "loss_d", the loss of the encoder, and "loss_g" (None but for G)."""
+    x, x_key = video[:, 0], video[:, 1]
+    if phase in ("cvrl", "vclr"):
+        with ctx:
+            out = model(x, x_key) if phase == "cvrl" else model(x, x_key, order)
+        out.update(loss_d=out["loss"], loss_g=None)
+        return out
     with ctx:
         if phase == "adversarial":
             x_query, _ = models.drop_frames(x, generator(x), args.drop_frames, args.g_temperature)
@@ -239,9 +261,10 @@ def forward_step(model, generator, x, x_key, phase, args, ctx):
 def backward_step(out, opt_d, opt_g, scaler):
     """Backward and update: D by loss_d only; in the adversarial phase G by loss_g only
     (models.adversarial_backward). Both optimizers go through the one GradScaler under fp16."""
-    opt_d.zero_grad(set_to_none=True)
-    opt_g.zero_grad(set_to_none=True)
     adversarial = out["loss_g"] is not None
+    opt_d.zero_grad(set_to_none=True)
+    if adversarial:
+        opt_g.zero_grad(set_to_none=True)
     scale = scaler.scale if scaler is not None else (lambda loss: loss)
     if adversarial:
         models.adversarial_backward(out["loss_d"], out["loss_g"], out["x_query"], out["x_query_in"],
@@ -261,10 +284,16 @@ def backward_step(out, opt_d, opt_g, scaler):
 
 def main(argv=None):
     args, given = parse_args(get_args_parser(), argv)
-    preset = apply_preset(args, given, DEMO_PRESET) if is_demo(args) else {}
+    preset = apply_preset(args, given, {**DEMO_PRESET, **METHOD_DEMO_PRESET.get(args.method, {})}) if is_demo(args) else {}
     rank, world, device = init_distributed()
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
+    if args.method == "moco":  # the paper's baseline row: no generator, no decay
+        if ("generator" in given and args.generator != "none") or ("decay" in given and args.decay != 1):
+            raise SystemExit("error: --method moco means --generator none --decay 1")
+        args.generator, args.decay = "none", 1.0
+    if args.method in ("cvrl", "vclr"):
+        args.generator = "none"  # G belongs to VideoMoCo
     if args.adv_start is None:
         args.adv_start = args.epochs // 2  # the paper: D alone for the first half (Sec 4.2)
     if args.generator != "none" and not 0 < args.drop_frames < args.frames:
@@ -281,7 +310,8 @@ def main(argv=None):
 
     # data
     try:
-        dataset, _, bad = data.build_dataset(args, train=True, views=2)
+        temporal = {"cvrl": "cvrl", "vclr": "vclr"}.get(args.method, "same")
+        dataset, _, bad = data.build_dataset(args, train=True, views=2, temporal=temporal)
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
     loader = data.build_loader(dataset, args.batch_size // world, args.workers, train=True, seed=args.seed)
@@ -289,12 +319,20 @@ def main(argv=None):
         raise SystemExit(f"error: {len(dataset)} videos give no full batch of {args.batch_size // world} per process")
 
     # model
-    model = models.VideoMoCo(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.decay,
-                             args.decay_unit, args.shuffle_splits).to(device)
-    generator = models.ConvLSTMGenerator(3, args.g_hidden, args.g_width).to(device)
+    if args.method == "cvrl":
+        model = models.CVRL(args.arch, args.moco_dim, args.cvrl_hidden, args.cvrl_t)
+    elif args.method == "vclr":
+        model = models.VCLR(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.segments,
+                            args.order_weight, args.shuffle_splits)
+    else:
+        model = models.VideoMoCo(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.decay,
+                                 args.decay_unit, args.shuffle_splits)
+    model.to(device)
+    # G exists only where it is used: --method videomoco with --generator convlstm
+    generator = models.ConvLSTMGenerator(3, args.g_hidden, args.g_width).to(device) if args.generator == "convlstm" else None
     # every process starts from the same weights and queue (MoCo relies on identical queues)
     if world > 1:
-        for t in list(model.state_dict().values()) + list(generator.state_dict().values()):
+        for t in list(model.state_dict().values()) + list(generator.state_dict().values() if generator else []):
             dist.broadcast(t, src=0)
     # broadcast_buffers=False: the queue is updated identically on every rank from gathered keys, so
     # re-broadcasting it (dim x K floats) every step, as DDP's default would, is pure traffic
@@ -302,13 +340,16 @@ def main(argv=None):
     no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                       else {"broadcast_buffers": False})
     model_ddp = DDP(model, **no_buffer_sync) if world > 1 else model
-    generator_ddp = DDP(generator) if world > 1 else generator
-    log(f"D: {args.arch}, {models.count_parameters(model.encoder_q) / 1e6:.2f}M parameters; "
-        f"G: ConvLSTM, {models.count_parameters(generator) / 1e6:.2f}M; {world} process(es) on {device}")
+    generator_ddp = DDP(generator) if world > 1 and generator is not None else generator
+    log(f"{args.method}: encoder {args.arch}, {models.count_parameters(model.encoder_q) / 1e6:.2f}M parameters"
+        + (f"; G: ConvLSTM, {models.count_parameters(generator) / 1e6:.2f}M" if generator else "")
+        + f"; {world} process(es) on {device}")
 
     # optimizers: D's and G's are separate; G's has no weight decay (it is a scorer, not a feature)
-    opt_d = torch.optim.SGD(model.encoder_q.parameters(), args.lr, momentum=args.momentum, weight_decay=args.wd)
-    opt_g = torch.optim.SGD(generator.parameters(), args.g_lr, momentum=args.momentum)
+    # (the trainable part: encoder_q and any method head; never the momentum encoder)
+    opt_d = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], args.lr, momentum=args.momentum,
+                            weight_decay=args.wd)
+    opt_g = torch.optim.SGD(generator.parameters(), args.g_lr, momentum=args.momentum) if generator else None
 
     # resume
     ckpt_path = os.path.join(args.out, "ckpt.pt")
@@ -316,12 +357,15 @@ def main(argv=None):
     if os.path.exists(ckpt_path):
         ckpt = load_checkpoint(ckpt_path, kind="pretrain")
         model.load_state_dict(ckpt["model"])
-        generator.load_state_dict(ckpt["generator"])
         opt_d.load_state_dict(ckpt["opt_d"])
-        opt_g.load_state_dict(ckpt["opt_g"])
+        if generator is not None:
+            generator.load_state_dict(ckpt["generator"])
+            opt_g.load_state_dict(ckpt["opt_g"])
         if scaler is not None and ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step, skip = ckpt["epoch"], ckpt["step"], ckpt["epoch_step"]
+        if ckpt["method"] != args.method:
+            raise SystemExit(f"error: {ckpt_path} is a {ckpt['method']} run; use another --out for --method {args.method}")
         changed = [k for k in ("epochs", "adv_start", "lr", "batch_size", "generator", "drop_frames", "decay")
                    if ckpt["args"].get(k) != getattr(args, k)]
         if changed:
@@ -338,9 +382,9 @@ def main(argv=None):
             dist.all_gather_object(states, rng_state())
         if rank != 0:
             return
-        save_atomic({"kind": "pretrain", "method": "videomoco", "model": model.state_dict(),
-                     "generator": generator.state_dict(), "opt_d": opt_d.state_dict(),
-                     "opt_g": opt_g.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+        save_atomic({"kind": "pretrain", "method": args.method, "model": model.state_dict(),
+                     "generator": generator.state_dict() if generator else None, "opt_d": opt_d.state_dict(),
+                     "opt_g": opt_g.state_dict() if opt_g else None, "scaler": scaler.state_dict() if scaler else None,
                      "epoch": epoch, "step": step, "epoch_step": epoch_step, "args": vars(args),
                      "rng": states}, ckpt_path)
         # the query encoder alone, loadable into the torchvision model of the same arch (strict)
@@ -357,19 +401,20 @@ def main(argv=None):
             lr_factor = 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))  # cosine, per epoch (MoCo v2)
             for group in opt_d.param_groups:
                 group["lr"] = args.lr * lr_factor
-            for group in opt_g.param_groups:
+            for group in opt_g.param_groups if opt_g else []:
                 group["lr"] = args.g_lr * lr_factor
-            phase = "moco"
+            phase = args.method if args.method in ("cvrl", "vclr") else "moco"
             if epoch >= args.adv_start and args.generator != "none":
                 phase = "adversarial" if args.generator == "convlstm" else "random-drop"
             model_ddp.train()
-            generator_ddp.train()
+            if generator_ddp is not None:
+                generator_ddp.train()
             t_log, clips_since_log = time.time(), 0
             for epoch_step, batch in enumerate(loader, start=skip):
                 bad.update(batch["bad"])
-                video = batch["video"].to(device, non_blocking=True)  # (N, 2, 3, T, H, W)
-                x, x_key = video[:, 0], video[:, 1]
-                out = forward_step(model_ddp, generator_ddp, x, x_key, phase, args, ctx)
+                video = batch["video"].to(device, non_blocking=True)  # (N, 2, 3, T, H, W); VCLR (N, 2, S, ...)
+                order = batch["order"].to(device) if "order" in batch else None
+                out = forward_step(model_ddp, generator_ddp, video, order, phase, args, ctx)
                 loss_d, loss_g = out["loss_d"], out["loss_g"]
                 finite = bool(torch.isfinite(loss_d)) and (loss_g is None or bool(torch.isfinite(loss_g)))
                 save_due = time.time() - last_save > args.save_every_min * 60
@@ -395,9 +440,12 @@ def main(argv=None):
                     fields = dict(epoch=epoch, step=step, loss_d=loss_d.item(), loss_g=lg, acc=out["acc"].item(),
                                   lr=opt_d.param_groups[0]["lr"], clips_per_s=rate, eta_s=eta, bad_videos=len(bad),
                                   phase=phase)
+                    extra = {k: out[k].item() for k in ("loss_order", "order_acc") if k in out}  # VCLR's
+                    fields.update(extra)
                     log(f"epoch {epoch} step {step}/{total_steps} loss_d {fields['loss_d']:.4f} loss_g {lg:.4f} "
-                        f"acc {fields['acc']:.3f} lr {fields['lr']:.4g} {rate:.1f} clips/s eta {format_eta(eta)} "
-                        f"bad {len(bad)} [{phase}]", **fields)
+                        f"acc {fields['acc']:.3f} lr {fields['lr']:.4g} {rate:.1f} clips/s eta {format_eta(eta)}"
+                        + "".join(f" {k} {v:.4f}" for k, v in extra.items())
+                        + f" bad {len(bad)} [{phase}]", **fields)
                     t_log, clips_since_log = time.time(), 0
                 if is_stop:
                     save(epoch, epoch_step + 1)

@@ -701,7 +701,7 @@ def test_random_drop():
     assert torch.equal(mask, mask_again)
 
 
-@pytest.mark.parametrize("frames,crop", itertools.product([8, 16], [32, 48]))
+@pytest.mark.parametrize("frames,crop", list(itertools.product([8, 16], [32, 48])))
 def test_generator_any_length_and_crop(frames, crop):
     generator = models.ConvLSTMGenerator(hidden=32, width=8)
     importance = generator(torch.randn(2, 3, frames, crop, crop + 16))
@@ -1094,22 +1094,22 @@ def _ddp_worker(rank, world, port, argv, out):
     torch.save({k: v for k, v in model.state_dict().items()}, os.path.join(out, f"rank{rank}.pt"))
 
 
-def test_ddp_two_gloo_processes_keep_identical_queues_and_weights(small_tree, tmp_path):
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    argv = small_args(small_tree, tmp_path, "--adv-start", "0", "--epochs", "1")
+@pytest.mark.parametrize("method", ["videomoco", "cvrl", "vclr"])
+def test_ddp_two_gloo_processes_keep_identical_queues_and_weights(small_tree, tmp_path, method):
+    port = _free_port()
+    argv = small_args(small_tree, tmp_path, "--adv-start", "0", "--epochs", "1", "--method", method,
+                      "--cvrl-hidden", "16")
     torch.multiprocessing.spawn(_ddp_worker, args=(2, port, argv, str(tmp_path)), nprocs=2, join=True)
     s0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     s1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    assert int(s0["queue_ptr"]) == 8  # two steps of a global batch of 4 (2 per process)
+    assert method == "cvrl" or int(s0["queue_ptr"]) == 8  # two steps of a global batch of 4 (2 per process)
     for key in s0:
         if "running_" in key or "num_batches" in key:
             continue  # BN statistics are per process (DDP broadcast_buffers=False)
         assert torch.equal(s0[key], s1[key]), key
     log = read_log(tmp_path)
-    assert len(log) == 2 and log[0]["phase"] == "adversarial" and np.isfinite(log[0]["loss_g"])
+    assert len(log) == 2 and all(np.isfinite(r["loss_d"]) for r in log)
+    assert log[0]["phase"] == ("adversarial" if method == "videomoco" else method)
 
 
 # -----------------------------------------------------------------------------
@@ -1260,9 +1260,7 @@ def _bad_videos_worker(rank, world, port, out):
 
 
 def test_bad_videos_are_counted_over_all_ranks(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     mp.spawn(_bad_videos_worker, args=(2, port, str(tmp_path)), nprocs=2)
     for rank in range(2):
         assert torch.load(tmp_path / f"{rank}.pt") == [0, 2, "stopped"]
@@ -1281,3 +1279,469 @@ def test_bad_drop_frames_fails_at_start_not_mid_run():
     for k in ("0", "4"):
         with pytest.raises(SystemExit, match="--drop-frames must be in 1..3"):
             pretrain.main(["--frames", "4", "--drop-frames", k, "--out", "/nonexistent/never-written"])
+
+
+# -----------------------------------------------------------------------------
+# data.py: the positive-pair samplers of CVRL and VCLR
+
+@pytest.mark.parametrize("shape", data.INTERVALS)
+def test_cvrl_interval_distribution_matches_its_definition(shape):
+    rng = np.random.default_rng(0)
+    n, span, draws = 60, 11, 20000
+    last = n - span
+    d = []
+    for _ in range(draws):
+        a, b = data.cvrl_starts(rng, n, span, shape)
+        assert 0 <= a <= last and 0 <= b <= last
+        d.append(abs(b - a))
+    counts = np.bincount(d, minlength=last + 1)
+    # the definition, written out: weight of distance d
+    weight = np.array([{"linear": last + 1 - k, "quadratic": (last + 1 - k) ** 2, "uniform": 1}[shape]
+                       for k in range(last + 1)], dtype=float)
+    expected = draws * weight / weight.sum()
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < 100  # df = 49: p ~ 3e-5 under the null; a wrong shape gives thousands
+    wrong = draws * np.ones(last + 1) / (last + 1) if shape != "uniform" else draws * weight[::-1] / weight.sum()
+    assert shape == "uniform" or ((counts - wrong) ** 2 / wrong).sum() > 1000
+    if shape != "uniform":
+        assert np.all(np.diff(data.interval_probs(last, shape)) < 0)  # monotonically decreasing
+
+
+def test_segment_starts_fall_in_their_segments():
+    rng = np.random.default_rng(1)
+    for n, span, segments in [(90, 8, 3), (100, 16, 4), (31, 4, 3)]:
+        bounds = np.linspace(0, n, segments + 1)
+        for _ in range(500):
+            starts = data.segment_starts(rng, n, span, segments)
+            for j, s in enumerate(starts):
+                assert bounds[j] <= s < bounds[j + 1]  # starts in its segment
+                if bounds[j + 1] - bounds[j] >= span:
+                    assert s + span - 1 < bounds[j + 1]  # and, where it fits, ends in it
+
+
+class _NoAugment:
+    """Frames to a normalised tensor untouched, so the test can read the frame indices back."""
+    crop = 48
+
+    def __call__(self, frames, rng):
+        return data.to_tensor(frames)
+
+
+def test_vclr_tuples_have_one_clip_per_segment_and_order_labels_match_the_shuffle(tmp_path):
+    path = write_index_video(str(tmp_path / "v.avi"), 120)
+    dataset = data.VideoClips([(path, 0)], frames=4, stride=1, transform=_NoAugment(), temporal="vclr", segments=3)
+    labels = set()
+    for seed in range(40):
+        sample = dataset[(0, seed)]
+        video = sample["video"]  # (2, S, 3, T, H, W)
+        assert video.shape[:4] == (2, 3, 3, 4)
+        shuffled = []
+        for tuple_ in video:
+            starts = []
+            for clip in tuple_:
+                frames = (data.denormalize(clip).clamp(0, 1) * 255).round().byte().permute(1, 2, 3, 0).numpy()
+                idx = [frame_index(f) for f in frames]
+                assert idx == list(range(idx[0], idx[0] + 4))  # a clip of consecutive frames
+                starts.append(idx[0])
+            assert sorted(s // 40 for s in starts) == [0, 1, 2]  # one clip in each segment
+            shuffled.append(starts != sorted(starts))
+        assert sample["order"] == int(shuffled[0]) + 2 * int(shuffled[1])
+        labels.add(sample["order"])
+    assert labels == {0, 1, 2, 3}
+
+
+def test_cvrl_pair_clips_come_from_two_positions(tmp_path):
+    path = write_index_video(str(tmp_path / "v.avi"), 100)
+    dataset = data.VideoClips([(path, 0)], frames=4, stride=1, transform=_NoAugment(), temporal="cvrl")
+    distances = []
+    for seed in range(30):
+        video = dataset[(0, seed)]["video"]  # (2, 3, T, H, W)
+        first = [frame_index((data.denormalize(v[:, 0]).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+                 for v in video]
+        distances.append(abs(first[0] - first[1]))
+    assert max(distances) > 0 and np.mean(distances) < (100 - 4) / 2  # decreasing: short distances dominate
+
+
+def test_method_moco_is_videomoco_without_generator_and_decay(small_tree, tmp_path):
+    no_decay = [a for a in small_args(small_tree, tmp_path / "a") if a not in ("--decay", "0.99")]
+    pretrain.main(no_decay + ["--method", "moco"])
+    pretrain.main(small_args(small_tree, tmp_path / "b", "--generator", "none", "--decay", "1"))
+    a, b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
+    assert [r["loss_d"] for r in a] == [r["loss_d"] for r in b] and {r["phase"] for r in a} == {"moco"}
+    ckpt = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    assert ckpt["method"] == "moco" and ckpt["generator"] is None
+    with pytest.raises(SystemExit, match="means --generator none --decay 1"):
+        pretrain.main(small_args(small_tree, tmp_path / "c", "--method", "moco", "--decay", "0.9"))
+
+
+@pytest.mark.parametrize("method", ["cvrl", "vclr"])
+def test_other_methods_pretrain_and_feed_finetune_and_evaluate_unchanged(small_tree, tmp_path, method):
+    pre, ft = tmp_path / "pre", tmp_path / "ft"
+    pretrain.main(small_args(small_tree, pre, "--method", method, "--cvrl-hidden", "16", "--epochs", "1"))
+    log = read_log(pre)
+    assert {r["phase"] for r in log} == {method} and all(np.isfinite(r["loss_d"]) for r in log)
+    assert method != "vclr" or all(0 <= r["order_acc"] <= 1 and r["loss_order"] > 0 for r in log)
+    ckpt = torch.load(pre / "ckpt.pt", weights_only=True)
+    assert ckpt["method"] == method and ckpt["generator"] is None
+    backbone = torch.load(pre / "backbone.pt", weights_only=True)
+    models.build_encoder("tiny", backbone["fc.weight"].shape[0]).load_state_dict(backbone)  # heads left out
+    finetune.main(["--ckpt", str(pre / "ckpt.pt"), "--dataset", "folder", "--data-root", small_tree, "--out", str(ft),
+                   "--epochs", "1", "--batch-size", "4", "--workers", "0"])
+    out = evaluate.main(["--ckpt", str(ft / "ckpt.pt"), "--clips", "2", "--workers", "0"])
+    assert out["n_videos"] == 8 and 0 <= out["top1"] <= 1
+    knn = evaluate.main(["--ckpt", str(pre / "ckpt.pt"), "--clips", "2", "--workers", "0"])
+    assert 0 <= knn["R@1"] <= 1
+
+
+# -----------------------------------------------------------------------------
+# models.py: related methods (CVRL, VCLR)
+
+def unit(v):
+    norm = math.sqrt(sum(x * x for x in v))
+    return [x / norm for x in v]
+
+
+def dot(a, b):
+    return sum(x * y for x, y in zip(a, b))
+
+
+def naive_nt_xent(z1, z2, tau, clips=None):
+    """SimCLR's loss written out, one view and one other view at a time, in float64. Views 0..B-1
+    are z1's rows, B..2B-1 z2's; the loss and accuracy are averaged over both views of `clips`
+    (default: all B clips)."""
+    b = len(z1)
+    views = [unit(v) for v in z1.double().tolist()] + [unit(v) for v in z2.double().tolist()]
+    clips = range(b) if clips is None else clips
+    losses, hits = [], []
+    for i in [c for c in clips] + [c + b for c in clips]:
+        positive = i + b if i < b else i - b
+        sims = {j: dot(views[i], views[j]) / tau for j in range(2 * b) if j != i}
+        denominator = sum(math.exp(s) for s in sims.values())
+        losses.append(-math.log(math.exp(sims[positive]) / denominator))
+        hits.append(max(sims, key=sims.get) == positive)
+    return sum(losses) / len(losses), sum(hits) / len(hits)
+
+
+def naive_infonce(q, k, queue, tau):
+    """MoCo's InfoNCE (Eq 5 of VideoMoCo, decay 1) one sample and one negative at a time, float64."""
+    losses = []
+    for n in range(q.shape[0]):
+        qn = q[n].double().tolist()
+        pos = math.exp(dot(qn, k[n].double().tolist()) / tau)
+        neg = sum(math.exp(dot(qn, queue[:, i].double().tolist()) / tau) for i in range(queue.shape[1]))
+        losses.append(-math.log(pos / (pos + neg)))
+    return sum(losses) / len(losses)
+
+
+def naive_cross_entropy(logits, labels):
+    losses = []
+    for row, label in zip(logits.double().tolist(), labels.tolist()):
+        losses.append(-(row[label] - math.log(sum(math.exp(v) for v in row))))
+    return sum(losses) / len(losses)
+
+
+def clip_embedding(encoder, clip):
+    """L2-normalised embedding of one clip (3, T, H, W), forwarded alone."""
+    return F.normalize(encoder(clip[None]), dim=1)[0]
+
+
+# -----------------------------------------------------------------------------
+# models.py: nt_xent (CVRL / SimCLR)
+
+@pytest.mark.parametrize("n", [1, 3, 6])
+@pytest.mark.parametrize("tau", [0.1, 0.5, 1.0])
+def test_nt_xent_matches_loop(n, tau):
+    torch.manual_seed(20 + n)
+    z1, z2 = torch.randn(n, 8) * 3, torch.randn(n, 8)  # not normalised: nt_xent normalises
+    loss, acc = models.nt_xent(z1, z2, tau)
+    expected_loss, expected_acc = naive_nt_xent(z1, z2, tau)
+    assert loss.dtype == torch.float32 and not acc.requires_grad
+    assert loss.item() == pytest.approx(expected_loss, rel=1e-5, abs=1e-6)
+    assert acc.item() == pytest.approx(expected_acc)
+    if n == 1:
+        assert loss.item() == pytest.approx(0.0, abs=1e-6)  # the positive is the only other view
+
+
+def test_nt_xent_accuracy_matches_loop():
+    torch.manual_seed(21)
+    z1 = torch.randn(8, 4)
+    # half of the second views are near their first view, half random: accuracy strictly inside (0, 1)
+    z2 = torch.cat([z1[:4] + 0.05 * torch.randn(4, 4), torch.randn(4, 4)])
+    loss, acc = models.nt_xent(z1, z2, 0.2)
+    expected_loss, expected_acc = naive_nt_xent(z1, z2, 0.2)
+    assert 0 < expected_acc < 1
+    assert acc.item() == pytest.approx(expected_acc)
+    assert loss.item() == pytest.approx(expected_loss, rel=1e-5)
+
+
+def test_nt_xent_swapping_views_or_clips_keeps_the_loss():
+    torch.manual_seed(22)
+    z1, z2 = torch.randn(5, 8), torch.randn(5, 8)
+    loss, _ = models.nt_xent(z1, z2, 0.1)
+    perm = torch.randperm(5)
+    torch.testing.assert_close(models.nt_xent(z2, z1, 0.1)[0], loss)
+    torch.testing.assert_close(models.nt_xent(z1[perm], z2[perm], 0.1)[0], loss)
+    # pairing matters: shifting the second views pairs every clip with another clip's view
+    assert not torch.allclose(models.nt_xent(z1, z2.roll(1, 0), 0.1)[0], loss)
+
+
+def test_gather_with_grad_is_identity_in_a_world_of_one():
+    t = torch.randn(3, 2, requires_grad=True)
+    assert models.gather_with_grad(t) is t
+
+
+def reference_rows_loss(z1, z2, tau, clips):
+    """The loss of nt_xent averaged over the views of `clips` only, against the whole batch, in
+    torch ops (differentiable), float64."""
+    b = z1.shape[0]
+    views = F.normalize(torch.cat([z1, z2]).double(), dim=1)  # (2B, dim)
+    anchors = torch.tensor(list(clips) + [c + b for c in clips])
+    logits = views[anchors] @ views.T / tau
+    logits[torch.arange(len(anchors)), anchors] = float("-inf")
+    return F.cross_entropy(logits, (anchors + b) % (2 * b))
+
+
+def _nt_xent_worker(rank, world_size, port, z1, z2, tau, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    n = z1.shape[0] // world_size
+    local = slice(rank * n, (rank + 1) * n)
+    z1_local = z1[local].clone().requires_grad_()
+    z2_local = z2[local].clone().requires_grad_()
+    loss, acc = models.nt_xent(z1_local, z2_local, tau)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "acc": acc, "grad1": z1_local.grad, "grad2": z2_local.grad},
+               os.path.join(result_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_nt_xent_distributed_matches_global_batch(tmp_path):
+    torch.manual_seed(23)
+    world, n, tau = 2, 3, 0.2
+    z1 = torch.randn(world * n, 8)
+    z2 = torch.cat([z1[:2] + 0.1 * torch.randn(2, 8), torch.randn(4, 8)])  # some easy, some hard pairs
+    mp.spawn(_nt_xent_worker, args=(world, _free_port(), z1, z2, tau, str(tmp_path)), nprocs=world)
+    results = [torch.load(tmp_path / f"{rank}.pt") for rank in range(world)]
+
+    # each rank's loss: its own views against all 2B - 1 other views of the global batch
+    for rank, r in enumerate(results):
+        clips = range(rank * n, (rank + 1) * n)
+        expected_loss, expected_acc = naive_nt_xent(z1, z2, tau, clips)
+        assert r["loss"].item() == pytest.approx(expected_loss, rel=1e-5)
+        assert r["acc"].item() == pytest.approx(expected_acc)
+    global_loss = models.nt_xent(z1, z2, tau)[0]
+    assert (sum(r["loss"] for r in results) / world).item() == pytest.approx(global_loss.item(), rel=1e-5)
+
+    # Gradient: each rank backpropagates its own loss L_r, and gather_with_grad sums the gradients of
+    # all ranks' losses into the owner's rows, so grad_r = d(sum_r L_r)/dz_r = world * dL/dz_r with L
+    # the global mean. DDP then averages the parameter gradients over ranks: the result is dL/dtheta.
+    g1, g2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    models.nt_xent(g1, g2, tau)[0].backward()
+    for rank, r in enumerate(results):
+        local = slice(rank * n, (rank + 1) * n)
+        torch.testing.assert_close(r["grad1"], world * g1.grad[local], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(r["grad2"], world * g2.grad[local], rtol=1e-4, atol=1e-6)
+        # a gather whose backward keeps only the local loss's gradient (the frequent SimCLR bug)
+        # would give this instead, which differs: the other rank's negatives push on our rows too
+        l1, l2 = z1.clone().double().requires_grad_(), z2.clone().double().requires_grad_()
+        keep = torch.zeros(world * n, 1, dtype=torch.double)
+        keep[local] = 1
+        only_local = reference_rows_loss(l1 * keep + (l1 * (1 - keep)).detach(),
+                                         l2 * keep + (l2 * (1 - keep)).detach(), tau,
+                                         range(rank * n, (rank + 1) * n))
+        only_local.backward()
+        assert not torch.allclose(r["grad1"].double(), l1.grad[local], rtol=1e-3, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# models.py: CVRL
+
+def test_cvrl_structure_and_gradients():
+    torch.manual_seed(24)
+    model = models.CVRL("tiny", dim=8, hidden=32)
+    assert isinstance(model.encoder_q.fc, nn.Linear) and model.encoder_q.fc.out_features == 32
+    assert [type(m) for m in model.head] == [nn.BatchNorm1d, nn.ReLU, nn.Linear,
+                                             nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    assert model.head[-1].out_features == 8 and model.T == 0.1
+    assert not hasattr(model, "queue") and not hasattr(model, "encoder_k")
+    out = model(torch.randn(4, 3, 4, 16, 16), torch.randn(4, 3, 4, 16, 16))
+    assert torch.isfinite(out["loss"]) and not out["acc"].requires_grad
+    out["loss"].backward()
+    for name, param in [("conv", model.encoder_q.features[0].weight), ("fc", model.encoder_q.fc.weight),
+                        ("hidden", model.head[2].weight), ("last", model.head[5].weight)]:
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    # encoder_q is exported as for VideoMoCo: it loads strictly into a plain encoder
+    models.build_encoder("tiny", 32).load_state_dict(model.encoder_q.state_dict(), strict=True)
+
+
+def test_cvrl_forward_is_nt_xent_of_the_two_clips():
+    torch.manual_seed(25)
+    model = models.CVRL("tiny", dim=8, hidden=32, T=0.2)
+    projector = nn.Sequential(model.encoder_q, model.head)
+    fit_batchnorm(projector, torch.randn(8, 3, 4, 16, 16))
+    x1, x2 = torch.randn(4, 3, 4, 16, 16), torch.randn(4, 3, 4, 16, 16)
+    out = model(x1, x2)
+    with torch.no_grad():
+        z1 = torch.cat([projector(x1[i:i + 1]) for i in range(4)])
+        z2 = torch.cat([projector(x2[i:i + 1]) for i in range(4)])
+    expected_loss, expected_acc = naive_nt_xent(z1, z2, 0.2)
+    assert out["loss"].item() == pytest.approx(expected_loss, rel=1e-4)
+    assert out["acc"].item() == pytest.approx(expected_acc)
+
+
+def test_cvrl_identical_clips_give_a_lower_loss():
+    torch.manual_seed(26)
+    model = models.CVRL("tiny", dim=8, hidden=32)
+    fit_batchnorm(nn.Sequential(model.encoder_q, model.head), torch.randn(8, 3, 4, 16, 16))
+    x = torch.randn(6, 3, 4, 16, 16)
+    with torch.no_grad():
+        same = model(x, x.clone())
+        independent = model(x, torch.randn(6, 3, 4, 16, 16))
+    assert same["loss"] < independent["loss"]
+    assert same["acc"].item() == 1.0
+
+
+# -----------------------------------------------------------------------------
+# models.py: VCLR
+
+def test_video_embedding_matches_loop():
+    torch.manual_seed(27)
+    clips = F.normalize(torch.randn(4, 3, 8), dim=2)
+    embedding = models.video_embedding(clips)
+    for n in range(4):
+        mean = [sum(clips[n, s, d].item() for s in range(3)) / 3 for d in range(8)]
+        torch.testing.assert_close(embedding[n], torch.tensor(unit(mean)), rtol=1e-5, atol=1e-6)
+
+
+def make_vclr(seed, **kw):
+    """A VCLR on the tiny encoder with fitted BN and an encoder_k that differs from encoder_q."""
+    torch.manual_seed(seed)
+    model = models.VCLR("tiny", dim=8, K=16, segments=3, **kw)
+    fit_batchnorm(model.encoder_q, torch.randn(8, 3, 4, 16, 16))
+    model.encoder_k.load_state_dict(model.encoder_q.state_dict())
+    with torch.no_grad():
+        for p in model.encoder_k.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_vclr_eval_forward_matches_loops():
+    model = make_vclr(28, order_weight=0.5)
+    n, s = 2, 3
+    anchor, positive = torch.randn(n, s, 3, 4, 16, 16), torch.randn(n, s, 3, 4, 16, 16)
+    order = torch.tensor([1, 3])
+    before = copy.deepcopy(model.state_dict())
+    out = model(anchor, positive, order)
+    for name, value in model.state_dict().items():  # eval: no momentum update, no enqueue
+        assert torch.equal(value, before[name]), name
+
+    with torch.no_grad():
+        q, k, order_logits = [], [], []
+        for i in range(n):
+            emb_a = [clip_embedding(model.encoder_q, anchor[i, j]) for j in range(s)]
+            emb_p = [clip_embedding(model.encoder_q, positive[i, j]) for j in range(s)]
+            key_p = [clip_embedding(model.encoder_k, positive[i, j]) for j in range(s)]
+            q.append(F.normalize(sum(emb_a) / s, dim=0))
+            k.append(F.normalize(sum(key_p) / s, dim=0))
+            order_logits.append(model.order_head(torch.cat(emb_a + emb_p)))  # anchor clips, then positive
+    q, k, order_logits = torch.stack(q), torch.stack(k), torch.stack(order_logits)
+    torch.testing.assert_close(out["q"], q, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["k"], k, rtol=1e-4, atol=1e-5)
+    assert out["order_logits"].shape == (n, 4)
+    torch.testing.assert_close(out["order_logits"], order_logits, rtol=1e-4, atol=1e-5)
+
+    assert out["loss_nce"].item() == pytest.approx(naive_infonce(q, k, model.queue, model.T), rel=1e-4)
+    assert out["loss_order"].item() == pytest.approx(naive_cross_entropy(order_logits, order), rel=1e-4)
+    assert out["loss"].item() == pytest.approx(out["loss_nce"].item() + 0.5 * out["loss_order"].item(),
+                                               rel=1e-6)
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ model.queue], dim=1)
+    assert out["acc"].item() == pytest.approx((logits.argmax(1) == 0).float().mean().item())
+    assert out["order_acc"].item() == pytest.approx((order_logits.argmax(1) == order).float().mean().item())
+    assert not out["acc"].requires_grad and not out["order_acc"].requires_grad
+
+
+def test_vclr_order_head_sees_clip_order_the_contrastive_loss_does_not():
+    model = make_vclr(29)
+    anchor, positive = torch.randn(2, 3, 3, 4, 16, 16), torch.randn(2, 3, 3, 4, 16, 16)
+    order = torch.tensor([0, 2])
+    with torch.no_grad():
+        out = model(anchor, positive, order)
+        shuffled_anchor = model(anchor[:, [2, 0, 1]], positive, order)
+        shuffled_positive = model(anchor, positive[:, [1, 2, 0]], order)
+    torch.testing.assert_close(shuffled_anchor["q"], out["q"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(shuffled_positive["k"], out["k"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(shuffled_anchor["loss_nce"], out["loss_nce"], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(shuffled_anchor["order_logits"], out["order_logits"], atol=1e-4)
+    assert not torch.allclose(shuffled_positive["order_logits"], out["order_logits"], atol=1e-4)
+
+
+def test_vclr_positive_tuple_reaches_encoder_q_only_through_the_order_head():
+    model = make_vclr(30)
+    anchor = torch.randn(2, 3, 3, 4, 16, 16)
+    positive = torch.randn(2, 3, 3, 4, 16, 16, requires_grad=True)
+    out = model(anchor, positive, torch.tensor([0, 1]))
+    grad_order, = torch.autograd.grad(out["loss_order"], positive, retain_graph=True)
+    assert grad_order.abs().sum() > 0
+    # eval BN: q depends on the anchor only and the key has no gradient
+    grad_nce, = torch.autograd.grad(out["loss_nce"], positive, allow_unused=True, materialize_grads=True)
+    assert grad_nce.abs().sum() == 0
+
+
+def test_vclr_training_step_enqueues_and_routes_gradients():
+    torch.manual_seed(31)
+    model = models.VCLR("tiny", dim=8, K=16, segments=3, m=0.9).train()
+    assert model.decay == 1.0 and model.order_head.in_features == 2 * 3 * 8
+    key_before = model.encoder_k.fc.weight.clone()
+    with torch.no_grad():
+        model.encoder_q.fc.weight.add_(0.1)  # so that the momentum update moves encoder_k
+    n = 3
+    out = model(torch.randn(n, 3, 3, 4, 16, 16), torch.randn(n, 3, 3, 4, 16, 16), torch.tensor([0, 1, 3]))
+    assert int(model.queue_ptr) == n
+    torch.testing.assert_close(model.queue[:, :n], out["k"].T)
+    assert not torch.equal(model.encoder_k.fc.weight, key_before)
+    out["loss"].backward()
+    for name, param in [("order_head", model.order_head.weight), ("conv", model.encoder_q.features[0].weight),
+                        ("fc", model.encoder_q.fc.weight)]:
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in model.encoder_k.parameters())
+    model(torch.randn(n, 3, 3, 4, 16, 16), torch.randn(n, 3, 3, 4, 16, 16), torch.tensor([2, 2, 0]))
+    assert int(model.queue_ptr) == 2 * n
+    models.build_encoder("tiny", 8).load_state_dict(model.encoder_q.state_dict(), strict=True)
+
+
+def test_vclr_rejects_a_wrong_number_of_segments():
+    model = models.VCLR("tiny", dim=4, K=8, segments=3)
+    with pytest.raises(ValueError, match="3"):
+        model(torch.randn(2, 2, 3, 4, 16, 16), torch.randn(2, 2, 3, 4, 16, 16), torch.tensor([0, 1]))
+
+
+# -----------------------------------------------------------------------------
+# models.py: mixed precision for CVRL and VCLR
+
+def test_nt_xent_computes_in_float32_under_autocast():
+    torch.manual_seed(33)
+    z1, z2 = torch.randn(16, 32), torch.randn(16, 32)
+    loss, acc = models.nt_xent(z1, z2, 0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_autocast, acc_autocast = models.nt_xent(z1, z2, 0.1)
+    assert loss_autocast.dtype == torch.float32
+    # bfloat16 similarities would be off by ~1e-2 relative
+    assert loss_autocast.item() == pytest.approx(loss.item(), rel=1e-6)
+    assert acc_autocast.item() == acc.item()
+
+
+def test_cvrl_and_vclr_autocast_bfloat16():
+    torch.manual_seed(32)
+    cvrl = models.CVRL("tiny", dim=8, hidden=32)
+    vclr = models.VCLR("tiny", dim=8, K=16, segments=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_cvrl = cvrl(torch.randn(4, 3, 4, 16, 16), torch.randn(4, 3, 4, 16, 16))
+        out_vclr = vclr(torch.randn(2, 2, 3, 4, 16, 16), torch.randn(2, 2, 3, 4, 16, 16), torch.tensor([0, 3]))
+    assert out_cvrl["loss"].dtype == torch.float32 and torch.isfinite(out_cvrl["loss"])
+    for key in ("loss", "loss_nce", "loss_order"):
+        assert out_vclr[key].dtype == torch.float32 and torch.isfinite(out_vclr[key]), key
+    assert vclr.queue.dtype == torch.float32 and int(vclr.queue_ptr) == 2
+    out_cvrl["loss"].backward()
+    out_vclr["loss"].backward()
+    assert torch.isfinite(vclr.encoder_q.fc.weight.grad).all() and torch.isfinite(cvrl.head[5].weight.grad).all()
