@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 import data
+import models
+import pretrain
 
 
 # -----------------------------------------------------------------------------
@@ -172,9 +174,6 @@ def _time(fn, repeats, device):
 
 
 def bench_step(args):
-    import pretrain
-    import models
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     arch = args.arch or "r2plus1d_10"
@@ -183,7 +182,7 @@ def bench_step(args):
     crop = args.crop if cuda else min(args.crop, 64)
     ctx, scaler = pretrain.autocast_context(None, device)
     step_args = argparse.Namespace(drop_frames=max(1, frames // 4), g_temperature=1.0)
-    model = models.VideoMoCo(arch, 128, args.moco_k, 0.999, 0.07, 0.99999).to(device)
+    model = models.VideoMoCo(arch, 128, args.moco_k, 0.999, 0.07, 0.99999, input=args.input).to(device)
     generator = models.ConvLSTMGenerator(3, 256, 32).to(device)
     opt_d = torch.optim.SGD(model.encoder_q.parameters(), 0.02, momentum=0.9, weight_decay=1e-4)
     opt_g = torch.optim.SGD(generator.parameters(), 0.02, momentum=0.9)
@@ -196,7 +195,7 @@ def bench_step(args):
         out = pretrain.forward_step(model, generator, video, None, phase, step_args, ctx)
         pretrain.backward_step(out, opt_d, opt_g, scaler)
 
-    print(f"step: {arch}, batch {batch}, {frames} frames, crop {crop}, K {args.moco_k}, on {device}"
+    print(f"step: {arch} on {args.input} input, batch {batch}, {frames} frames, crop {crop}, K {args.moco_k}, on {device}"
           + (f" ({torch.cuda.get_device_name()})" if cuda else ""))
     times = {"moco": [], "adversarial": []}
     for _ in range(3):  # interleaved, best of three
@@ -243,6 +242,7 @@ def main():
     parser.add_argument("--batch", type=int, default=None, help="per-step batch for --step (default 32 on CUDA, 4 on CPU)")
     parser.add_argument("--moco-k", type=int, default=65536, help="queue size for --step")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement")
+    parser.add_argument("--input", default="rgb", choices=models.INPUTS, help="encoder input for --step")
     args = parser.parse_args()
     run_all = not (args.loader or args.step)
     if args.loader or run_all:

@@ -48,7 +48,9 @@ def get_args_parser():
     p.add_argument("--frames", type=int, default=None, help="frames per clip; default: the checkpoint's")
     p.add_argument("--stride", type=int, default=None, help="temporal stride; default: the checkpoint's")
     p.add_argument("--crop", type=int, default=None, help="crop size; default: the checkpoint's")
-    p.add_argument("--arch", default=None, choices=models.ARCHS, help="only for a bare backbone.pt")
+    p.add_argument("--arch", default=None, choices=models.ARCHS, help="only for a bare backbone.pt or random init")
+    p.add_argument("--input", default=None, choices=models.INPUTS,
+                   help="encoder input; the checkpoint's by default (a mismatch is refused), rgb for backbone.pt")
     p.add_argument("--clips", type=int, default=10, help="uniformly spaced clips per video (paper: 10)")
     p.add_argument("--crops", type=int, default=1, choices=(1, 3), help="spatial crops per clip")
     p.add_argument("--knn", action="store_true", help="kNN retrieval even for a finetuned checkpoint (its backbone)")
@@ -60,6 +62,7 @@ def get_args_parser():
     p.add_argument("--batch-size", type=int, default=8, help="videos per batch")
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers")
     p.add_argument("--amp", default=None, choices=("bf16", "fp16", "none"), help="autocast dtype (default: bf16 on CUDA)")
+    p.add_argument("--seed", type=int, default=0, help="seed of a random-init encoder and of --occlusion's random drops")
     p.add_argument("--json", default=None, help="also write the JSON result to this file")
     return p
 
@@ -128,9 +131,10 @@ def load_model(args):
     if args.ckpt is None:
         if args.arch is None:
             raise SystemExit("error: pass --ckpt, or --arch for a randomly initialised encoder (the kNN baseline)")
-        torch.manual_seed(0)
+        torch.manual_seed(args.seed)
         ckpt, kind = {}, "random-init"
-        model = models.build_encoder(args.arch, 128)
+        args.input = args.input or "rgb"
+        model = models.build_encoder(args.arch, 128, args.input)
         settings = DEMO_SETTINGS
         for key in DATA_KEYS:
             if getattr(args, key) is None:
@@ -138,19 +142,23 @@ def load_model(args):
         return kind, model, ckpt
     ckpt = pretrain.load_checkpoint(args.ckpt)
     kind = ckpt.get("kind", "backbone")
+    recorded = ckpt.get("input") or ckpt.get("args", {}).get("input") if kind != "backbone" else None
+    if args.input and recorded and args.input != recorded:
+        raise SystemExit(f"error: {args.ckpt} was trained on {recorded} input; --input {args.input} does not match")
+    args.input = recorded or args.input or "rgb"
     if kind == "finetune":
-        model = models.build_encoder(ckpt["arch"], len(ckpt["classes"]))
+        model = models.build_encoder(ckpt["arch"], len(ckpt["classes"]), args.input)
         model.load_state_dict(ckpt["model"])
         settings = ckpt["data"]
     elif kind == "pretrain":
         arch, state, _ = finetune.backbone_from_checkpoint(args.ckpt)
-        model = models.build_encoder(arch, ckpt["args"]["moco_dim"])
+        model = models.build_encoder(arch, ckpt["args"]["moco_dim"], args.input)
         model.load_state_dict(state, strict=False)
         settings = {k: ckpt["args"][k] for k in DATA_KEYS}
     elif kind == "backbone":
         if args.arch is None:
             raise SystemExit(f"error: {args.ckpt} is a bare backbone; pass --arch")
-        model = models.build_encoder(args.arch, ckpt["fc.weight"].shape[0] if "fc.weight" in ckpt else 1)
+        model = models.build_encoder(args.arch, ckpt["fc.weight"].shape[0] if "fc.weight" in ckpt else 1, args.input)
         finetune.transfer_weights(model, {k: v for k, v in ckpt.items() if not k.startswith("fc.")}, args.ckpt)
         settings = DEMO_SETTINGS
     else:
@@ -246,7 +254,7 @@ def main(argv=None):
 
     test_loader, classes = loader(train=False)
     labels = torch.tensor([y for _, y in test_loader.dataset.samples])
-    result = {"checkpoint": args.ckpt, "kind": kind, "dataset": args.dataset, "split": args.split,
+    result = {"checkpoint": args.ckpt, "kind": kind, "input": args.input, "dataset": args.dataset, "split": args.split,
               "clips": args.clips, "crops": args.crops, "n_videos": len(labels)}
     table = []
 
@@ -286,7 +294,7 @@ def main(argv=None):
         if generator is not None:
             modes["adversarial"] = lambda x: models.drop_frames(x, generator(x), k)[0]
         result.update(entropy_adversarial=None, top1_adversarial=None)
-        torch.manual_seed(0)  # the random drops are the same on every run
+        torch.manual_seed(args.seed)  # the random drops are the same on every run
         for mode, drop in modes.items():
             probs, _ = per_video(lambda x: model(drop(x)).softmax(dim=1), test_loader, device, ctx)
             index = torch.tensor(sorted(probs))

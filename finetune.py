@@ -37,6 +37,8 @@ def get_args_parser():
     data.add_data_args(p)  # --dataset --data-root --split --frames --stride --crop --workers --max-bad-fraction
     p.add_argument("--arch", default="r2plus1d_10", choices=models.ARCHS,
                    help="encoder; a pretraining checkpoint's own arch by default (backbone.pt needs it)")
+    p.add_argument("--input", default=None, choices=models.INPUTS,
+                   help="encoder input; the pretraining's by default (rgb for random init); a mismatch is refused")
     p.add_argument("--epochs", type=int, default=10, help="epochs (paper: 10; linear probe default 30)")
     p.add_argument("--batch-size", type=int, default=32, help="global batch size (paper: 32)")
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate, cosine decay (paper: 0.05; linear probe default 0.5)")
@@ -111,6 +113,10 @@ def main(argv=None):
         raise SystemExit(f"error: --arch {args.arch} but {args.ckpt} was pretrained with {source_arch}")
     if source is not None:  # finetune with the pretraining's architecture and clip settings by default
         given |= set(pretrain.apply_preset(args, given, {k: source["args"][k] for k in ("arch", "frames", "stride", "crop")}))
+    source_input = source["args"].get("input", "rgb") if source is not None else None
+    if args.input and source_input and args.input != source_input:
+        raise SystemExit(f"error: {args.ckpt} was pretrained on {source_input} input; --input {args.input} does not match")
+    args.input = args.input or source_input or "rgb"
     preset = pretrain.apply_preset(args, given, DEMO_PRESET) if pretrain.is_demo(args) else {}
     if args.linear:
         pretrain.apply_preset(args, given, LINEAR_DEFAULTS)
@@ -140,7 +146,7 @@ def main(argv=None):
         raise SystemExit(f"error: {len(train_set)} videos give no full batch of {per_rank} per process")
 
     # model: pretrained backbone, new classifier head
-    model = models.build_encoder(args.arch, len(classes))
+    model = models.build_encoder(args.arch, len(classes), args.input)
     if state is not None:
         n = transfer_weights(model, state, args.ckpt)
         log(f"loaded {n} pretrained tensors from {args.ckpt} ({args.arch}); classifier head new, {len(classes)} classes")
@@ -175,7 +181,7 @@ def main(argv=None):
                          "width": source["args"]["g_width"], "drop_frames": source["args"]["drop_frames"],
                          "frames": source["args"]["frames"]}
         pretrain.save_atomic({
-            "kind": "finetune", "model": model.state_dict(), "arch": args.arch, "classes": classes,
+            "kind": "finetune", "model": model.state_dict(), "arch": args.arch, "input": args.input, "classes": classes,
             "linear": args.linear, "source": args.ckpt, "generator": generator,
             "data": {k: getattr(args, k) for k in ("dataset", "data_root", "split", "frames", "stride", "crop")},
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,

@@ -111,26 +111,65 @@ def _init_weights(model):
             nn.init.zeros_(m.bias)
 
 
-def build_encoder(arch, num_classes):
+INPUTS = ("rgb", "residual")
+
+
+def residual_frames(x):
+    """Residual frames (Tao et al. 2020, "Rethinking motion representation: residual frames with
+    3D ConvNets"): d_t = x_{t+1} - x_t of the augmented, normalised clip (N, C, T, H, W). The clip
+    keeps its T frames: the last one repeats the last difference. Static appearance (background,
+    colours) cancels; what moves remains."""
+    d = x[:, :, 1:] - x[:, :, :-1]  # (N, C, T-1, H, W)
+    return torch.cat([d, d[:, :, -1:]], dim=2)
+
+
+def _residual_input(module, args):
+    return (residual_frames(args[0]),) + tuple(args[1:])
+
+
+def build_encoder(arch, num_classes, input="rgb"):
     """The encoder D (theta_q): (N, 3, T, H, W) -> (N, num_classes), last layer `fc`.
 
     r3d_18 / r2plus1d_18 / mc3_18 are torchvision's models; r3d_10 / r2plus1d_10 are torchvision's
     VideoResNet with one BasicBlock per stage (the 14.4M-parameter nets of VCOP and the paper), so
-    their state dicts load strictly into torchvision's classes.
+    their state dicts load strictly into torchvision's classes. input="residual" makes the encoder
+    turn every clip it is given into residual frames first (a forward pre-hook: no parameters, the
+    state dict and its torchvision compatibility are unchanged; the mode is recorded in checkpoints).
     """
     if arch in ("r3d_18", "r2plus1d_18", "mc3_18"):
-        return getattr(tv_video, arch)(weights=None, num_classes=num_classes)
-    if arch == "r3d_10":
-        return VideoResNet(BasicBlock, [Conv3DSimple] * 4, [1, 1, 1, 1], BasicStem,
-                           num_classes=num_classes)
-    if arch == "r2plus1d_10":
-        return VideoResNet(BasicBlock, [Conv2Plus1D] * 4, [1, 1, 1, 1], R2Plus1dStem,
-                           num_classes=num_classes)
-    if arch == "c3d":
-        return C3D(num_classes)
-    if arch == "tiny":
-        return TinyEncoder(num_classes)
-    raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
+        encoder = getattr(tv_video, arch)(weights=None, num_classes=num_classes)
+    elif arch == "r3d_10":
+        encoder = VideoResNet(BasicBlock, [Conv3DSimple] * 4, [1, 1, 1, 1], BasicStem, num_classes=num_classes)
+    elif arch == "r2plus1d_10":
+        encoder = VideoResNet(BasicBlock, [Conv2Plus1D] * 4, [1, 1, 1, 1], R2Plus1dStem, num_classes=num_classes)
+    elif arch == "c3d":
+        encoder = C3D(num_classes)
+    elif arch == "tiny":
+        encoder = TinyEncoder(num_classes)
+    else:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
+    if input not in INPUTS:
+        raise ValueError(f"unknown input {input!r}; expected one of {', '.join(INPUTS)}")
+    if input == "residual":
+        encoder.register_forward_pre_hook(_residual_input)
+    encoder.input_mode = input
+    return encoder
+
+
+def background_erasing(x, p, weight=(0.1, 0.3), generator=None):
+    """Background erasing (Wang et al., CVPR 2021, "Removing the background by adding the
+    background"): with probability p per clip, a randomly chosen frame r of the same clip is mixed
+    into every frame, x'_t = (1 - lam) x_t + lam x_r, lam ~ U(weight). The added component lam x_r is
+    constant over time, so static appearance stops being a reliable cue for telling clips apart.
+    x: (N, C, T, H, W). Returns (x', lam (N,), r (N,)); lam = 0 where the clip was left alone."""
+    n, t = x.shape[0], x.shape[2]
+    applied = torch.rand(n, generator=generator) < p
+    lam = torch.empty(n).uniform_(*weight, generator=generator) * applied  # (N,)
+    r = torch.randint(0, t, (n,), generator=generator)  # (N,)
+    lam, r = lam.to(x.device, x.dtype), r.to(x.device)
+    static = x[torch.arange(n, device=x.device), :, r]  # (N, C, H, W)
+    lam5 = lam[:, None, None, None, None]
+    return (1 - lam5) * x + lam5 * static[:, :, None], lam, r
 
 
 # -----------------------------------------------------------------------------
@@ -252,7 +291,7 @@ class VideoMoCo(nn.Module):
     """
 
     def __init__(self, arch="r3d_18", dim=128, K=65536, m=0.999, T=0.07, decay=0.99999,
-                 decay_unit="key", shuffle_splits=2):
+                 decay_unit="key", shuffle_splits=2, input="rgb"):
         super().__init__()
         if decay_unit not in ("key", "step"):
             raise ValueError(f"decay_unit must be 'key' or 'step', got {decay_unit!r}")
@@ -261,8 +300,8 @@ class VideoMoCo(nn.Module):
         self.K, self.m, self.T = K, m, T
         self.decay, self.decay_unit, self.shuffle_splits = decay, decay_unit, shuffle_splits
 
-        self.encoder_q = build_encoder(arch, dim)
-        self.encoder_k = copy.deepcopy(self.encoder_q)
+        self.encoder_q = build_encoder(arch, dim, input)
+        self.encoder_k = copy.deepcopy(self.encoder_q)  # (the input hook is copied with it)
         for param in self.encoder_k.parameters():
             param.requires_grad = False
 
@@ -482,10 +521,10 @@ class CVRL(nn.Module):
     BN statistics span both views; convert to SyncBatchNorm for CVRL's BN over the global batch.
     """
 
-    def __init__(self, arch="r3d_18", dim=128, hidden=2048, T=0.1):
+    def __init__(self, arch="r3d_18", dim=128, hidden=2048, T=0.1, input="rgb"):
         super().__init__()
         self.T = T
-        self.encoder_q = build_encoder(arch, hidden)
+        self.encoder_q = build_encoder(arch, hidden, input)
         self.head = nn.Sequential(
             nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden),
             nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
@@ -523,9 +562,9 @@ class VCLR(VideoMoCo):
     """
 
     def __init__(self, arch="r3d_18", dim=128, K=65536, m=0.999, T=0.07, segments=3,
-                 order_weight=1.0, shuffle_splits=2):
+                 order_weight=1.0, shuffle_splits=2, input="rgb"):
         super().__init__(arch, dim, K, m, T, decay=1.0, decay_unit="key",
-                         shuffle_splits=shuffle_splits)
+                         shuffle_splits=shuffle_splits, input=input)
         self.segments, self.order_weight = segments, order_weight
         self.order_head = nn.Linear(2 * segments * dim, 4)
 

@@ -60,6 +60,13 @@ def get_args_parser():
                    help="CVRL: distribution of the distance between the two clips (CVRL: linear, decreasing)")
     p.add_argument("--segments", type=int, default=3, help="VCLR: segments per video, one clip each (VCLR: 3)")
     p.add_argument("--order-weight", type=float, default=1.0, help="VCLR: weight of the temporal-order loss")
+    # against the static-appearance shortcut
+    p.add_argument("--input", default="rgb", choices=models.INPUTS,
+                   help="encoder input: rgb frames, or residual frames x[t+1] - x[t] (Tao et al. 2020)")
+    p.add_argument("--background-erasing", type=float, default=0.0,
+                   help="probability of mixing a random frame of the query clip into all its frames (Wang et al. 2021)")
+    p.add_argument("--be-weight", type=float, nargs=2, default=(0.1, 0.3), metavar=("LOW", "HIGH"),
+                   help="range of the background-erasing weight lambda")
     # generator
     p.add_argument("--generator", default="convlstm", choices=("convlstm", "random", "none"),
                    help="how frames are dropped: ConvLSTM G (adversarial), random (Table 1 ablation), none (MoCo baseline)")
@@ -240,6 +247,8 @@ def forward_step(model, generator, video, order, phase, args, ctx):
     "vclr" pass the method's views (CVRL: two clips; VCLR: two tuples and their order label) to its
     model; every phase returns "loss_d", the loss of the encoder, and "loss_g" (None but for G)."""
     x, x_key = video[:, 0], video[:, 1]
+    if getattr(args, "background_erasing", 0) > 0:  # on the query view (every clip of VCLR's anchor tuple)
+        x = models.background_erasing(x.flatten(0, x.dim() - 5), args.background_erasing, args.be_weight)[0].view_as(x)
     if phase in ("cvrl", "vclr"):
         with ctx:
             out = model(x, x_key) if phase == "cvrl" else model(x, x_key, order)
@@ -320,13 +329,13 @@ def main(argv=None):
 
     # model
     if args.method == "cvrl":
-        model = models.CVRL(args.arch, args.moco_dim, args.cvrl_hidden, args.cvrl_t)
+        model = models.CVRL(args.arch, args.moco_dim, args.cvrl_hidden, args.cvrl_t, args.input)
     elif args.method == "vclr":
         model = models.VCLR(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.segments,
-                            args.order_weight, args.shuffle_splits)
+                            args.order_weight, args.shuffle_splits, args.input)
     else:
         model = models.VideoMoCo(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.decay,
-                                 args.decay_unit, args.shuffle_splits)
+                                 args.decay_unit, args.shuffle_splits, args.input)
     model.to(device)
     # G exists only where it is used: --method videomoco with --generator convlstm
     generator = models.ConvLSTMGenerator(3, args.g_hidden, args.g_width).to(device) if args.generator == "convlstm" else None
@@ -341,7 +350,7 @@ def main(argv=None):
                       else {"broadcast_buffers": False})
     model_ddp = DDP(model, **no_buffer_sync) if world > 1 else model
     generator_ddp = DDP(generator) if world > 1 and generator is not None else generator
-    log(f"{args.method}: encoder {args.arch}, {models.count_parameters(model.encoder_q) / 1e6:.2f}M parameters"
+    log(f"{args.method}: encoder {args.arch} on {args.input} input, {models.count_parameters(model.encoder_q) / 1e6:.2f}M parameters"
         + (f"; G: ConvLSTM, {models.count_parameters(generator) / 1e6:.2f}M" if generator else "")
         + f"; {world} process(es) on {device}")
 
@@ -364,8 +373,10 @@ def main(argv=None):
         if scaler is not None and ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step, skip = ckpt["epoch"], ckpt["step"], ckpt["epoch_step"]
-        if ckpt["method"] != args.method:
-            raise SystemExit(f"error: {ckpt_path} is a {ckpt['method']} run; use another --out for --method {args.method}")
+        for key in ("method", "input"):
+            if ckpt["args"].get(key, "rgb") != getattr(args, key):
+                raise SystemExit(f"error: {ckpt_path} is a --{key} {ckpt['args'].get(key, 'rgb')} run; "
+                                 f"use another --out for --{key} {getattr(args, key)}")
         changed = [k for k in ("epochs", "adv_start", "lr", "batch_size", "generator", "drop_frames", "decay")
                    if ckpt["args"].get(k) != getattr(args, k)]
         if changed:

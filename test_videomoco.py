@@ -1745,3 +1745,61 @@ def test_cvrl_and_vclr_autocast_bfloat16():
     out_cvrl["loss"].backward()
     out_vclr["loss"].backward()
     assert torch.isfinite(vclr.encoder_q.fc.weight.grad).all() and torch.isfinite(cvrl.head[5].weight.grad).all()
+
+
+# -----------------------------------------------------------------------------
+# against the static-appearance shortcut: residual input, background erasing
+
+def test_residual_frames_are_differences_of_the_augmented_frames():
+    x = torch.randn(2, 3, 5, 4, 4)
+    d = models.residual_frames(x)
+    assert d.shape == x.shape
+    for n in range(2):
+        for t in range(5):
+            expected = x[n, :, t + 1] - x[n, :, t] if t < 4 else x[n, :, 4] - x[n, :, 3]  # last: repeated
+            assert torch.equal(d[n, :, t], expected)
+    torch.manual_seed(0)
+    rgb = models.build_encoder("tiny", 8).eval()
+    residual = models.build_encoder("tiny", 8, input="residual").eval()
+    residual.load_state_dict(rgb.state_dict())  # same parameters, same keys: the mode is no weight
+    clip = torch.randn(2, 3, 6, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(residual(clip), rgb(models.residual_frames(clip)))
+        # static appearance is invisible to it: two motionless clips of different content look alike
+        still_a = torch.randn(2, 3, 1, 32, 32).expand(-1, -1, 6, -1, -1)
+        still_b = torch.randn(2, 3, 1, 32, 32).expand(-1, -1, 6, -1, -1)
+        assert torch.equal(residual(still_a), residual(still_b))
+        assert not torch.allclose(rgb(still_a), rgb(still_b))
+
+
+def test_background_erasing_adds_a_static_frame_with_the_drawn_weight():
+    x = torch.randn(64, 3, 6, 8, 8)
+    out, lam, r = models.background_erasing(x, 0.5, (0.1, 0.3), torch.Generator().manual_seed(0))
+    applied = lam > 0
+    assert 10 < int(applied.sum()) < 54  # about half of the clips
+    assert ((lam[applied] >= 0.1) & (lam[applied] <= 0.3)).all()
+    for n in range(64):
+        added = out[n] - (1 - lam[n]) * x[n]  # (C, T, H, W): what erasing added
+        for t in range(6):
+            torch.testing.assert_close(added[:, t], lam[n] * x[n, :, r[n]], rtol=1e-5, atol=1e-6)  # constant in t
+        if not applied[n]:
+            assert torch.equal(out[n], x[n])
+
+
+def test_input_mode_is_recorded_and_a_mismatching_override_refused(small_tree, tmp_path):
+    pre, ft = tmp_path / "pre", tmp_path / "ft"
+    pretrain.main(small_args(small_tree, pre, "--input", "residual", "--background-erasing", "0.5", "--epochs", "1",
+                             "--adv-start", "0"))
+    assert all(np.isfinite(r["loss_d"]) and np.isfinite(r["loss_g"]) for r in read_log(pre))
+    with pytest.raises(SystemExit, match="pretrained on residual input"):
+        finetune.main(["--ckpt", str(pre / "ckpt.pt"), "--input", "rgb", "--out", str(ft)])
+    model = finetune.main(["--ckpt", str(pre / "ckpt.pt"), "--dataset", "folder", "--data-root", small_tree,
+                           "--out", str(ft), "--epochs", "1", "--batch-size", "4", "--workers", "0"])
+    assert model.input_mode == "residual"
+    assert torch.load(ft / "ckpt.pt", weights_only=True)["input"] == "residual"
+    out = evaluate.main(["--ckpt", str(ft / "ckpt.pt"), "--clips", "2", "--workers", "0"])
+    assert out["input"] == "residual"
+    with pytest.raises(SystemExit, match="trained on residual input"):
+        evaluate.main(["--ckpt", str(pre / "ckpt.pt"), "--input", "rgb"])
+    with pytest.raises(SystemExit, match="--input residual run"):
+        pretrain.main(small_args(small_tree, pre, "--epochs", "2"))  # resuming with another input
