@@ -14,6 +14,7 @@ bad-video bookkeeping), `BadVideos` (the main-process log of skipped files).
 import argparse
 import math
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -681,8 +682,7 @@ def worker_init(worker_id):
     cv2.setNumThreads(0)  # OpenCV's own thread pool would oversubscribe the cores the workers share
     torch.set_num_threads(1)
     seed = torch.initial_seed() % 2**32  # base_seed + worker_id, see EpochSampler.set_epoch
-    np.random.seed(seed)
-    import random
+    np.random.seed(seed)  # for third-party code in the workers; our own draws use per-sample seeds
     random.seed(seed)
 
 

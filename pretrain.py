@@ -1,7 +1,7 @@
 """
 Self-supervised pretraining: VideoMoCo (Pan et al., CVPR 2021).
 
-    python pretrain.py                                   # demo preset: built-in data, CPU, ~5 minutes
+    python pretrain.py                                   # demo preset: built-in data, CPU, a few minutes
     torchrun --nproc_per_node=8 pretrain.py --dataset kinetics --data-root /data/k400 --out runs/k400
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 pretrain.py ...
 
@@ -93,14 +93,14 @@ def get_args_parser():
 
 
 # The demo preset: what `python pretrain.py` runs when no --data-root is given, so that it finishes in
-# about 5 minutes on 2 CPU cores. Flags given on the command line win. t is chosen so that the oldest
-# key weighs about 0.52 (0.9949^128), as the paper's 0.99999 does for K = 65536.
-# K stays below the 168 training videos, or every video would sit in the queue as its own negative.
-# per method, on top of DEMO_PRESET: VCLR's three clips must fit in the demo's 32-48 frame videos
-METHOD_DEMO_PRESET = {"vclr": dict(frames=8, stride=1), "cvrl": dict(cvrl_hidden=256)}
+# a few minutes on 2 CPU cores (1.2 measured). Flags given on the command line win. K stays below the
+# 168 training videos, or every video would sit in the queue as its own negative; t is chosen so that
+# the oldest key weighs about 0.52 (0.9949^128), as the paper's 0.99999 does for K = 65536.
 DEMO_PRESET = dict(arch="tiny", frames=16, stride=2, crop=64, batch_size=16, epochs=30, workers=2,
                    moco_k=128, moco_m=0.99, decay=0.9949, drop_frames=4, g_hidden=64, g_width=16,
                    lr=0.05, g_lr=0.05, print_freq=10, out="runs/demo")
+# per method, on top of DEMO_PRESET: VCLR's three clips must fit in the demo's 32-48 frame videos
+METHOD_DEMO_PRESET = {"vclr": dict(frames=8, stride=1), "cvrl": dict(cvrl_hidden=256)}
 
 
 def parse_args(parser, argv=None):
@@ -365,6 +365,10 @@ def main(argv=None):
     start_epoch, step, skip = 0, 0, 0
     if os.path.exists(ckpt_path):
         ckpt = load_checkpoint(ckpt_path, kind="pretrain")
+        for key, default in (("method", "videomoco"), ("input", "rgb"), ("arch", None), ("moco_k", None)):
+            if ckpt["args"].get(key, default) != getattr(args, key):
+                raise SystemExit(f"error: {ckpt_path} is a --{key.replace('_', '-')} {ckpt['args'].get(key, default)} run; "
+                                 f"use another --out for --{key.replace('_', '-')} {getattr(args, key)}")
         model.load_state_dict(ckpt["model"])
         opt_d.load_state_dict(ckpt["opt_d"])
         if generator is not None:
@@ -373,10 +377,6 @@ def main(argv=None):
         if scaler is not None and ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step, skip = ckpt["epoch"], ckpt["step"], ckpt["epoch_step"]
-        for key in ("method", "input"):
-            if ckpt["args"].get(key, "rgb") != getattr(args, key):
-                raise SystemExit(f"error: {ckpt_path} is a --{key} {ckpt['args'].get(key, 'rgb')} run; "
-                                 f"use another --out for --{key} {getattr(args, key)}")
         changed = [k for k in ("epochs", "adv_start", "lr", "batch_size", "generator", "drop_frames", "decay")
                    if ckpt["args"].get(k) != getattr(args, k)]
         if changed:
