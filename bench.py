@@ -117,7 +117,7 @@ def bench_loader(args):
     dataset = data.VideoClips(samples, frames, 1, data.TrainTransform(args.crop), views=1)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=8, shuffle=True, num_workers=workers, collate_fn=data.collate,
-        worker_init_fn=lambda i: (data.worker_init(i), torch.set_num_threads(1)),
+        worker_init_fn=data.worker_init,
         persistent_workers=True, prefetch_factor=4)
 
     def pipeline_rate():

@@ -126,34 +126,31 @@ def per_video(fn, loader, device, ctx):
 
 
 def load_model(args):
-    """(kind, model, ckpt): a finetuned classifier or a pretrained encoder, on the checkpoint's data
-    settings unless overridden."""
+    """(kind, model, ckpt): a finetuned classifier, a pretrained encoder or a random-init one, with the
+    checkpoint's data settings filled into the flags not given."""
     if args.ckpt is None:
         if args.arch is None:
             raise SystemExit("error: pass --ckpt, or --arch for a randomly initialised encoder (the kNN baseline)")
-        torch.manual_seed(args.seed)
-        ckpt, kind = {}, "random-init"
-        args.input = args.input or "rgb"
-        model = models.build_encoder(args.arch, 128, args.input)
-        settings = DEMO_SETTINGS
-        for key in DATA_KEYS:
-            if getattr(args, key) is None:
-                setattr(args, key, settings[key])
-        return kind, model, ckpt
-    ckpt = pretrain.load_checkpoint(args.ckpt)
-    kind = ckpt.get("kind", "backbone")
-    recorded = ckpt.get("input") or ckpt.get("args", {}).get("input") if kind != "backbone" else None
+        ckpt, kind, recorded = {}, "random-init", None
+    else:
+        ckpt = pretrain.load_checkpoint(args.ckpt)
+        kind = ckpt.get("kind", "backbone")
+        recorded = ckpt.get("input") or ckpt.get("args", {}).get("input") if kind != "backbone" else None
     if args.input and recorded and args.input != recorded:
         raise SystemExit(f"error: {args.ckpt} was trained on {recorded} input; --input {args.input} does not match")
     args.input = recorded or args.input or "rgb"
-    if kind == "finetune":
+    if kind == "random-init":
+        torch.manual_seed(args.seed)
+        model = models.build_encoder(args.arch, 128, args.input)
+        settings = DEMO_SETTINGS
+    elif kind == "finetune":
         model = models.build_encoder(ckpt["arch"], len(ckpt["classes"]), args.input)
         model.load_state_dict(ckpt["model"])
         settings = ckpt["data"]
     elif kind == "pretrain":
-        arch, state, _ = finetune.backbone_from_checkpoint(args.ckpt)
+        arch, state = finetune.backbone_state(ckpt)
         model = models.build_encoder(arch, ckpt["args"]["moco_dim"], args.input)
-        model.load_state_dict(state, strict=False)
+        model.load_state_dict(state, strict=False)  # the head (fc) stays out: kNN uses pooled features
         settings = {k: ckpt["args"][k] for k in DATA_KEYS}
     elif kind == "backbone":
         if args.arch is None:

@@ -56,20 +56,25 @@ DEMO_PRESET = dict(arch="tiny", frames=16, stride=2, crop=64, batch_size=16, epo
 LINEAR_DEFAULTS = dict(epochs=30, lr=0.5, wd=0.0)
 
 
+def backbone_state(ckpt):
+    """(arch, query-encoder state dict without the projection head `fc`) of a loaded pretraining
+    checkpoint, whatever its method (all of them keep the encoder under `encoder_q.`)."""
+    prefix = "encoder_q."
+    state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix) and not k.startswith(prefix + "fc.")}
+    return ckpt["args"]["arch"], state
+
+
 def backbone_from_checkpoint(path):
     """(arch or None, encoder state dict without the projection head `fc`, the checkpoint dict or
     None) from a pretraining checkpoint or a backbone.pt; one clear line for anything else."""
     ckpt = pretrain.load_checkpoint(path)
     if ckpt.get("kind") == "pretrain":
-        prefix = "encoder_q."
-        state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
-        arch = ckpt["args"]["arch"]
-    elif "kind" in ckpt:
+        arch, state = backbone_state(ckpt)
+        return arch, state, ckpt
+    if "kind" in ckpt:
         raise SystemExit(f"error: {path} is a {ckpt['kind']} checkpoint; finetuning starts from a pretraining "
                          "checkpoint or a backbone.pt")
-    else:  # backbone.pt: the bare state dict of the query encoder
-        state, arch, ckpt = ckpt, None, None
-    return arch, {k: v for k, v in state.items() if not k.startswith("fc.")}, ckpt
+    return None, {k: v for k, v in ckpt.items() if not k.startswith("fc.")}, None  # backbone.pt: a bare state dict
 
 
 def transfer_weights(model, state, source):
