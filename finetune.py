@@ -22,6 +22,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -41,7 +42,7 @@ def get_args_parser():
                    help="encoder input; the pretraining's by default (rgb for random init); a mismatch is refused")
     p.add_argument("--epochs", type=int, default=10, help="epochs (paper: 10; linear probe default 30)")
     p.add_argument("--batch-size", type=int, default=32, help="global batch size (paper: 32)")
-    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate, cosine decay (paper: 0.05; linear probe default 0.5)")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate, cosine decay (paper: 0.05; also the linear probe default)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--wd", type=float, default=5e-4, help="weight decay (linear probe default 0)")
     p.add_argument("--amp", default=None, choices=("bf16", "fp16", "none"), help="autocast dtype (default: bf16 on CUDA, none on CPU)")
@@ -53,7 +54,7 @@ def get_args_parser():
 
 DEMO_PRESET = dict(arch="tiny", frames=16, stride=2, crop=64, batch_size=16, epochs=30, workers=2,
                    print_freq=10, out="runs/demo-finetune")
-LINEAR_DEFAULTS = dict(epochs=30, lr=0.5, wd=0.0)
+LINEAR_DEFAULTS = dict(epochs=30, lr=0.05, wd=0.0)
 
 
 def backbone_state(ckpt):
@@ -93,6 +94,16 @@ def transfer_weights(model, state, source):
         print(f"weight transfer from {source}: {len(missing)} missing keys {missing[:3]}, "
               f"{len(result.unexpected_keys)} unexpected {result.unexpected_keys[:3]}")
     return len(state) - len(result.unexpected_keys)
+
+
+def add_probe_norm(model):
+    """The linear probe's classifier: a BatchNorm without affine parameters standardises each frozen
+    feature before `fc` (as MAE's linear probe does); it is still a linear classifier. Without it the
+    probe's learning rate means something different for every encoder: here a random-init encoder's
+    pooled features have norm ~0.5 and a pretrained one's ~6, so one lr underfits the first and
+    overshoots the second. The head becomes fc = Sequential(BatchNorm1d, Linear)."""
+    model.fc = nn.Sequential(nn.BatchNorm1d(model.fc.in_features, affine=False), model.fc)
+    return model
 
 
 @torch.no_grad()
@@ -157,6 +168,8 @@ def main(argv=None):
         log(f"loaded {n} pretrained tensors from {args.ckpt} ({args.arch}); classifier head new, {len(classes)} classes")
     else:
         log(f"random init of {args.arch} (no --ckpt): the baseline")
+    if args.linear:
+        add_probe_norm(model)
     model.to(device)
     if args.linear:
         for name, param in model.named_parameters():
@@ -202,6 +215,7 @@ def main(argv=None):
         model_ddp.train()
         if args.linear:
             model.eval()  # frozen backbone: BN uses its pretrained statistics
+            model.fc.train()  # the probe's own BatchNorm learns the feature statistics
         t_log, clips = time.time(), 0
         for epoch_step, batch in enumerate(loader):
             bad.update(batch["bad"])
