@@ -12,7 +12,9 @@ softmax averaged (the paper's protocol, Sec 4.2). Pretraining checkpoint, backbo
 per clip and averaged over clips; retrieval R@k is a hit when any of the k nearest train videos has
 the query's class (VCOP / CoCLR protocol); knn_top1 is a weighted k-NN vote (k = --knn-k, weights
 exp(cos / 0.07), as DINO). --occlusion (paper Sec 3.4): mean prediction entropy and top-1 with k of T
-frames dropped, none / random / chosen by the pretraining's generator G.
+frames dropped, none / random / chosen by the pretraining's generator G. --motion: how much the
+pooled features move when a clip's motion is removed (every frame = the middle one) or its frames are
+shuffled, relative to the distance between two different test clips (0 = the encoder ignores motion).
 Dataset and clip settings default to the checkpoint's; flags override them.
 """
 
@@ -58,6 +60,8 @@ def get_args_parser():
     p.add_argument("--occlusion", action="store_true", help="entropy and top-1 with frames dropped (finetuned checkpoint)")
     p.add_argument("--drop-frames", type=int, default=None, help="k frames dropped for --occlusion (default: the G's, else T/4)")
     p.add_argument("--gen-ckpt", default=None, help="pretraining checkpoint whose G chooses the frames for --occlusion")
+    p.add_argument("--motion", action="store_true",
+                   help="motion sensitivity of the pooled features: frozen and time-shuffled test clips (any checkpoint)")
     p.add_argument("--cam", nargs=2, metavar=("N", "DIR"), default=None, help="write Grad-CAM strips of N test clips to DIR")
     p.add_argument("--batch-size", type=int, default=8, help="videos per batch")
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers")
@@ -94,6 +98,26 @@ def entropy(probs):
 
 def topk_accuracy(probs, labels, k):
     return (probs.topk(k, dim=1).indices == labels[:, None]).any(dim=1).float().mean().item()
+
+
+def relative_shift(feats, changed):
+    """Mean distance between each clip's feature and its changed version, divided by the mean
+    distance between two different clips: mean_i |f_i - f'_i| / mean_{i != j} |f_i - f_j|.
+    feats, changed (N, D), N >= 2. 0: the change leaves the features where they were."""
+    n = feats.shape[0]
+    between = torch.cdist(feats, feats).sum() / (n * (n - 1))  # the diagonal is zero
+    return ((feats - changed).norm(dim=1).mean() / between.clamp_min(1e-12)).item()
+
+
+def freeze_motion(x):
+    """Every frame of the clips (N, C, T, H, W) replaced by the middle one: appearance kept, motion gone."""
+    return x[:, :, x.shape[2] // 2:x.shape[2] // 2 + 1].expand_as(x).contiguous()
+
+
+def shuffle_frames(x, generator):
+    """Each clip's frames in a random order of its own: the same frames, the order gone."""
+    order = torch.rand(x.shape[0], x.shape[2], generator=generator).argsort(dim=1).to(x.device)  # (N, T)
+    return x.gather(2, order[:, None, :, None, None].expand_as(x))
 
 
 # -----------------------------------------------------------------------------
@@ -145,6 +169,8 @@ def load_model(args):
         settings = DEMO_SETTINGS
     elif kind == "finetune":
         model = models.build_encoder(ckpt["arch"], len(ckpt["classes"]), args.input)
+        if ckpt["linear"]:
+            finetune.add_probe_norm(model)
         model.load_state_dict(ckpt["model"])
         settings = ckpt["data"]
     elif kind == "pretrain":
@@ -301,6 +327,17 @@ def main(argv=None):
         table.append(f"occlusion, {k} of {args.frames} frames dropped: " + "  ".join(
             f"{m}: entropy {result[f'entropy_{m}']:.3f} top-1 {result[f'top1_{m}']:.3f}" for m in modes)
             + ("" if generator is not None else "  (no generator: pass --gen-ckpt for the adversarial row)"))
+
+    if args.motion:
+        head, model.fc = model.fc, nn.Identity()  # pooled backbone features
+        generator = torch.Generator().manual_seed(args.seed)
+        feats, _ = per_video(lambda x: torch.cat([model(x), model(freeze_motion(x)),
+                                                  model(shuffle_frames(x, generator))], dim=1), test_loader, device, ctx)
+        model.fc = head
+        f, f_static, f_shuffled = torch.cat([feats[i] for i in sorted(feats)]).chunk(3, dim=1)  # (V*C, D) each
+        result.update(motion_static=relative_shift(f, f_static), motion_shuffle=relative_shift(f, f_shuffled))
+        table.append(f"motion sensitivity (feature shift / distance between clips): frozen clip "
+                     f"{result['motion_static']:.3f}  shuffled frames {result['motion_shuffle']:.3f}  ({len(f)} clips)")
 
     if args.cam and rank == 0:
         n, out_dir = int(args.cam[0]), args.cam[1]

@@ -1151,6 +1151,28 @@ def test_knn_vote_and_entropy_match_loops():
         assert h.item() == pytest.approx(-sum(p * math.log(p) for p in row.tolist()), rel=1e-5)
 
 
+def test_motion_probes_and_relative_shift_match_their_definitions():
+    gen = torch.Generator().manual_seed(2)
+    feats, changed = torch.randn(7, 5, generator=gen), torch.randn(7, 5, generator=gen)
+    moved = sum(math.dist(feats[i].tolist(), changed[i].tolist()) for i in range(7)) / 7
+    between = [math.dist(feats[i].tolist(), feats[j].tolist()) for i in range(7) for j in range(7) if i != j]
+    assert evaluate.relative_shift(feats, changed) == pytest.approx(moved / (sum(between) / len(between)), rel=1e-5)
+    assert evaluate.relative_shift(feats, feats) == 0
+    x = torch.randn(3, 2, 6, 4, 4, generator=gen)
+    frozen = evaluate.freeze_motion(x)
+    for t in range(6):
+        assert torch.equal(frozen[:, :, t], x[:, :, 3])
+    shuffled = evaluate.shuffle_frames(x, gen)
+    for n in range(3):  # each clip: a permutation of its own frames
+        frames = [x[n, :, t] for t in range(6)]
+        used = [next(i for i, f in enumerate(frames) if torch.equal(f, shuffled[n, :, t])) for t in range(6)]
+        assert sorted(used) == list(range(6))
+    # an encoder that averages over time cannot see the order: shuffling moves nothing
+    pool = lambda v: v.mean(dim=(2, 3, 4))  # noqa: E731
+    assert evaluate.relative_shift(pool(x), pool(shuffled)) == pytest.approx(0, abs=1e-6)
+    assert evaluate.relative_shift(pool(x), pool(frozen)) > 0.1
+
+
 def test_grad_cam_matches_a_hand_computed_map():
     torch.manual_seed(0)
     model = models.build_encoder("tiny", 3).eval()
@@ -1203,10 +1225,11 @@ def test_finetune_then_evaluate_end_to_end_json_keys(small_tree, tmp_path):
     assert out["n_videos"] == 8 and 0 <= out["top1"] <= 1 and out["top1"] == out["top1_none"]
     assert json.load(open(tmp_path / "r.json")) == json.loads(json.dumps(out))
     assert len(os.listdir(cams)) == 2
-    knn = evaluate.main(["--ckpt", str(pre / "ckpt.pt"), "--clips", "2", "--workers", "0"])
+    knn = evaluate.main(["--ckpt", str(pre / "ckpt.pt"), "--clips", "2", "--workers", "0", "--motion"])
     for key in ("R@1", "R@5", "R@10", "R@20", "knn_top1"):
         assert 0 <= knn[key] <= 1
     assert knn["R@20"] == 1.0  # the gallery holds both classes
+    assert knn["motion_static"] > 0 and knn["motion_shuffle"] > 0
 
 
 def test_evaluate_rejects_corrupt_and_wrong_checkpoints(tmp_path):
@@ -1235,6 +1258,11 @@ def test_linear_probe_trains_only_the_head_and_finetune_resumes(small_tree, tmp_
         if not key.startswith("fc."):
             assert torch.equal(value, backbone[key]), key  # frozen, BN statistics included
     assert torch.load(lin / "ckpt.pt", weights_only=True)["args"]["lr"] == finetune.LINEAR_DEFAULTS["lr"]
+    norm, fc = model.fc  # the probe: standardised features, then a linear layer
+    assert not norm.affine and norm.num_batches_tracked > 0 and norm.running_mean.abs().sum() > 0
+    assert isinstance(fc, torch.nn.Linear)
+    out = evaluate.main(["--ckpt", str(lin / "ckpt.pt"), "--clips", "2", "--workers", "0"])
+    assert out["kind"] == "finetune" and out["n_videos"] == 8
     capsys.readouterr()
     finetune.main(argv[:-6] + ["--epochs", "2", "--batch-size", "4", "--workers", "0"])
     assert f"resuming from {lin / 'ckpt.pt'}: epoch 1" in capsys.readouterr().out
