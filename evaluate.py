@@ -5,6 +5,7 @@ Evaluate a checkpoint: prints a short table, then one JSON object as the last li
     python evaluate.py --ckpt runs/demo/ckpt.pt                       # pretraining: kNN retrieval
     python evaluate.py --ckpt runs/demo-finetune/ckpt.pt --occlusion  # entropy / top-1 with frames dropped
     python evaluate.py --ckpt runs/demo-finetune/ckpt.pt --cam 4 cams/ # Grad-CAM strips as PNG
+    python evaluate.py --ckpt runs/demo/ckpt.pt --motion              # does the encoder look at motion?
 
 Finetuned checkpoint (finetune.py): `--clips` uniformly spaced clips per test video (x `--crops`),
 softmax averaged (the paper's protocol, Sec 4.2). Pretraining checkpoint, backbone.pt (with --arch) or
