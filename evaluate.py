@@ -336,6 +336,8 @@ def main(argv=None):
                                                   model(shuffle_frames(x, generator))], dim=1), test_loader, device, ctx)
         model.fc = head
         f, f_static, f_shuffled = torch.cat([feats[i] for i in sorted(feats)]).chunk(3, dim=1)  # (V*C, D) each
+        if len(f) < 2:
+            raise SystemExit("error: --motion compares test clips with each other and needs at least 2")
         result.update(motion_static=relative_shift(f, f_static), motion_shuffle=relative_shift(f, f_shuffled))
         table.append(f"motion sensitivity (feature shift / distance between clips): frozen clip "
                      f"{result['motion_static']:.3f}  shuffled frames {result['motion_shuffle']:.3f}  ({len(f)} clips)")
