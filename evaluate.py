@@ -20,6 +20,7 @@ Dataset and clip settings default to the checkpoint's; flags override them.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -130,6 +131,16 @@ def _gather(obj):
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, obj)
     return [x for part in parts for x in part]
+
+
+@contextlib.contextmanager
+def pooled_features(model):
+    """Inside the block model(x) gives the pooled backbone features, the input of the head `fc`."""
+    head, model.fc = model.fc, nn.Identity()
+    try:
+        yield model
+    finally:
+        model.fc = head
 
 
 @torch.no_grad()
@@ -294,16 +305,15 @@ def main(argv=None):
     if kind != "finetune" or args.knn:
         gallery_loader, _ = loader(train=True)
         gallery_labels = torch.tensor([y for _, y in gallery_loader.dataset.samples])
-        head, model.fc = model.fc, nn.Identity()  # the pooled backbone features, the input of the head
 
         def video_features(loader):
             feats, skipped = per_video(lambda x: F.normalize(model(x), dim=1), loader, device, ctx)
             index = torch.tensor(sorted(feats))
             return F.normalize(torch.stack([feats[i].mean(0) for i in index.tolist()]), dim=1), index, skipped
 
-        q, q_index, q_skipped = video_features(test_loader)
-        g, g_index, g_skipped = video_features(gallery_loader)
-        model.fc = head
+        with pooled_features(model):
+            q, q_index, q_skipped = video_features(test_loader)
+            g, g_index, g_skipped = video_features(gallery_loader)
         recall = retrieval_recall(q, g, labels[q_index], gallery_labels[g_index])
         pred = knn_predict(q, g, gallery_labels[g_index], len(classes), args.knn_k)
         result.update(recall, knn_top1=(pred == labels[q_index]).float().mean().item(),
@@ -330,11 +340,10 @@ def main(argv=None):
             + ("" if generator is not None else "  (no generator: pass --gen-ckpt for the adversarial row)"))
 
     if args.motion:
-        head, model.fc = model.fc, nn.Identity()  # pooled backbone features
         generator = torch.Generator().manual_seed(args.seed)
-        feats, _ = per_video(lambda x: torch.cat([model(x), model(freeze_motion(x)),
-                                                  model(shuffle_frames(x, generator))], dim=1), test_loader, device, ctx)
-        model.fc = head
+        with pooled_features(model):
+            feats, _ = per_video(lambda x: torch.cat([model(x), model(freeze_motion(x)),
+                                                      model(shuffle_frames(x, generator))], dim=1), test_loader, device, ctx)
         f, f_static, f_shuffled = torch.cat([feats[i] for i in sorted(feats)]).chunk(3, dim=1)  # (V*C, D) each
         if len(f) < 2:
             raise SystemExit("error: --motion compares test clips with each other and needs at least 2")

@@ -170,10 +170,9 @@ def main(argv=None):
         log(f"random init of {args.arch} (no --ckpt): the baseline")
     if args.linear:
         add_probe_norm(model)
-    model.to(device)
-    if args.linear:
         for name, param in model.named_parameters():
             param.requires_grad = name.startswith("fc.")
+    model.to(device)
     model_ddp = DDP(model) if world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, args.lr, momentum=args.momentum, weight_decay=args.wd)
