@@ -156,6 +156,25 @@ def build_encoder(arch, num_classes, input="rgb"):
     return encoder
 
 
+def projection_head(in_features, dim, mlp=False):
+    """The projection from pooled features to the contrastive embedding: MoCo v1's linear layer, or
+    MoCo v2's MLP (Linear, ReLU, Linear; --mlp). (in_features,) -> (dim,).
+
+    Initialised with nn.Linear's own default (uniform, std 1/sqrt(3 * fan_in)), as MoCo's builder
+    gets from torchvision's image ResNet, and *not* with the normal(0, 0.01) that torchvision's video
+    ResNets (and `_init_weights`) give a classifier. The embedding is L2-normalised, so the forward
+    ignores the head's scale, but SGD does not: the gradient w.r.t. W scales as 1/|W|, so a step
+    changes W's direction in proportion to lr / |W|^2, 6x (R(2+1)D/R3D, 512 -> 128) to 25x (tiny,
+    128 -> 128) more than with the default init. Pooled post-ReLU features share a large mean mu, so a
+    large step dW ~ g mu^T adds the same vector to every output: the embeddings collapse onto one
+    direction, where InfoNCE's gradient (proportional to their spread) vanishes and the loss sits at
+    ln(K+1). Measured in the README's "Why the pretraining did not learn"."""
+    if mlp:
+        return nn.Sequential(nn.Linear(in_features, in_features), nn.ReLU(inplace=True),
+                             nn.Linear(in_features, dim))
+    return nn.Linear(in_features, dim)
+
+
 def background_erasing(x, p, weight=(0.1, 0.3), generator=None):
     """Background erasing (Wang et al., CVPR 2021, "Removing the background by adding the
     background"): with probability p per clip, a randomly chosen frame r of the same clip is mixed
@@ -221,8 +240,10 @@ def drop_frames(x, importance, k, temperature=1.0):
     midpoint between the k-th and (k+1)-th largest importance (no gradient through thr). We write
     mask = hard + (soft - soft.detach()): the bracket is exactly zero, so the forward mask is exactly
     0 or 1 (hard + soft - soft.detach() could round 1 to 1 - 2^-24) and kept frames are bit-identical.
-    The estimate is only informative once D responds sensibly to clips (see
-    test_generator_ascent_step_increases_l1), which is why the paper first trains D alone.
+    Trained this way against a fixed D, G learns to drop the frames whose removal moves D most (see
+    test_generator_trained_against_a_fixed_d_drops_frames_that_move_d_more_than_random); the
+    estimate is only informative once D responds sensibly to clips, which is why the paper first
+    trains D alone.
     """
     n, t = importance.shape
     if not 0 <= k < t:
@@ -291,7 +312,7 @@ class VideoMoCo(nn.Module):
     """
 
     def __init__(self, arch="r3d_18", dim=128, K=65536, m=0.999, T=0.07, decay=0.99999,
-                 decay_unit="key", shuffle_splits=2, input="rgb"):
+                 decay_unit="key", shuffle_splits=2, input="rgb", mlp=True):
         super().__init__()
         if decay_unit not in ("key", "step"):
             raise ValueError(f"decay_unit must be 'key' or 'step', got {decay_unit!r}")
@@ -301,6 +322,7 @@ class VideoMoCo(nn.Module):
         self.decay, self.decay_unit, self.shuffle_splits = decay, decay_unit, shuffle_splits
 
         self.encoder_q = build_encoder(arch, dim, input)
+        self.encoder_q.fc = projection_head(self.encoder_q.fc.in_features, dim, mlp)
         self.encoder_k = copy.deepcopy(self.encoder_q)  # (the input hook is copied with it)
         for param in self.encoder_k.parameters():
             param.requires_grad = False
@@ -311,10 +333,20 @@ class VideoMoCo(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self):
-        """Eq 2 on the parameters; buffers (BN running statistics) are copied from encoder_q."""
+        """Eq 2 on the parameters, as MoCo: encoder_k's BN running statistics are its own (keys are
+        encoded in train mode, so they are never read during pretraining; only encoder_q is exported)."""
         momentum_update_(self.encoder_k.parameters(), self.encoder_q.parameters(), self.m)
-        for buffer_k, buffer_q in zip(self.encoder_k.buffers(), self.encoder_q.buffers()):
-            buffer_k.copy_(buffer_q)
+
+    def encode_query(self, x_query):
+        """encoder_q on the queries (N, dim), not normalised. MoCo normalises each process's queries
+        with that process's BN statistics; in a world of one, `shuffle_splits` processes are emulated
+        (as MoCo's single-GPU CIFAR demo does with SplitBatchNorm): the queries are normalised in that
+        many contiguous sub-batches, and `encode_key` gives the keys shuffled sub-batches of the same
+        size, so a query and its key share BN statistics no more than across S real processes."""
+        if is_distributed() or not self.training or self.shuffle_splits <= 1:
+            return self.encoder_q(x_query)
+        chunks = torch.tensor_split(x_query, min(self.shuffle_splits, x_query.shape[0]))
+        return torch.cat([self.encoder_q(chunk) for chunk in chunks])
 
     @torch.no_grad()
     def encode_key(self, x_key):
@@ -363,31 +395,34 @@ class VideoMoCo(nn.Module):
             self.queue_age[slots] = 1
         self.queue_ptr[0] = (ptr + batch) % self.K
 
-    def forward(self, x_query, x_key, x_full=None):
+    def forward(self, x_query, x_key, x_full=None, decay=None):
         """One MoCo step. x_query: the query clip (G's output in the adversarial phase, Eq 3),
-        x_key: the other view, x_full: the query clip before dropout (adversarial phase only).
+        x_key: the other view, x_full: the query clip before dropout (adversarial phase only),
+        decay: t of Eq 6 for this step (default self.decay; 1 gives Eq 1).
 
-        Returns {"loss_d": Eq 6 (Eq 5 if decay == 1), "loss_g": Eq 4 or None, "q", "k", "acc"}.
+        Returns {"loss_d": Eq 6 (Eq 5 if decay == 1), "loss_g": Eq 4 or None, "q", "k", "q_full"
+        (D(x_full), or None), "acc"}.
         The momentum update and the enqueue happen only in training mode, so an eval-mode forward
         leaves encoder_k and the queue untouched.
         """
-        q = F.normalize(self.encoder_q(x_query), dim=1)  # (N, dim)
+        q = F.normalize(self.encode_query(x_query), dim=1)  # (N, dim)
         with torch.no_grad():
             if self.training:
                 self.momentum_update()
             k = self.encode_key(x_key)  # (N, dim)
         queue = self.queue.clone().detach()  # (dim, K), the negatives before this batch enters
         age = self.queue_age.clone()  # (K,)
-        loss_d, logits = decayed_infonce(q, k, queue, age, self.T, self.decay, return_logits=True)
-        loss_g = None
+        decay = self.decay if decay is None else decay
+        loss_d, logits = decayed_infonce(q, k, queue, age, self.T, decay, return_logits=True)
+        loss_g = q_full = None
         if x_full is not None:
             with torch.no_grad():
-                q_full = F.normalize(self.encoder_q(x_full), dim=1)  # (N, dim)
+                q_full = F.normalize(self.encode_query(x_full), dim=1)  # (N, dim)
             loss_g = generator_loss(q, q_full)
         acc = (logits.argmax(dim=1) == 0).float().mean().detach()  # a tensor: no host sync here
         if self.training:
             self.dequeue_and_enqueue(k)
-        return {"loss_d": loss_d, "loss_g": loss_g, "q": q, "k": k, "acc": acc}
+        return {"loss_d": loss_d, "loss_g": loss_g, "q": q, "k": k, "q_full": q_full, "acc": acc}
 
 
 # -----------------------------------------------------------------------------
@@ -397,6 +432,12 @@ def decay_weights(age, decay):
     """t^i of Eq 6 for ages i, float64."""
     return torch.pow(torch.tensor(decay, dtype=torch.float64, device=age.device),
                      age.to(torch.float64))
+
+
+def infonce_chance(age, decay):
+    """The value of Eq 6 when every logit is the same (collapsed features, or a model that has
+    learned nothing): ln(1 + sum_i t^age_i) over the queue's ages; ln(K + 1) for Eq 1 (decay == 1)."""
+    return math.log1p(decay_weights(age, decay).sum().item())
 
 
 def decayed_infonce(q, k, queue, age, tau, decay, return_logits=False):
@@ -518,13 +559,15 @@ class CVRL(nn.Module):
     Linear, then BN, ReLU, Linear(hidden, hidden), BN, ReLU, Linear(hidden, dim). Downstream code
     keeps encoder_q without `fc`, as for VideoMoCo; `head` is dropped with everything else.
     Both clips go through the encoder in one batch (SimCLR concatenates its views the same way), so
-    BN statistics span both views; convert to SyncBatchNorm for CVRL's BN over the global batch.
+    BN statistics span both views; pretrain.py converts to SyncBatchNorm under DDP on CUDA, for CVRL's
+    BN over the global batch.
     """
 
     def __init__(self, arch="r3d_18", dim=128, hidden=2048, T=0.1, input="rgb"):
         super().__init__()
         self.T = T
         self.encoder_q = build_encoder(arch, hidden, input)
+        self.encoder_q.fc = projection_head(self.encoder_q.fc.in_features, hidden)  # see projection_head
         self.head = nn.Sequential(
             nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden),
             nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
@@ -533,7 +576,7 @@ class CVRL(nn.Module):
         n = x1.shape[0]
         z = self.head(self.encoder_q(torch.cat([x1, x2])))  # (2N, dim)
         loss, acc = nt_xent(z[:n], z[n:], self.T)
-        return {"loss": loss, "acc": acc}
+        return {"loss": loss, "acc": acc, "q": F.normalize(z[:n].detach().float(), dim=1)}
 
 
 def video_embedding(clip_embeddings):
@@ -557,14 +600,14 @@ class VCLR(VideoMoCo):
         second shuffled, 3 both shuffled. The data loader shuffles; this module only classifies.
     The paper has separate MLP heads for the two losses (h_v, h_o); here encoder_q's `fc` serves
     both, so encoder_q is exported exactly as VideoMoCo's and `order_head` is dropped downstream.
-    encoder_q sees the clips of both tuples in one batch (its BN statistics span both); the key
-    still comes from encoder_k with shuffle-BN, so a query never shares BN statistics with its key.
+    encoder_q sees the anchor's clips and the positive's clips as two separate batches, and the key
+    comes from encoder_k with shuffle-BN, so a query never shares BN statistics with its key.
     """
 
     def __init__(self, arch="r3d_18", dim=128, K=65536, m=0.999, T=0.07, segments=3,
-                 order_weight=1.0, shuffle_splits=2, input="rgb"):
+                 order_weight=1.0, shuffle_splits=2, input="rgb", mlp=True):
         super().__init__(arch, dim, K, m, T, decay=1.0, decay_unit="key",
-                         shuffle_splits=shuffle_splits, input=input)
+                         shuffle_splits=shuffle_splits, input=input, mlp=mlp)
         self.segments, self.order_weight = segments, order_weight
         self.order_head = nn.Linear(2 * segments * dim, 4)
 
@@ -580,9 +623,10 @@ class VCLR(VideoMoCo):
         if s != self.segments or positive.shape[:2] != anchor.shape[:2]:
             raise ValueError(f"VCLR needs anchor, positive of shape (N, {self.segments}, 3, T, H, W), "
                              f"got {tuple(anchor.shape)} and {tuple(positive.shape)}")
-        clips = torch.cat([anchor, positive]).flatten(0, 1)  # (2*N*S, 3, T, H, W)
-        clip_q = F.normalize(self.encoder_q(clips).float(), dim=1).view(2, n, s, -1)  # (2, N, S, dim)
-        q = video_embedding(clip_q[0])  # (N, dim)
+        # the anchor's and the positive's clips go through encoder_q as separate batches, so no BN
+        # statistic of the query side ever contains the clips its key is made from
+        clip_q = F.normalize(self.encode_query(anchor.flatten(0, 1)).float(), dim=1).view(n, s, -1)  # (N, S, dim)
+        q = video_embedding(clip_q)  # (N, dim)
         with torch.no_grad():
             if self.training:
                 self.momentum_update()
@@ -593,7 +637,8 @@ class VCLR(VideoMoCo):
                                            return_logits=True)
 
         # (N, 2*S*dim): the anchor's clips then the positive's, each in the order given (Eq 9)
-        order_input = clip_q.transpose(0, 1).reshape(n, -1)
+        clip_p = F.normalize(self.encode_query(positive.flatten(0, 1)).float(), dim=1).view(n, s, -1)  # (N, S, dim)
+        order_input = torch.cat([clip_q, clip_p], dim=1).reshape(n, -1)
         order_logits = self.order_head(order_input).float()  # (N, 4)
         loss_order = F.cross_entropy(order_logits, order)
         loss = loss_nce + self.order_weight * loss_order
