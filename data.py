@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".m4v")
-DATASETS = ("ucf101", "hmdb51", "kinetics", "folder", "demo")
+DATASETS = ("ucf101", "hmdb51", "kinetics", "folder", "demo", "demo-motion")
 # Kinetics-400 statistics, the ones torchvision's video models are trained with.
 MEAN = (0.43216, 0.394666, 0.37645)
 STD = (0.22803, 0.22145, 0.216989)
@@ -286,10 +286,11 @@ def list_folder(root, split, train):
     return samples, classes
 
 
-def demo_root():
-    """Where the built-in demo set is generated once and cached ($VIDEOMOCO_DEMO overrides)."""
-    default = os.path.join(os.path.expanduser("~"), ".cache", "videomoco", f"demo-v{DEMO_VERSION}")
-    return os.environ.get("VIDEOMOCO_DEMO", default)
+def demo_root(name="demo"):
+    """Where the built-in demo set `name` is generated once and cached: ~/.cache/videomoco/NAME-vV
+    ($VIDEOMOCO_CACHE replaces ~/.cache/videomoco)."""
+    cache = os.environ.get("VIDEOMOCO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "videomoco"))
+    return os.path.join(cache, f"{name}-v{DEMOS[name]}")
 
 
 def list_videos(dataset, root, split=1, train=True):
@@ -301,8 +302,8 @@ def list_videos(dataset, root, split=1, train=True):
     """
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
-    if dataset == "demo":
-        root = ensure_demo(root or demo_root())
+    if dataset in DEMOS:
+        root = ensure_demo(root or demo_root(dataset), dataset)
         dataset = "ucf101"
     if not root:
         raise DataError(f"--data-root is required for --dataset {dataset}")
@@ -755,36 +756,55 @@ def add_data_args(p):
     p.add_argument("--max-bad-fraction", type=float, default=0.1, help="stop if more than this fraction of videos is unreadable")
 
 
-def build_dataset(args, train, mode=None, views=1, transform=None, temporal="same"):
+def build_dataset(args, train, mode=None, views=1, transform=None, temporal="same", clips=None):
     """The dataset a stage script asks for with the shared flags (--dataset --data-root --split
-    --frames --stride --crop, and --clips --crops for testing); returns (dataset, classes, BadVideos).
-    `train` picks the split; `mode` how clips are drawn (default: "train" for the train split)."""
+    --frames --stride --crop, --jitter --grayscale for pretraining, --clips --crops for testing);
+    returns (dataset, classes, BadVideos). `train` picks the split; `mode` how clips are drawn
+    (default: "train" for the train split); `clips` overrides --clips."""
     samples, classes, missing = list_videos(args.dataset, args.data_root, args.split, train)
     mode = mode or ("train" if train else "test")
     if transform is None and mode == "train":
-        transform = TrainTransform(args.crop)
+        transform = TrainTransform(args.crop, jitter=getattr(args, "jitter", 0.8),
+                                   grayscale=getattr(args, "grayscale", 0.2))
     elif transform is None:
         transform = EvalTransform(args.crop, crops=getattr(args, "crops", 1))
     dataset = VideoClips(samples, args.frames, args.stride, transform, mode, views=views,
-                         clips=getattr(args, "clips", 1), temporal=temporal,
+                         clips=clips or getattr(args, "clips", 1), temporal=temporal,
                          interval=getattr(args, "cvrl_interval", "linear"), segments=getattr(args, "segments", 3))
     bad = BadVideos(samples, missing, getattr(args, "max_bad_fraction", 0.1), log=_rank_world()[0] == 0)
     return dataset, classes, bad
 
 
 # -----------------------------------------------------------------------------
-# the built-in demo set
+# the built-in demo sets
 #
-# Six classes that differ only in how the objects move. Every appearance factor (background, object
-# colour, shape, size, position) has the same distribution in every class and at every frame: positions
-# live on a torus (they wrap around the frame edges) with a uniformly random phase, so a single frame
-# says nothing about the class. The motions are all symmetric under a horizontal flip, so the standard
-# flip augmentation never changes a label. Groups (like UCF101's g01..g25) share a background texture
-# and palette across all classes; train and test are split by group.
+# Both are written in the UCF101 layout (UCF-101/<Class>/v_<Class>_gGG_cCC.avi, ucfTrainTestlist/ with
+# CRLF split files; 3 splits that all hold out the same groups), 6 classes, groups of clips of
+# 128x96 pixels, 32-48 frames, XVID; groups 1-3 are the test split, as UCF101 holds out g01-g07.
+#
+# "demo" (the default) has UCF101's structure: a group is one scene, filmed once, of one class, and
+# its 4 clips are consecutive pieces of that take. Each class is a scene type and an action: three
+# scene types (the background's texture: vertical stripes, a checkerboard, horizontal stripes; every
+# scene draws its own colours, period, phase and tilt) each host two actions that differ only in how
+# the objects move. A single frame tells the scene type, so appearance alone can reach at most 1/2;
+# the rest needs motion. Test groups are scenes never seen in training.
+#
+# "demo-motion" is the static-appearance stress test: six classes that differ only in motion, and
+# every group's background and palette are shared by all six classes, so a frame says nothing about
+# the class and instance discrimination on appearance learns nothing about it. Positions live on a
+# torus (they wrap around the frame edges) with a random phase, so no frame position hints at the
+# class either. Every motion in both sets is symmetric under a horizontal flip, so the flip
+# augmentation never changes a label.
 
-DEMO_VERSION = 1
-DEMO_CLASSES = ("MoveUp", "MoveDown", "Grow", "Shrink", "SwingHorizontal", "SwingVertical")
-DEMO_GROUPS, DEMO_TEST_GROUPS, DEMO_CLIPS = 10, 3, 4  # groups 1-3 are test (UCF101: g01-g07 of 25)
+DEMOS = {"demo": 2, "demo-motion": 1}  # name -> version, part of the cache folder's name
+DEMO_SCENE_CLASSES = (("Rise", "vertical"), ("Fall", "vertical"), ("Grow", "checker"),
+                      ("Shrink", "checker"), ("SwingHorizontal", "horizontal"),
+                      ("SwingVertical", "horizontal"))
+DEMO_MOTION_CLASSES = ("MoveUp", "MoveDown", "Grow", "Shrink", "SwingHorizontal", "SwingVertical")
+# (groups per class, test groups, clips per group); the first groups are the test split (UCF101:
+# g01-g07 of 25 groups of 4-7 clips). "demo" has more, shorter groups: its kNN and probe read 36
+# independent test scenes rather than 18.
+DEMO_GROUPS = {"demo": (16, 6, 3), "demo-motion": (10, 3, 4)}
 DEMO_SIZE, DEMO_FPS = (128, 96), 25
 
 
@@ -793,24 +813,49 @@ def _smooth_noise(rng, h, w, cells):
     return cv2.resize(noise, (w, h), interpolation=cv2.INTER_CUBIC)
 
 
-def _demo_video(rng, motion, background, palette, frames):
+def _scene_background(rng, texture):
+    """A scene's background (H, W, 3) float: a smoothed square-wave grating of the scene type's
+    orientation (tilted by up to 20 degrees), or the product of two (a checkerboard), in two colours
+    of its own, one dark and one light."""
     w, h = DEMO_SIZE
-    objects = []
-    for _ in range(int(rng.integers(2, 4))):
-        objects.append(dict(
-            x=rng.uniform(0, w), y=rng.uniform(0, h), phase=rng.uniform(0, 1),
-            size=rng.uniform(8, 20), speed=rng.uniform(2.0, 3.5), shape=int(rng.integers(0, 3)),
-            color=(palette[int(rng.integers(0, len(palette)))] + rng.normal(0, 20, 3)).clip(0, 255)))
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    period, tilt = rng.uniform(6, 14), rng.uniform(-0.35, 0.35)
+
+    def grating(angle):  # stripes perpendicular to the direction `angle`
+        phase = rng.uniform(0, 2 * math.pi)
+        return np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period + phase)
+
+    if texture == "vertical":
+        a = grating(tilt)
+    elif texture == "horizontal":
+        a = grating(math.pi / 2 + tilt)
+    else:
+        a = grating(tilt) * grating(math.pi / 2 + tilt)
+    a = (np.tanh(2 * a) / 2 + 0.5)[..., None]  # (H, W, 1) in [0, 1]
+    dark, light = rng.uniform(0, 110, 3), rng.uniform(140, 255, 3)
+    return (dark * (1 - a) + light * a).astype(np.float32)
+
+
+def _demo_objects(rng, colors):
+    return [dict(x=rng.uniform(0, DEMO_SIZE[0]), y=rng.uniform(0, DEMO_SIZE[1]), phase=rng.uniform(0, 1),
+                 size=rng.uniform(8, 20), speed=rng.uniform(2.0, 3.5), shape=int(rng.integers(0, 3)),
+                 color=colors[int(rng.integers(0, len(colors)))] + rng.normal(0, 20, 3))
+            for _ in range(int(rng.integers(2, 4)))]
+
+
+def _render(rng, motion, background, objects, frames, t0=0):
+    """Frames t0 .. t0 + frames - 1 of `objects` moving by `motion` over `background`, uint8 RGB."""
+    w, h = DEMO_SIZE
     out = []
-    for t in range(frames):
+    for t in range(t0, t0 + frames):
         frame = background.copy()
         for o in objects:
             x, y, size = o["x"], o["y"], o["size"]
             swing = 2 * abs(((o["phase"] + t * o["speed"] / 40) % 1) - 0.5) - 0.5  # triangle wave
             cycle = (o["phase"] + t * o["speed"] / 60) % 1  # sawtooth for the size classes
-            if motion == "MoveUp":
+            if motion in ("MoveUp", "Rise"):
                 y -= o["speed"] * t
-            elif motion == "MoveDown":
+            elif motion in ("MoveDown", "Fall"):
                 y += o["speed"] * t
             elif motion == "SwingHorizontal":
                 x += 40 * swing
@@ -830,7 +875,7 @@ def _demo_video(rng, motion, background, palette, frames):
 
 
 def _draw_shape(frame, shape, x, y, size, color):
-    color = tuple(float(c) for c in color)
+    color = tuple(float(c) for c in np.clip(color, 0, 255))
     if shape == 0:
         cv2.circle(frame, (int(x), int(y)), int(size / 2), color, -1, cv2.LINE_AA)
     elif shape == 1:
@@ -842,53 +887,87 @@ def _draw_shape(frame, shape, x, y, size, color):
         cv2.fillPoly(frame, [pts], color, cv2.LINE_AA)
 
 
-def make_demo(root, seed=0):
-    """Write the demo set under `root` in the UCF101 layout (UCF-101/ and ucfTrainTestlist/ with
-    CRLF split files, 3 splits that all hold out the same groups). ~240 videos, a few seconds."""
-    rng = np.random.default_rng(seed)
+def _write_video(path, frames):
     w, h = DEMO_SIZE
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"XVID"), DEMO_FPS, (w, h))
+    for f in frames:
+        writer.write(f)
+    writer.release()
+
+
+def _write_splits(root, classes, videos, test_groups):
+    """UCF101 split files for `videos` [(rel, label, group)], CRLF as the official ones; groups
+    1..test_groups are the test split."""
     lists = os.path.join(root, "ucfTrainTestlist")
     os.makedirs(lists, exist_ok=True)
-    train, test = [], []
-    for g in range(1, DEMO_GROUPS + 1):
-        background = (_smooth_noise(rng, h, w, 4) * 160 + rng.uniform(0, 95, 3)).astype(np.float32)
-        palette = rng.uniform(0, 255, (3, 3))
-        for label, motion in enumerate(DEMO_CLASSES):
-            os.makedirs(os.path.join(root, "UCF-101", motion), exist_ok=True)
-            for c in range(1, DEMO_CLIPS + 1):
-                rel = f"{motion}/v_{motion}_g{g:02d}_c{c:02d}.avi"
-                frames = _demo_video(rng, motion, background, palette, int(rng.integers(32, 49)))
-                writer = cv2.VideoWriter(os.path.join(root, "UCF-101", rel),
-                                         cv2.VideoWriter_fourcc(*"XVID"), DEMO_FPS, (w, h))
-                for f in frames:
-                    writer.write(f)
-                writer.release()
-                (test if g <= DEMO_TEST_GROUPS else train).append((rel, label + 1))
+    train = [(rel, label) for rel, label, g in videos if g > test_groups]
+    test = [(rel, label) for rel, label, g in videos if g <= test_groups]
     for split in (1, 2, 3):
         with open(os.path.join(lists, f"trainlist0{split}.txt"), "w", newline="\r\n") as f:
-            f.writelines(f"{rel} {label}\n" for rel, label in train)
+            f.writelines(f"{rel} {label + 1}\n" for rel, label in train)
         with open(os.path.join(lists, f"testlist0{split}.txt"), "w", newline="\r\n") as f:
             f.writelines(f"{rel}\n" for rel, _ in test)
     with open(os.path.join(lists, "classInd.txt"), "w", newline="\r\n") as f:
-        f.writelines(f"{i + 1} {name}\n" for i, name in enumerate(DEMO_CLASSES))
+        f.writelines(f"{i + 1} {name}\n" for i, name in enumerate(classes))
+
+
+def make_demo(root, seed=0):
+    """Write the default demo set (scenes within classes, see above) under `root`; a few seconds."""
+    rng = np.random.default_rng(seed)
+    classes = [name for name, _ in DEMO_SCENE_CLASSES]
+    groups, test_groups, clips = DEMO_GROUPS["demo"]
+    videos = []
+    for label, (motion, texture) in enumerate(DEMO_SCENE_CLASSES):
+        os.makedirs(os.path.join(root, "UCF-101", motion), exist_ok=True)
+        for g in range(1, groups + 1):
+            background = _scene_background(rng, texture)
+            objects = _demo_objects(rng, rng.uniform(0, 255, (3, 3)))
+            lengths = rng.integers(32, 49, clips)
+            take = _render(rng, motion, background, objects, int(lengths.sum()))  # one take of the scene
+            for c, start in enumerate(np.cumsum(lengths) - lengths, 1):
+                rel = f"{motion}/v_{motion}_g{g:02d}_c{c:02d}.avi"
+                _write_video(os.path.join(root, "UCF-101", rel), take[start:start + lengths[c - 1]])
+                videos.append((rel, label, g))
+    _write_splits(root, classes, videos, test_groups)
     return root
 
 
-def ensure_demo(root):
-    """Generate the demo set into `root` unless it is already there (atomically: a half-written set
-    from an interrupted run is never used)."""
+def make_demo_motion(root, seed=0):
+    """Write the demo-motion set (classes differ only in motion, see above) under `root`."""
+    rng = np.random.default_rng(seed)
+    w, h = DEMO_SIZE
+    groups, test_groups, clips = DEMO_GROUPS["demo-motion"]
+    videos = []
+    for g in range(1, groups + 1):
+        background = (_smooth_noise(rng, h, w, 4) * 160 + rng.uniform(0, 95, 3)).astype(np.float32)
+        palette = rng.uniform(0, 255, (3, 3))
+        for label, motion in enumerate(DEMO_MOTION_CLASSES):
+            os.makedirs(os.path.join(root, "UCF-101", motion), exist_ok=True)
+            for c in range(1, clips + 1):
+                rel = f"{motion}/v_{motion}_g{g:02d}_c{c:02d}.avi"
+                frames = int(rng.integers(32, 49))  # drawn before the objects, as version 1 did
+                objects = _demo_objects(rng, palette)
+                _write_video(os.path.join(root, "UCF-101", rel), _render(rng, motion, background, objects, frames))
+                videos.append((rel, label, g))
+    _write_splits(root, DEMO_MOTION_CLASSES, videos, test_groups)
+    return root
+
+
+def ensure_demo(root, name="demo"):
+    """Generate the demo set `name` into `root` unless it is already there (atomically: a
+    half-written set from an interrupted run is never used)."""
     if os.path.isfile(os.path.join(root, "ucfTrainTestlist", "classInd.txt")):
         return root
     parent = os.path.dirname(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".demo-", dir=parent)
     t0 = time.time()
-    make_demo(tmp)
+    (make_demo_motion if name == "demo-motion" else make_demo)(tmp)
     try:
         os.replace(tmp, root)
     except OSError:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrote the built-in demo set to {root} ({time.time() - t0:.1f} s)", file=sys.stderr)
+    print(f"wrote the built-in {name} set to {root} ({time.time() - t0:.1f} s)", file=sys.stderr)
     return root
 
 
@@ -992,8 +1071,9 @@ def resize(args):
 def main():
     parser = argparse.ArgumentParser(description="VideoMoCo data tools")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="write the built-in demo set (UCF101 layout)")
+    p = sub.add_parser("demo", help="write a built-in demo set (UCF101 layout)")
     p.add_argument("dir", nargs="?", default=None, help="output folder (default: the demo cache)")
+    p.add_argument("--name", default="demo", choices=tuple(DEMOS), help="which demo set")
     p = sub.add_parser("check", help="decode every listed video and report the bad ones")
     p.add_argument("--dataset", default="demo", help=f"one of {', '.join(DATASETS)}")
     p.add_argument("--data-root", default=None, help="dataset root as unpacked from the archives")
@@ -1013,10 +1093,10 @@ def main():
                 if os.path.exists(os.path.join(args.dir, "ucfTrainTestlist", "classInd.txt")):
                     raise DataError(f"{args.dir} already holds a dataset")
                 t0 = time.time()
-                make_demo(args.dir)
-                print(f"wrote the demo set to {args.dir} in {time.time() - t0:.1f} s")
+                (make_demo_motion if args.name == "demo-motion" else make_demo)(args.dir)
+                print(f"wrote the {args.name} set to {args.dir} in {time.time() - t0:.1f} s")
             else:
-                print(ensure_demo(demo_root()))
+                print(ensure_demo(demo_root(args.name), args.name))
         elif args.command == "check":
             check(args)
         else:
