@@ -20,7 +20,6 @@ Dataset and clip settings default to the checkpoint's; flags override them.
 """
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -29,13 +28,13 @@ import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 
 import data
 import finetune
 import models
 import pretrain
+from utils import knn_predict, per_video, pooled_features, video_features
 
 DATA_KEYS = ("dataset", "data_root", "split", "frames", "stride", "crop")
 # for a checkpoint that carries no data settings (backbone.pt, random init): the demo preset's
@@ -85,14 +84,6 @@ def retrieval_recall(query, gallery, query_labels, gallery_labels, ks=(1, 5, 10,
     return {f"R@{k}": hits[:, :k].any(dim=1).float().mean().item() for k in ks}
 
 
-def knn_predict(query, gallery, gallery_labels, num_classes, k=20, temperature=0.07):
-    """Weighted k-NN vote: each of the k nearest gallery items votes exp(cos / T) for its class."""
-    sim, index = (query @ gallery.T).topk(min(k, gallery.shape[0]), dim=1)  # (Q, k)
-    votes = torch.zeros(query.shape[0], num_classes, dtype=sim.dtype, device=sim.device)
-    votes.scatter_add_(1, gallery_labels[index], (sim / temperature).exp())
-    return votes.argmax(dim=1)
-
-
 def entropy(probs):
     """Shannon entropy (nats) of each row of probabilities, the paper's Sec 3.4 measure."""
     return -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1)
@@ -120,45 +111,6 @@ def shuffle_frames(x, generator):
     """Each clip's frames in a random order of its own: the same frames, the order gone."""
     order = torch.rand(x.shape[0], x.shape[2], generator=generator).argsort(dim=1).to(x.device)  # (N, T)
     return x.gather(2, order[:, None, :, None, None].expand_as(x))
-
-
-# -----------------------------------------------------------------------------
-# running the model over a test set
-
-def _gather(obj):
-    if not dist.is_initialized():
-        return obj
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, obj)
-    return [x for part in parts for x in part]
-
-
-@contextlib.contextmanager
-def pooled_features(model):
-    """Inside the block model(x) gives the pooled backbone features, the input of the head `fc`."""
-    head, model.fc = model.fc, nn.Identity()
-    try:
-        yield model
-    finally:
-        model.fc = head
-
-
-@torch.no_grad()
-def per_video(fn, loader, device, ctx):
-    """fn(clips (V*C, 3, T, H, W)) -> (V*C, D) per clip; returns {index: (C, D) cpu float}, skipped
-    indices. Each batch holds V videos of C clips; invalid (bad) videos are skipped and counted."""
-    results, skipped = [], []
-    for batch in loader:
-        video = batch["video"].to(device, non_blocking=True)  # (V, C, 3, T, H, W)
-        v, c = video.shape[:2]
-        with ctx:
-            out = fn(video.flatten(0, 1)).float().view(v, c, -1).cpu()
-        for i, index in enumerate(batch["index"].tolist()):
-            if batch["valid"][i]:
-                results.append((index, out[i]))
-            else:
-                skipped.append(index)
-    return dict(_gather(results)), _gather(skipped)
 
 
 def load_model(args):
@@ -305,15 +257,8 @@ def main(argv=None):
     if kind != "finetune" or args.knn:
         gallery_loader, _ = loader(train=True)
         gallery_labels = torch.tensor([y for _, y in gallery_loader.dataset.samples])
-
-        def video_features(loader):
-            feats, skipped = per_video(lambda x: F.normalize(model(x), dim=1), loader, device, ctx)
-            index = torch.tensor(sorted(feats))
-            return F.normalize(torch.stack([feats[i].mean(0) for i in index.tolist()]), dim=1), index, skipped
-
-        with pooled_features(model):
-            q, q_index, q_skipped = video_features(test_loader)
-            g, g_index, g_skipped = video_features(gallery_loader)
+        q, q_index, q_skipped = video_features(model, test_loader, device, ctx)
+        g, g_index, g_skipped = video_features(model, gallery_loader, device, ctx)
         recall = retrieval_recall(q, g, labels[q_index], gallery_labels[g_index])
         pred = knn_predict(q, g, gallery_labels[g_index], len(classes), args.knn_k)
         result.update(recall, knn_top1=(pred == labels[q_index]).float().mean().item(),

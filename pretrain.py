@@ -29,10 +29,13 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import models
+import utils
 
 
 METHODS = ("videomoco", "moco", "cvrl", "vclr")
@@ -48,9 +51,15 @@ def get_args_parser():
     p.add_argument("--moco-m", type=float, default=0.999, help="momentum m of the key encoder, Eq 2 (paper: 0.999)")
     p.add_argument("--moco-t", type=float, default=0.07, help="softmax temperature tau, Eq 1 (paper: 0.07)")
     p.add_argument("--decay", type=float, default=0.99999, help="temporal decay t of Eq 6; 1 = plain MoCo (paper: 0.99999)")
+    p.add_argument("--decay-start", type=int, default=0,
+                   help="epoch from which D's loss is Eq 6; before it, Eq 1 (default 0: the decay is part of D's loss throughout)")
     p.add_argument("--decay-unit", default="key", choices=("key", "step"),
                    help="age i of Eq 6 counted in keys (paper's t^65536 = 0.52) or in enqueue steps (authors' code)")
     p.add_argument("--shuffle-splits", type=int, default=2, help="sub-batches of the shuffle-BN emulation in a world of one")
+    p.add_argument("--mlp", action=argparse.BooleanOptionalAction, default=True,
+                   help="projection head: MoCo v2's MLP (default, measured in the README) or --no-mlp, MoCo v1's linear layer")
+    p.add_argument("--jitter", type=float, default=0.8, help="probability of colour jitter per clip (MoCo v2: 0.8)")
+    p.add_argument("--grayscale", type=float, default=0.2, help="probability of grayscale per clip (MoCo v2: 0.2)")
     # method: VideoMoCo, its MoCo baseline, and the methods users compare it with, on the same code
     p.add_argument("--method", default="videomoco", choices=METHODS,
                    help="videomoco; moco (= --generator none --decay 1); cvrl (Qian et al.); vclr (Kuang et al.)")
@@ -70,7 +79,7 @@ def get_args_parser():
     # generator
     p.add_argument("--generator", default="convlstm", choices=("convlstm", "random", "none"),
                    help="how frames are dropped: ConvLSTM G (adversarial), random (Table 1 ablation), none (MoCo baseline)")
-    p.add_argument("--drop-frames", type=int, default=8, help="k frames dropped of T, Eq 3 (paper: 8 of 32)")
+    p.add_argument("--drop-frames", type=int, default=None, help="k frames dropped of T, Eq 3 (default T/4: the paper's 8 of 32)")
     p.add_argument("--g-hidden", type=int, default=256, help="LSTM hidden units of G (paper: 256)")
     p.add_argument("--g-width", type=int, default=32, help="channels of G's first conv layer")
     p.add_argument("--g-lr", type=float, default=0.02, help="G's SGD learning rate (paper: 0.02, momentum 0.9, no weight decay)")
@@ -89,16 +98,20 @@ def get_args_parser():
     p.add_argument("--print-freq", type=int, default=20, help="steps between log lines")
     p.add_argument("--save-every-min", type=float, default=30, help="minutes between mid-epoch checkpoints")
     p.add_argument("--max-nonfinite", type=int, default=20, help="abort after this many non-finite losses in a row")
+    p.add_argument("--knn-every", type=int, default=0,
+                   help="epochs between kNN top-1 measurements on the test split, epoch 0 (random init) included; 0 = off")
     return p
 
 
 # The demo preset: what `python pretrain.py` runs when no --data-root is given, so that it finishes in
-# a few minutes on 2 CPU cores (1.2 measured). Flags given on the command line win. K stays below the
-# 168 training videos, or every video would sit in the queue as its own negative; t is chosen so that
-# the oldest key weighs about 0.52 (0.9949^128), as the paper's 0.99999 does for K = 65536.
-DEMO_PRESET = dict(arch="tiny", frames=16, stride=2, crop=64, batch_size=16, epochs=30, workers=2,
-                   moco_k=128, moco_m=0.99, decay=0.9949, drop_frames=4, g_hidden=64, g_width=16,
-                   lr=0.05, g_lr=0.05, print_freq=10, out="runs/demo")
+# about 2.5 minutes on 2 CPU cores. Flags given on the command line win. K = 64 keys against 180
+# training videos (K/N = 0.36; the paper's 65536 of Kinetics' 240k is 0.27): at K = 128 a clip's two
+# group-mates and often its own earlier key sit in the queue as negatives. t is chosen so that the
+# oldest key weighs 0.52 (0.9898^64), as the paper's 0.99999^65536 does. No colour jitter: at 330
+# steps it keeps the loss at 0.75 of chance (README, "Does it learn?"); grayscale stays.
+DEMO_PRESET = dict(arch="tiny", frames=16, stride=2, crop=64, batch_size=32, epochs=30, workers=2,
+                   moco_k=64, moco_m=0.99, decay=0.9898, g_hidden=64, g_width=16,
+                   lr=0.1, g_lr=0.05, jitter=0.0, knn_every=5, print_freq=10, out="runs/demo")
 # per method, on top of DEMO_PRESET: VCLR's three clips must fit in the demo's 32-48 frame videos
 METHOD_DEMO_PRESET = {"vclr": dict(frames=8, stride=1), "cvrl": dict(cvrl_hidden=256)}
 
@@ -122,7 +135,7 @@ def apply_preset(args, given, preset):
 
 
 def is_demo(args):
-    return args.dataset == "demo" and args.data_root is None
+    return args.dataset in data.DEMOS and args.data_root is None
 
 
 # -----------------------------------------------------------------------------
@@ -211,6 +224,14 @@ class Logger:
                 f.write(json.dumps(fields) + "\n")
 
 
+def cosine(epoch, start, end):
+    """The factor of a half-cosine learning-rate schedule that starts at 1 in epoch `start` and ends
+    near 0 in epoch `end` - 1 (MoCo v2, per epoch); 0 before `start`."""
+    if epoch < start:
+        return 0.0
+    return 0.5 * (1 + math.cos(math.pi * (epoch - start) / max(end - start, 1)))
+
+
 def format_eta(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -228,6 +249,18 @@ class StopFlag:
         self.set = True
 
 
+def global_batchnorm(model, method, device, world, log):
+    """CVRL normalises over the global batch (SyncBatchNorm, Qian et al. Sec 4.1). PyTorch's
+    SyncBatchNorm runs on GPUs only: on CPU (gloo) each process keeps normalising its own batch, and
+    the run says so. MoCo-style methods keep per-process BN: shuffle-BN needs it."""
+    if method != "cvrl" or world == 1:
+        return model
+    if device.type != "cuda":
+        log(f"cvrl on {world} CPU processes: BN statistics per process (SyncBatchNorm needs CUDA)")
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def all_ranks_any(flags, device):
     """Element-wise OR of small boolean lists across ranks (one all-reduce)."""
     t = torch.tensor([float(f) for f in flags], device=device)
@@ -239,13 +272,14 @@ def all_ranks_any(flags, device):
 # -----------------------------------------------------------------------------
 # the VideoMoCo step
 
-def forward_step(model, generator, video, order, phase, args, ctx):
+def forward_step(model, generator, video, order, phase, args, ctx, decay=None):
     """Forward of one step. phase "moco": x is the query (Eq 1, decayed by Eq 6); "random-drop": k
     random frames of x dropped (Table 1's ablation); "adversarial": G drops the k most important
     frames (Eq 3), and D(x) is computed once more, without gradient, for G's loss (Eq 4).
     video: (N, 2, 3, T, H, W), x and x_key, two augmentations of the same clip. Phases "cvrl" and
     "vclr" pass the method's views (CVRL: two clips; VCLR: two tuples and their order label) to its
-    model; every phase returns "loss_d", the loss of the encoder, and "loss_g" (None but for G)."""
+    model; every phase returns "loss_d", the loss of the encoder, and "loss_g" (None but for G).
+    decay: t of Eq 6 for this step (1 = Eq 1), VideoMoCo's phases only."""
     x, x_key = video[:, 0], video[:, 1]
     if getattr(args, "background_erasing", 0) > 0:  # on the query view (every clip of VCLR's anchor tuple)
         x = models.background_erasing(x.flatten(0, x.dim() - 5), args.background_erasing, args.be_weight)[0].view_as(x)
@@ -262,9 +296,31 @@ def forward_step(model, generator, video, order, phase, args, ctx):
         else:
             x_query = x
         x_query_in = x_query.detach().requires_grad_(phase == "adversarial")
-        out = model(x_query_in, x_key, x if phase == "adversarial" else None)
+        out = model(x_query_in, x_key, x if phase == "adversarial" else None, decay)
+        if phase == "adversarial":
+            out["l1_random"] = random_drop_distance(model, x, out["q_full"], args.drop_frames)
     out["x_query"], out["x_query_in"] = x_query, x_query_in
     return out
+
+
+@torch.no_grad()
+def random_drop_distance(model, x, q_full, k):
+    """Table 1's yardstick for G: Eq 4's distance E|D(x') - D(x)|_1 with x' = x with k frames dropped
+    at random, on the clips G saw. BN running statistics are left as they were, so measuring does not
+    change the model: the BN layers update clones, swapped in and out (restoring them in place would
+    break D's backward, which holds the originals)."""
+    encoder = (model.module if isinstance(model, DDP) else model).encoder_q
+    bns = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    stats = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in bns]
+    for m, (mean, var, count) in zip(bns, stats):
+        m.running_mean, m.running_var, m.num_batches_tracked = mean.clone(), var.clone(), count.clone()
+    try:
+        videomoco = model.module if isinstance(model, DDP) else model
+        q = F.normalize(videomoco.encode_query(models.random_drop(x, k)[0]), dim=1)
+    finally:
+        for m, (mean, var, count) in zip(bns, stats):
+            m.running_mean, m.running_var, m.num_batches_tracked = mean, var, count
+    return (q.float() - q_full.float()).abs().sum(dim=1).mean()
 
 
 def backward_step(out, opt_d, opt_g, scaler):
@@ -305,6 +361,8 @@ def main(argv=None):
         args.generator = "none"  # G belongs to VideoMoCo
     if args.adv_start is None:
         args.adv_start = args.epochs // 2  # the paper: D alone for the first half (Sec 4.2)
+    if args.drop_frames is None:
+        args.drop_frames = max(args.frames // 4, 1)  # the paper's ratio, 8 of 32 (Sec 3.1: 25 %)
     if args.generator != "none" and not 0 < args.drop_frames < args.frames:
         raise SystemExit(f"error: --drop-frames must be in 1..{args.frames - 1} for --frames {args.frames} "
                          "(no dropping is --generator none)")
@@ -332,10 +390,11 @@ def main(argv=None):
         model = models.CVRL(args.arch, args.moco_dim, args.cvrl_hidden, args.cvrl_t, args.input)
     elif args.method == "vclr":
         model = models.VCLR(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.segments,
-                            args.order_weight, args.shuffle_splits, args.input)
+                            args.order_weight, args.shuffle_splits, args.input, args.mlp)
     else:
         model = models.VideoMoCo(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.decay,
-                                 args.decay_unit, args.shuffle_splits, args.input)
+                                 args.decay_unit, args.shuffle_splits, args.input, args.mlp)
+    model = global_batchnorm(model, args.method, device, world, log)
     model.to(device)
     # G exists only where it is used: --method videomoco with --generator convlstm
     generator = models.ConvLSTMGenerator(3, args.g_hidden, args.g_width).to(device) if args.generator == "convlstm" else None
@@ -398,22 +457,42 @@ def main(argv=None):
                      "opt_g": opt_g.state_dict() if opt_g else None, "scaler": scaler.state_dict() if scaler else None,
                      "epoch": epoch, "step": step, "epoch_step": epoch_step, "args": vars(args),
                      "rng": states}, ckpt_path)
-        # the query encoder alone, loadable into the torchvision model of the same arch (strict)
-        save_atomic(model.encoder_q.state_dict(), os.path.join(args.out, "backbone.pt"))
+        # the query encoder without its projection head: every key is the torchvision model's of the same arch
+        save_atomic({k: v for k, v in model.encoder_q.state_dict().items() if not k.startswith("fc.")},
+                    os.path.join(args.out, "backbone.pt"))
+
+    # watching the run: the contrastive loss against its chance level, the feature spread, kNN
+    def chance_level(decay):  # the loss of collapsed features: 2B - 1 candidates for CVRL, the queue's for the others
+        if args.method == "cvrl":
+            return math.log(2 * args.batch_size - 1)
+        return models.infonce_chance(model.queue_age, model.decay if args.method == "vclr" else decay)
+
+    knn = utils.KNNMonitor(args, args.workers) if args.knn_every > 0 else None
+    curves = os.path.join(args.out, "curves.png")
+
+    def measure_knn(epochs_done):
+        top1 = knn(model.encoder_q, device, ctx)
+        log(f"kNN top-1 after {epochs_done} epochs: {top1:.3f} (chance {1 / knn.num_classes:.3f}; "
+            f"20-NN on the test split, 1 clip per video)", curve=True, epoch=epochs_done, knn_top1=top1,
+            knn_chance=1 / knn.num_classes)
+        return top1
+
+    if knn is not None and start_epoch == 0 and skip == 0:
+        measure_knn(0)  # the random-init anchor
 
     # loop
     try:  # a DataError (too many bad videos) is raised on every rank at the same flush
-        stop, nonfinite, last_save = StopFlag(), 0, time.time()
+        stop, nonfinite, last_save, warned = StopFlag(), 0, time.time(), False
         steps_per_epoch = len(loader)
         total_steps = args.epochs * steps_per_epoch
         t_start, step_at_start = time.time(), step
         for epoch in range(start_epoch, args.epochs):
             loader.sampler.set_epoch(epoch, skip * (args.batch_size // world))
-            lr_factor = 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))  # cosine, per epoch (MoCo v2)
-            for group in opt_d.param_groups:
-                group["lr"] = args.lr * lr_factor
-            for group in opt_g.param_groups if opt_g else []:
-                group["lr"] = args.g_lr * lr_factor
+            for group in opt_d.param_groups:  # cosine, per epoch (MoCo v2)
+                group["lr"] = args.lr * cosine(epoch, 0, args.epochs)
+            for group in opt_g.param_groups if opt_g else []:  # G's own cosine over its own phase
+                group["lr"] = args.g_lr * cosine(epoch, args.adv_start, args.epochs)
+            decay = args.decay if epoch >= args.decay_start else 1.0
             phase = args.method if args.method in ("cvrl", "vclr") else "moco"
             if epoch >= args.adv_start and args.generator != "none":
                 phase = "adversarial" if args.generator == "convlstm" else "random-drop"
@@ -421,11 +500,12 @@ def main(argv=None):
             if generator_ddp is not None:
                 generator_ddp.train()
             t_log, clips_since_log = time.time(), 0
+            sums = torch.zeros(6, device=device)  # contrastive loss, accuracy, spread, steps; Eq 4 by G, at random
             for epoch_step, batch in enumerate(loader, start=skip):
                 bad.update(batch["bad"])
                 video = batch["video"].to(device, non_blocking=True)  # (N, 2, 3, T, H, W); VCLR (N, 2, S, ...)
                 order = batch["order"].to(device) if "order" in batch else None
-                out = forward_step(model_ddp, generator_ddp, video, order, phase, args, ctx)
+                out = forward_step(model_ddp, generator_ddp, video, order, phase, args, ctx, decay)
                 loss_d, loss_g = out["loss_d"], out["loss_g"]
                 finite = bool(torch.isfinite(loss_d)) and (loss_g is None or bool(torch.isfinite(loss_g)))
                 save_due = time.time() - last_save > args.save_every_min * 60
@@ -439,6 +519,10 @@ def main(argv=None):
                 else:
                     nonfinite = 0
                     backward_step(out, opt_d, opt_g, scaler)
+                    spread = utils.feature_spread(out["q"])
+                    eq4 = [-loss_g.detach().float(), out["l1_random"].float()] if loss_g is not None else [0, 0]
+                    sums += torch.stack([out.get("loss_nce", loss_d).detach().float(), out["acc"].float(), spread,
+                                         torch.ones((), device=device), *map(torch.as_tensor, eq4)]).to(device)
                 step += 1
                 clips_since_log += args.batch_size
 
@@ -449,12 +533,13 @@ def main(argv=None):
                     eta = (time.time() - t_start) / max(step - step_at_start, 1) * (total_steps - step)
                     lg = loss_g.item() if loss_g is not None else float("nan")
                     fields = dict(epoch=epoch, step=step, loss_d=loss_d.item(), loss_g=lg, acc=out["acc"].item(),
-                                  lr=opt_d.param_groups[0]["lr"], clips_per_s=rate, eta_s=eta, bad_videos=len(bad),
-                                  phase=phase)
+                                  spread=utils.feature_spread(out["q"]).item(), lr=opt_d.param_groups[0]["lr"],
+                                  clips_per_s=rate, eta_s=eta, bad_videos=len(bad), phase=phase)
                     extra = {k: out[k].item() for k in ("loss_order", "order_acc") if k in out}  # VCLR's
                     fields.update(extra)
                     log(f"epoch {epoch} step {step}/{total_steps} loss_d {fields['loss_d']:.4f} loss_g {lg:.4f} "
-                        f"acc {fields['acc']:.3f} lr {fields['lr']:.4g} {rate:.1f} clips/s eta {format_eta(eta)}"
+                        f"acc {fields['acc']:.3f} spread {fields['spread']:.3f} lr {fields['lr']:.4g} "
+                        f"{rate:.1f} clips/s eta {format_eta(eta)}"
                         + "".join(f" {k} {v:.4f}" for k, v in extra.items())
                         + f" bad {len(bad)} [{phase}]", **fields)
                     t_log, clips_since_log = time.time(), 0
@@ -470,12 +555,34 @@ def main(argv=None):
             skip = 0
             save(epoch + 1, 0)
             last_save = time.time()
-            log(f"epoch {epoch} done: {len(bad)} bad videos skipped so far; saved {ckpt_path}")
+            if dist.is_initialized():
+                dist.all_reduce(sums)
+            loss, acc, spread = (sums[:3] / sums[3].clamp(min=1)).tolist()
+            chance = chance_level(decay)
+            # G's drops against random drops of as many frames, Eq 4's distance on the same clips (Table 1)
+            g_vs_random = (sums[4] / sums[5]).item() if phase == "adversarial" and sums[5] > 0 else None
+            log(f"epoch {epoch} done: loss {loss:.4f} (chance {chance:.4f}) acc {acc:.3f} spread {spread:.3f}"
+                + (f"; Eq 4 distance of G's drops / random drops {g_vs_random:.3f}" if g_vs_random else "")
+                + f"; {len(bad)} bad videos skipped so far; saved {ckpt_path}",
+                curve=True, epoch=epoch + 1, loss=loss, acc=acc, spread=spread, chance=chance, g_vs_random=g_vs_random)
+            warning = utils.collapse_warning(loss, spread, chance) if sums[3] > 0 else None
+            if warning and not warned:
+                log(warning)
+                warned = True
+            if knn is not None and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+                measure_knn(epoch + 1)
+            if rank == 0:
+                utils.draw_curves(log.path, curves)
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
     if len(bad) and rank == 0:
         bad.write(os.path.join(args.out, "bad_videos.txt"))
-    log(f"done. backbone: {os.path.join(args.out, 'backbone.pt')}\n"
+    knn_curve = [r["knn_top1"] for r in utils.read_epoch_log(log.path) if r.get("knn_top1") is not None] \
+        if knn is not None and rank == 0 else []
+    if len(knn_curve) > 1:
+        log(f"kNN top-1 on the test split went from {knn_curve[0]:.3f} at random init to {knn_curve[-1]:.3f} "
+            f"after {args.epochs} epochs (chance {1 / knn.num_classes:.3f})")
+    log(f"done. curves: {curves}; backbone: {os.path.join(args.out, 'backbone.pt')}\n"
         f"next: python evaluate.py --ckpt {ckpt_path}  (kNN retrieval of the pretrained features)\n"
         f"      python finetune.py --ckpt {ckpt_path} --out {args.out}-finetune")
     if dist.is_initialized():

@@ -1,0 +1,206 @@
+"""
+What the stage scripts share to watch a run: pooled features of test-mode clips, the weighted kNN
+vote, the feature spread that shows a collapse, and the curves of a run drawn from its log.jsonl.
+
+    python utils.py curves runs/demo/log.jsonl            # (re)draw runs/demo/curves.png
+"""
+
+import contextlib
+import json
+import math
+import os
+import sys
+
+import cv2
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+
+
+# -----------------------------------------------------------------------------
+# features of whole test sets, kNN
+
+def gather_objects(obj):
+    """The concatenation of a list `obj` over all ranks (rank order); `obj` in a world of one."""
+    if not dist.is_initialized():
+        return obj
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return [x for part in parts for x in part]
+
+
+@contextlib.contextmanager
+def pooled_features(model):
+    """Inside the block model(x) gives the pooled backbone features, the input of the head `fc`."""
+    head, model.fc = model.fc, nn.Identity()
+    try:
+        yield model
+    finally:
+        model.fc = head
+
+
+@torch.no_grad()
+def per_video(fn, loader, device, ctx):
+    """fn(clips (V*C, 3, T, H, W)) -> (V*C, D) per clip; returns {index: (C, D) cpu float}, skipped
+    indices, over all ranks. Each batch holds V videos of C clips; invalid (bad) videos are skipped."""
+    results, skipped = [], []
+    for batch in loader:
+        video = batch["video"].to(device, non_blocking=True)  # (V, C, 3, T, H, W)
+        v, c = video.shape[:2]
+        with ctx:
+            out = fn(video.flatten(0, 1)).float().view(v, c, -1).cpu()
+        for i, index in enumerate(batch["index"].tolist()):
+            if batch["valid"][i]:
+                results.append((index, out[i]))
+            else:
+                skipped.append(index)
+    return dict(gather_objects(results)), gather_objects(skipped)
+
+
+def video_features(model, loader, device, ctx):
+    """(features (V, D), video indices (V,), skipped): the pooled features of each clip, L2-normalised,
+    averaged over the video's clips and normalised again; the model is used as it is (eval mode)."""
+    with pooled_features(model):
+        feats, skipped = per_video(lambda x: F.normalize(model(x), dim=1), loader, device, ctx)
+    index = torch.tensor(sorted(feats), dtype=torch.long)
+    return F.normalize(torch.stack([feats[i].mean(0) for i in index.tolist()]), dim=1), index, skipped
+
+
+def knn_predict(query, gallery, gallery_labels, num_classes, k=20, temperature=0.07):
+    """Weighted k-NN vote: each of the k nearest gallery items votes exp(cos / T) for its class."""
+    sim, index = (query @ gallery.T).topk(min(k, gallery.shape[0]), dim=1)  # (Q, k)
+    votes = torch.zeros(query.shape[0], num_classes, dtype=sim.dtype, device=sim.device)
+    votes.scatter_add_(1, gallery_labels[index], (sim / temperature).exp())
+    return votes.argmax(dim=1)
+
+
+class KNNMonitor:
+    """Weighted 20-NN top-1 of an encoder's pooled features during pretraining (MoCo's CIFAR demo,
+    solo-learn's online kNN): the train split is the gallery, the test split the queries, one centre
+    clip per video (evaluate.py uses 10). The clips are decoded on every call, so nothing is cached."""
+
+    def __init__(self, args, workers, k=20):
+        self.k = k
+        loaders = []
+        for train in (True, False):
+            dataset, classes, _ = data.build_dataset(args, train=train, mode="test", clips=1)
+            loaders.append(data.build_loader(dataset, 16, workers, train=False))
+        self.gallery_loader, self.query_loader = loaders
+        self.num_classes = len(classes)
+        self.labels = [torch.tensor([y for _, y in loader.dataset.samples]) for loader in loaders]
+
+    def __call__(self, encoder, device, ctx):
+        was_training = encoder.training
+        encoder.eval()
+        try:
+            g, g_index, _ = video_features(encoder, self.gallery_loader, device, ctx)
+            q, q_index, _ = video_features(encoder, self.query_loader, device, ctx)
+        finally:
+            encoder.train(was_training)
+        pred = knn_predict(q, g, self.labels[0][g_index], self.num_classes, self.k)
+        return (pred == self.labels[1][q_index]).float().mean().item()
+
+
+# -----------------------------------------------------------------------------
+# collapse monitor
+
+def feature_spread(z):
+    """sqrt(D) x the mean over dimensions of the standard deviation over the batch of L2-normalised
+    features z (N, D): the collapse monitor of SimSiam (Chen & He 2021, Sec 4.1) scaled so that
+    isotropic features give ~1 and features collapsed onto one point give 0."""
+    z = F.normalize(z.detach().float(), dim=1)
+    return z.std(dim=0).mean() * math.sqrt(z.shape[1])
+
+
+COLLAPSE_LOSS_FRACTION = 0.98  # "within 2 % of chance"
+COLLAPSE_SPREAD = 0.1
+
+
+def collapse_warning(loss, spread, chance):
+    """One line for an epoch whose mean contrastive loss stayed within 2 % of its chance level or
+    whose mean feature spread stayed near 0, else None."""
+    if loss >= COLLAPSE_LOSS_FRACTION * chance:
+        why = f"the contrastive loss ({loss:.3f}) stayed within 2% of its chance level {chance:.3f},"
+    elif spread < COLLAPSE_SPREAD:
+        why = f"the feature spread ({spread:.3f}) stayed near 0 (collapse),"
+    else:
+        return None
+    return (f"warning: {why} for a whole epoch: the pretext task is not learning; "
+            "see README, 'Does it learn?'")
+
+
+# -----------------------------------------------------------------------------
+# curves.png from log.jsonl
+
+CURVES = (("loss", "contrastive loss", "chance"), ("acc", "instance accuracy", None),
+          ("spread", "feature spread", None), ("knn_top1", "kNN top-1 (test split)", "knn_chance"))
+
+
+def read_epoch_log(path):
+    """The per-epoch records (those with "curve": true) of a log.jsonl, in order; a later record of
+    the same epoch and key (a resumed run) replaces the earlier one."""
+    records = {}
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("curve"):
+                records.setdefault(r["epoch"], {}).update(r)
+    return [records[e] for e in sorted(records)]
+
+
+def _panel(records, key, title, ref_key, size=(400, 250)):
+    w, h = size
+    img = np.full((h, w, 3), 255, np.uint8)
+    left, right, top, bottom = 52, 12, 26, 30
+    cv2.putText(img, title, (left, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    points = [(r["epoch"], r[key]) for r in records if r.get(key) is not None and math.isfinite(r[key])]
+    refs = [r[ref_key] for r in records if ref_key and r.get(ref_key) is not None]
+    if not points:
+        cv2.putText(img, "no data", (w // 2 - 30, h // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (128, 128, 128), 1)
+        return img
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x_max = max(max(xs), 1)
+    lo, hi = min(ys + refs + [0.0]), max(ys + refs)
+    hi = hi if hi > lo else lo + 1
+    to_px = lambda x, y: (int(left + (w - left - right) * x / x_max),  # noqa: E731
+                          int(h - bottom - (h - top - bottom) * (y - lo) / (hi - lo)))
+    cv2.rectangle(img, (left, top), (w - right, h - bottom), (0, 0, 0), 1)
+    for frac in (0, 0.5, 1):
+        y = lo + frac * (hi - lo)
+        cv2.putText(img, f"{y:.2f}", (2, to_px(0, y)[1] + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (0, 0, 0), 1, cv2.LINE_AA)
+    for x in sorted({0, x_max // 2, x_max}):
+        cv2.putText(img, str(x), (to_px(x, lo)[0] - 4, h - bottom + 14), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (0, 0, 0), 1)
+    cv2.putText(img, "epoch", (w // 2 - 18, h - 3), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (0, 0, 0), 1)
+    if refs:  # the chance level, dashed grey
+        y = to_px(0, refs[-1])[1]
+        for x in range(left, w - right, 10):
+            cv2.line(img, (x, y), (min(x + 5, w - right), y), (150, 150, 150), 1)
+    pts = np.array([to_px(x, y) for x, y in points], np.int32)
+    cv2.polylines(img, [pts], False, (200, 90, 20), 2, cv2.LINE_AA)
+    for p in pts:
+        cv2.circle(img, tuple(int(v) for v in p), 3, (200, 90, 20), -1, cv2.LINE_AA)
+    return img
+
+
+def draw_curves(log_path, png_path):
+    """A 2x2 PNG of loss (chance dashed), accuracy, feature spread and kNN top-1 (chance dashed)
+    against epoch, from the per-epoch records of log.jsonl; written atomically."""
+    records = read_epoch_log(log_path)
+    panels = [_panel(records, key, title, ref) for key, title, ref in CURVES]
+    img = np.concatenate([np.concatenate(panels[:2], 1), np.concatenate(panels[2:], 1)], 0)
+    tmp = png_path + ".tmp.png"
+    cv2.imwrite(tmp, img)
+    os.replace(tmp, png_path)
+    return img
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "curves":
+        sys.exit("usage: python utils.py curves OUT/log.jsonl")
+    out = os.path.join(os.path.dirname(sys.argv[2]) or ".", "curves.png")
+    draw_curves(sys.argv[2], out)
+    print(out)
