@@ -84,6 +84,9 @@ def get_args_parser():
     p.add_argument("--g-width", type=int, default=32, help="channels of G's first conv layer")
     p.add_argument("--g-lr", type=float, default=0.02, help="G's SGD learning rate (paper: 0.02, momentum 0.9, no weight decay)")
     p.add_argument("--g-temperature", type=float, default=1.0, help="temperature of the straight-through soft mask")
+    p.add_argument("--g-ratio-every", type=int, default=10,
+                   help="adversarial steps between measurements of Eq 4 for G's drops / random drops (one extra "
+                        "forward of D without gradient; 1 = every step)")
     p.add_argument("--adv-start", type=int, default=None, help="epoch the adversarial phase starts (default: half the epochs)")
     # optimisation
     p.add_argument("--epochs", type=int, default=200, help="training epochs (paper: 200)")
@@ -111,7 +114,7 @@ def get_args_parser():
 # steps it keeps the loss at 0.75 of chance (README, "Does it learn?"); grayscale stays.
 DEMO_PRESET = dict(arch="tiny", frames=16, stride=2, crop=64, batch_size=32, epochs=30, workers=2,
                    moco_k=64, moco_m=0.99, decay=0.9898, g_hidden=64, g_width=16,
-                   lr=0.1, g_lr=0.05, jitter=0.0, knn_every=5, print_freq=10, out="runs/demo")
+                   lr=0.1, g_lr=0.05, jitter=0.0, knn_every=5, g_ratio_every=1, print_freq=10, out="runs/demo")
 # per method, on top of DEMO_PRESET: VCLR's three clips must fit in the demo's 32-48 frame videos
 METHOD_DEMO_PRESET = {"vclr": dict(frames=8, stride=1), "cvrl": dict(cvrl_hidden=256)}
 
@@ -272,14 +275,15 @@ def all_ranks_any(flags, device):
 # -----------------------------------------------------------------------------
 # the VideoMoCo step
 
-def forward_step(model, generator, video, order, phase, args, ctx, decay=None):
+def forward_step(model, generator, video, order, phase, args, ctx, decay=None, measure_random=False):
     """Forward of one step. phase "moco": x is the query (Eq 1, decayed by Eq 6); "random-drop": k
     random frames of x dropped (Table 1's ablation); "adversarial": G drops the k most important
     frames (Eq 3), and D(x) is computed once more, without gradient, for G's loss (Eq 4).
     video: (N, 2, 3, T, H, W), x and x_key, two augmentations of the same clip. Phases "cvrl" and
     "vclr" pass the method's views (CVRL: two clips; VCLR: two tuples and their order label) to its
     model; every phase returns "loss_d", the loss of the encoder, and "loss_g" (None but for G).
-    decay: t of Eq 6 for this step (1 = Eq 1), VideoMoCo's phases only."""
+    decay: t of Eq 6 for this step (1 = Eq 1), VideoMoCo's phases only. measure_random (adversarial
+    phase): also "l1_random", Eq 4's distance for k frames dropped at random (random_drop_distance)."""
     x, x_key = video[:, 0], video[:, 1]
     if getattr(args, "background_erasing", 0) > 0:  # on the query view (every clip of VCLR's anchor tuple)
         x = models.background_erasing(x.flatten(0, x.dim() - 5), args.background_erasing, args.be_weight)[0].view_as(x)
@@ -297,7 +301,7 @@ def forward_step(model, generator, video, order, phase, args, ctx, decay=None):
             x_query = x
         x_query_in = x_query.detach().requires_grad_(phase == "adversarial")
         out = model(x_query_in, x_key, x if phase == "adversarial" else None, decay)
-        if phase == "adversarial":
+        if phase == "adversarial" and measure_random:
             out["l1_random"] = random_drop_distance(model, x, out["q_full"], args.drop_frames)
     out["x_query"], out["x_query_in"] = x_query, x_query_in
     return out
@@ -366,6 +370,8 @@ def main(argv=None):
     if args.generator != "none" and not 0 < args.drop_frames < args.frames:
         raise SystemExit(f"error: --drop-frames must be in 1..{args.frames - 1} for --frames {args.frames} "
                          "(no dropping is --generator none)")
+    if args.g_ratio_every < 1:
+        raise SystemExit(f"error: --g-ratio-every must be at least 1, got {args.g_ratio_every}")
     os.makedirs(args.out, exist_ok=True)
     log = Logger(args.out, rank)
     if preset:
@@ -505,7 +511,8 @@ def main(argv=None):
                 bad.update(batch["bad"])
                 video = batch["video"].to(device, non_blocking=True)  # (N, 2, 3, T, H, W); VCLR (N, 2, S, ...)
                 order = batch["order"].to(device) if "order" in batch else None
-                out = forward_step(model_ddp, generator_ddp, video, order, phase, args, ctx, decay)
+                out = forward_step(model_ddp, generator_ddp, video, order, phase, args, ctx, decay,
+                                   measure_random=epoch_step % args.g_ratio_every == 0)
                 loss_d, loss_g = out["loss_d"], out["loss_g"]
                 finite = bool(torch.isfinite(loss_d)) and (loss_g is None or bool(torch.isfinite(loss_g)))
                 save_due = time.time() - last_save > args.save_every_min * 60
@@ -520,9 +527,10 @@ def main(argv=None):
                     nonfinite = 0
                     backward_step(out, opt_d, opt_g, scaler)
                     spread = utils.feature_spread(out["q"])
-                    eq4 = [-loss_g.detach().float(), out["l1_random"].float()] if loss_g is not None else [0, 0]
+                    one, zero = torch.ones((), device=device), torch.zeros((), device=device)
+                    eq4 = (-loss_g.detach().float(), out["l1_random"].float()) if "l1_random" in out else (zero, zero)
                     sums += torch.stack([out.get("loss_nce", loss_d).detach().float(), out["acc"].float(), spread,
-                                         torch.ones((), device=device), *map(torch.as_tensor, eq4)]).to(device)
+                                         one, *eq4])
                 step += 1
                 clips_since_log += args.batch_size
 

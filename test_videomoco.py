@@ -1166,8 +1166,9 @@ def test_nonfinite_losses_skip_steps_then_abort(small_tree, tmp_path):
 
 
 def _ddp_worker(rank, world, port, argv, out):
+    # gloo on CPU also on a machine with GPUs (there, two ranks would ask for nccl and a GPU each)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="")
     torch.set_num_threads(1)
     model = pretrain.main(argv)
     torch.save({k: v for k, v in model.state_dict().items()}, os.path.join(out, f"rank{rank}.pt"))
