@@ -780,10 +780,11 @@ def build_dataset(args, train, mode=None, views=1, transform=None, temporal="sam
 #
 # Both are written in the UCF101 layout (UCF-101/<Class>/v_<Class>_gGG_cCC.avi, ucfTrainTestlist/ with
 # CRLF split files; 3 splits that all hold out the same groups), 6 classes, groups of clips of
-# 128x96 pixels, 32-48 frames, XVID; groups 1-3 are the test split, as UCF101 holds out g01-g07.
+# 128x96 pixels, 32-48 frames, XVID; the first groups are the test split (DEMO_GROUPS), as UCF101
+# holds out g01-g07.
 #
 # "demo" (the default) has UCF101's structure: a group is one scene, filmed once, of one class, and
-# its 4 clips are consecutive pieces of that take. Each class is a scene type and an action: three
+# its 3 clips are consecutive pieces of that take. Each class is a scene type and an action: three
 # scene types (the background's texture: vertical stripes, a checkerboard, horizontal stripes; every
 # scene draws its own colours, period, phase and tilt) each host two actions that differ only in how
 # the objects move. A single frame tells the scene type, so appearance alone can reach at most 1/2;

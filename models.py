@@ -600,6 +600,10 @@ class VCLR(VideoMoCo):
         second shuffled, 3 both shuffled. The data loader shuffles; this module only classifies.
     The paper has separate MLP heads for the two losses (h_v, h_o); here encoder_q's `fc` serves
     both, so encoder_q is exported exactly as VideoMoCo's and `order_head` is dropped downstream.
+    Not implemented: the paper's 3-D runs (Sec 5.3, Table 8) add L_v and L_o to the clip-level
+    InfoNCE of their baseline (L_clip + L_v + L_o, with its own queue). Its positive pair is one clip
+    in two augmentations, which the tuples here do not carry (a shuffled tuple does not say which
+    clip came from which segment), so this is the 2-D recipe's loss applied to clips.
     encoder_q sees the anchor's clips and the positive's clips as two separate batches, and the key
     comes from encoder_k with shuffle-BN, so a query never shares BN statistics with its key.
     """
