@@ -531,7 +531,7 @@ class VideoClips(torch.utils.data.Dataset):
     mode "train", temporal "vclr": an anchor and a positive tuple of one clip per segment, each
         tuple with one augmentation for all its clips, each tuple's clips shuffled with probability
         0.5 -> "video": (2, segments, 3, T, crop, crop), "order": 0 both tuples in order, 1 the
-        first shuffled, 2 the second, 3 both
+        first shuffled, 2 the second, 3 both, "segments": (2, segments), each clip's segment
     mode "test": `clips` uniformly spaced clips, each with the eval transform's crops
         -> {"video": (clips * crops, 3, T, crop, crop), "label", "index", "bad", "valid"}
 
@@ -584,7 +584,7 @@ class VideoClips(torch.utils.data.Dataset):
         elif self.temporal == "cvrl":
             video = torch.stack([self.transform(c, rng) for c in clips])
         elif self.temporal == "vclr":
-            tuples, shuffled = [], []
+            tuples, shuffled, segments = [], [], []
             for clips_of_tuple in (clips[:self.segments], clips[self.segments:]):
                 # one augmentation for the whole tuple: its clips side by side in time
                 t = self.transform(np.concatenate(clips_of_tuple), rng)  # (3, S*T, crop, crop)
@@ -592,8 +592,10 @@ class VideoClips(torch.utils.data.Dataset):
                 perm, was_shuffled = order_shuffle(rng, self.segments)
                 tuples.append(t[perm])
                 shuffled.append(was_shuffled)
+                segments.append(perm)  # position j of the tuple holds the clip of segment perm[j]
             video = torch.stack(tuples)  # (2, S, 3, T, crop, crop)
             extra["order"] = int(shuffled[0]) + 2 * int(shuffled[1])
+            extra["segments"] = torch.tensor(segments)  # (2, S)
         else:
             video = torch.stack([self.transform(clips[0], rng) for _ in range(self.views)])
         return video, label, extra

@@ -375,25 +375,27 @@ class VideoMoCo(nn.Module):
         return F.normalize(k[perm.argsort()], dim=1)
 
     @torch.no_grad()
-    def dequeue_and_enqueue(self, keys):
+    def dequeue_and_enqueue(self, keys, name="queue"):
         """FIFO update of the queue with the keys of all processes (in rank order), wrapping
         around the end; any K and batch size. Equivalent to enqueueing the keys one at a time: a
-        batch larger than K leaves its newest K keys. Ages as in the class docstring."""
+        batch larger than K leaves its newest K keys. Ages as in the class docstring. `name`: the
+        buffers NAME, NAME_ptr and NAME_age (VCLR keeps a second queue of clip-level keys)."""
+        queue, queue_ptr, queue_age = (getattr(self, name + suffix) for suffix in ("", "_ptr", "_age"))
         keys = concat_all_gather(keys)  # (B, dim)
         if not torch.isfinite(keys).all():
             return  # a diverged key encoder must not poison the queue; every rank sees the same keys
         batch = keys.shape[0]
         kept = min(batch, self.K)
-        ptr = int(self.queue_ptr)
+        ptr = int(queue_ptr)
         slots = (ptr + torch.arange(batch - kept, batch, device=keys.device)) % self.K  # (kept,)
-        self.queue[:, slots] = keys[batch - kept:].T.to(self.queue.dtype)
+        queue[:, slots] = keys[batch - kept:].T.to(queue.dtype)
         if self.decay_unit == "key":
-            self.queue_age += batch
-            self.queue_age[slots] = torch.arange(kept, 0, -1, device=keys.device)
+            queue_age += batch
+            queue_age[slots] = torch.arange(kept, 0, -1, device=keys.device)
         else:
-            self.queue_age += 1
-            self.queue_age[slots] = 1
-        self.queue_ptr[0] = (ptr + batch) % self.K
+            queue_age += 1
+            queue_age[slots] = 1
+        queue_ptr[0] = (ptr + batch) % self.K
 
     def forward(self, x_query, x_key, x_full=None, decay=None):
         """One MoCo step. x_query: the query clip (G's output in the adversarial phase, Eq 3),
@@ -590,7 +592,13 @@ class VCLR(VideoMoCo):
     variant of its Sec 5.3: a video is cut into `segments` segments and a tuple holds one clip per
     segment; two independently sampled tuples of a video are a positive pair.
 
-    Loss = L_v + order_weight * L_o:
+    Loss = clip_weight * L_clip + L_v + order_weight * L_o, the paper's 3-D variant (Sec 5.3, Table
+    8: the clip-level InfoNCE of its baseline plus the two losses of Sec 3):
+      L_clip, clip-level InfoNCE in MoCo form: q is the embedding of the anchor's first clip (as
+        the tuple is given, possibly shuffled) from encoder_q, k that of the positive tuple's clip
+        from the same segment from the momentum encoder; negatives from a queue of clip-level keys of
+        its own (`clip_queue`). The pair is two clips of one segment, each with its tuple's
+        augmentation. clip_weight 0 gives the 2-D recipe's L_v + order_weight * L_o.
       L_v, the video-level contrastive loss (Sec 3.2, Eq 4-6) in MoCo form: q is the video embedding
         (`video_embedding`) of the anchor tuple from encoder_q, k that of the positive tuple from the
         momentum encoder with shuffle-BN; negatives from the queue (Eq 5 of VideoMoCo, no decay).
@@ -600,33 +608,37 @@ class VCLR(VideoMoCo):
         second shuffled, 3 both shuffled. The data loader shuffles; this module only classifies.
     The paper has separate MLP heads for the two losses (h_v, h_o); here encoder_q's `fc` serves
     both, so encoder_q is exported exactly as VideoMoCo's and `order_head` is dropped downstream.
-    Not implemented: the paper's 3-D runs (Sec 5.3, Table 8) add L_v and L_o to the clip-level
-    InfoNCE of their baseline (L_clip + L_v + L_o, with its own queue). Its positive pair is one clip
-    in two augmentations, which the tuples here do not carry (a shuffled tuple does not say which
-    clip came from which segment), so this is the 2-D recipe's loss applied to clips.
     encoder_q sees the anchor's clips and the positive's clips as two separate batches, and the key
     comes from encoder_k with shuffle-BN, so a query never shares BN statistics with its key.
     """
 
     def __init__(self, arch="r3d_18", dim=128, K=65536, m=0.999, T=0.07, segments=3,
-                 order_weight=1.0, shuffle_splits=2, input="rgb", mlp=True):
+                 order_weight=1.0, shuffle_splits=2, input="rgb", mlp=True, clip_weight=1.0):
         super().__init__(arch, dim, K, m, T, decay=1.0, decay_unit="key",
                          shuffle_splits=shuffle_splits, input=input, mlp=mlp)
-        self.segments, self.order_weight = segments, order_weight
+        self.segments, self.order_weight, self.clip_weight = segments, order_weight, clip_weight
         self.order_head = nn.Linear(2 * segments * dim, 4)
+        self.register_buffer("clip_queue", F.normalize(torch.randn(dim, K), dim=0))  # L_clip's negatives
+        self.register_buffer("clip_queue_ptr", torch.zeros(1, dtype=torch.long))
+        self.register_buffer("clip_queue_age", torch.arange(K, 0, -1, dtype=torch.long))
 
-    def forward(self, anchor, positive, order):
+    def forward(self, anchor, positive, order, segments=None):
         """anchor, positive: (N, S, 3, T, H, W) tuples, one clip per segment, possibly shuffled
-        within the tuple; order: (N,) long, the order class of the pair (see the class docstring).
+        within the tuple; order: (N,) long, the order class of the pair (see the class docstring);
+        segments: (N, 2, S) long, the segment of each clip of the anchor and of the positive as
+        given (needed for L_clip; the data loader's "segments").
 
-        Returns {"loss", "loss_nce" (L_v), "loss_order" (L_o), "acc" (top-1 of the positive key),
-        "order_acc", "q", "k" (N, dim), "order_logits" (N, 4)}. As in VideoMoCo.forward, the momentum
+        Returns {"loss", "loss_nce" (L_v), "loss_order" (L_o), "loss_clip" (L_clip, or None),
+        "acc" (top-1 of the positive key), "order_acc", "q", "k" (N, dim), "order_logits" (N, 4)}. As in VideoMoCo.forward, the momentum
         update and the enqueue happen only in training mode.
         """
         n, s = anchor.shape[:2]
         if s != self.segments or positive.shape[:2] != anchor.shape[:2]:
             raise ValueError(f"VCLR needs anchor, positive of shape (N, {self.segments}, 3, T, H, W), "
                              f"got {tuple(anchor.shape)} and {tuple(positive.shape)}")
+        if self.clip_weight and (segments is None or tuple(segments.shape) != (n, 2, s)):
+            raise ValueError(f"VCLR's clip-level loss needs segments of shape ({n}, 2, {s}) "
+                             "(or clip_weight=0)")
         # the anchor's and the positive's clips go through encoder_q as separate batches, so no BN
         # statistic of the query side ever contains the clips its key is made from
         clip_q = F.normalize(self.encode_query(anchor.flatten(0, 1)).float(), dim=1).view(n, s, -1)  # (N, S, dim)
@@ -646,10 +658,20 @@ class VCLR(VideoMoCo):
         order_logits = self.order_head(order_input).float()  # (N, 4)
         loss_order = F.cross_entropy(order_logits, order)
         loss = loss_nce + self.order_weight * loss_order
+        loss_clip = None
+        if self.clip_weight:
+            # L_clip: the anchor's first clip against the positive tuple's clip of the same segment
+            where = (segments[:, 1] == segments[:, 0, :1]).float().argmax(dim=1)  # (N,) its position
+            k_clip = clip_k.view(n, s, -1)[torch.arange(n, device=where.device), where]  # (N, dim)
+            loss_clip = decayed_infonce(clip_q[:, 0], k_clip, self.clip_queue.clone().detach(),
+                                        self.clip_queue_age, self.T, 1.0)
+            loss = loss + self.clip_weight * loss_clip
 
         acc = (logits.argmax(dim=1) == 0).float().mean().detach()
         order_acc = (order_logits.argmax(dim=1) == order).float().mean().detach()
         if self.training:
             self.dequeue_and_enqueue(k)
-        return {"loss": loss, "loss_nce": loss_nce, "loss_order": loss_order, "acc": acc,
+            if self.clip_weight:
+                self.dequeue_and_enqueue(k_clip, "clip_queue")
+        return {"loss": loss, "loss_nce": loss_nce, "loss_order": loss_order, "loss_clip": loss_clip, "acc": acc,
                 "order_acc": order_acc, "q": q, "k": k, "order_logits": order_logits}

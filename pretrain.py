@@ -69,6 +69,8 @@ def get_args_parser():
                    help="CVRL: distribution of the distance between the two clips (CVRL: linear, decreasing)")
     p.add_argument("--segments", type=int, default=3, help="VCLR: segments per video, one clip each (VCLR: 3)")
     p.add_argument("--order-weight", type=float, default=1.0, help="VCLR: weight of the temporal-order loss")
+    p.add_argument("--clip-weight", type=float, default=1.0,
+                   help="VCLR: weight of the clip-level InfoNCE (its 3-D variant; 0 = the 2-D recipe's losses)")
     # against the static-appearance shortcut
     p.add_argument("--input", default="rgb", choices=models.INPUTS,
                    help="encoder input: rgb frames, or residual frames x[t+1] - x[t] (Tao et al. 2020)")
@@ -280,7 +282,7 @@ def forward_step(model, generator, video, order, phase, args, ctx, decay=None, m
     random frames of x dropped (Table 1's ablation); "adversarial": G drops the k most important
     frames (Eq 3), and D(x) is computed once more, without gradient, for G's loss (Eq 4).
     video: (N, 2, 3, T, H, W), x and x_key, two augmentations of the same clip. Phases "cvrl" and
-    "vclr" pass the method's views (CVRL: two clips; VCLR: two tuples and their order label) to its
+    "vclr" pass the method's views (CVRL: two clips; VCLR: two tuples, `order` = (order label, segments)) to its
     model; every phase returns "loss_d", the loss of the encoder, and "loss_g" (None but for G).
     decay: t of Eq 6 for this step (1 = Eq 1), VideoMoCo's phases only. measure_random (adversarial
     phase): also "l1_random", Eq 4's distance for k frames dropped at random (random_drop_distance)."""
@@ -289,7 +291,7 @@ def forward_step(model, generator, video, order, phase, args, ctx, decay=None, m
         x = models.background_erasing(x.flatten(0, x.dim() - 5), args.background_erasing, args.be_weight)[0].view_as(x)
     if phase in ("cvrl", "vclr"):
         with ctx:
-            out = model(x, x_key) if phase == "cvrl" else model(x, x_key, order)
+            out = model(x, x_key) if phase == "cvrl" else model(x, x_key, *order)
         out.update(loss_d=out["loss"], loss_g=None)
         return out
     with ctx:
@@ -396,7 +398,7 @@ def main(argv=None):
         model = models.CVRL(args.arch, args.moco_dim, args.cvrl_hidden, args.cvrl_t, args.input)
     elif args.method == "vclr":
         model = models.VCLR(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.segments,
-                            args.order_weight, args.shuffle_splits, args.input, args.mlp)
+                            args.order_weight, args.shuffle_splits, args.input, args.mlp, args.clip_weight)
     else:
         model = models.VideoMoCo(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.decay,
                                  args.decay_unit, args.shuffle_splits, args.input, args.mlp)
@@ -510,7 +512,7 @@ def main(argv=None):
             for epoch_step, batch in enumerate(loader, start=skip):
                 bad.update(batch["bad"])
                 video = batch["video"].to(device, non_blocking=True)  # (N, 2, 3, T, H, W); VCLR (N, 2, S, ...)
-                order = batch["order"].to(device) if "order" in batch else None
+                order = (batch["order"].to(device), batch["segments"].to(device)) if "order" in batch else None
                 out = forward_step(model_ddp, generator_ddp, video, order, phase, args, ctx, decay,
                                    measure_random=epoch_step % args.g_ratio_every == 0)
                 loss_d, loss_g = out["loss_d"], out["loss_g"]
@@ -543,7 +545,7 @@ def main(argv=None):
                     fields = dict(epoch=epoch, step=step, loss_d=loss_d.item(), loss_g=lg, acc=out["acc"].item(),
                                   spread=utils.feature_spread(out["q"]).item(), lr=opt_d.param_groups[0]["lr"],
                                   clips_per_s=rate, eta_s=eta, bad_videos=len(bad), phase=phase)
-                    extra = {k: out[k].item() for k in ("loss_order", "order_acc") if k in out}  # VCLR's
+                    extra = {k: out[k].item() for k in ("loss_order", "order_acc", "loss_clip") if out.get(k) is not None}
                     fields.update(extra)
                     log(f"epoch {epoch} step {step}/{total_steps} loss_d {fields['loss_d']:.4f} loss_g {lg:.4f} "
                         f"acc {fields['acc']:.3f} spread {fields['spread']:.3f} lr {fields['lr']:.4g} "

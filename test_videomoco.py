@@ -1685,7 +1685,7 @@ def test_vclr_tuples_have_one_clip_per_segment_and_order_labels_match_the_shuffl
         video = sample["video"]  # (2, S, 3, T, H, W)
         assert video.shape[:4] == (2, 3, 3, 4)
         shuffled = []
-        for tuple_ in video:
+        for tuple_, segments in zip(video, sample["segments"].tolist()):
             starts = []
             for clip in tuple_:
                 frames = (data.denormalize(clip).clamp(0, 1) * 255).round().byte().permute(1, 2, 3, 0).numpy()
@@ -1693,6 +1693,7 @@ def test_vclr_tuples_have_one_clip_per_segment_and_order_labels_match_the_shuffl
                 assert idx == list(range(idx[0], idx[0] + 4))  # a clip of consecutive frames
                 starts.append(idx[0])
             assert sorted(s // 40 for s in starts) == [0, 1, 2]  # one clip in each segment
+            assert [s // 40 for s in starts] == segments  # and "segments" says which
             shuffled.append(starts != sorted(starts))
         assert sample["order"] == int(shuffled[0]) + 2 * int(shuffled[1])
         labels.add(sample["order"])
@@ -1983,12 +1984,13 @@ def make_vclr(seed, **kw):
 
 
 def test_vclr_eval_forward_matches_loops():
-    model = make_vclr(28, order_weight=0.5)
+    model = make_vclr(28, order_weight=0.5, clip_weight=0.7)
     n, s = 2, 3
     anchor, positive = torch.randn(n, s, 3, 4, 16, 16), torch.randn(n, s, 3, 4, 16, 16)
     order = torch.tensor([1, 3])
+    segments = torch.tensor([[[2, 0, 1], [0, 1, 2]], [[1, 2, 0], [2, 1, 0]]])  # as order says
     before = copy.deepcopy(model.state_dict())
-    out = model(anchor, positive, order)
+    out = model(anchor, positive, order, segments)
     for name, value in model.state_dict().items():  # eval: no momentum update, no enqueue
         assert torch.equal(value, before[name]), name
 
@@ -2009,8 +2011,13 @@ def test_vclr_eval_forward_matches_loops():
 
     assert out["loss_nce"].item() == pytest.approx(naive_infonce(q, k, model.queue, model.T), rel=1e-4)
     assert out["loss_order"].item() == pytest.approx(naive_cross_entropy(order_logits, order), rel=1e-4)
-    assert out["loss"].item() == pytest.approx(out["loss_nce"].item() + 0.5 * out["loss_order"].item(),
-                                               rel=1e-6)
+    # L_clip: the anchor's first clip (segment 2, then 1) against the positive's clip of that segment
+    with torch.no_grad():
+        q_clip = torch.stack([clip_embedding(model.encoder_q, anchor[0, 0]), clip_embedding(model.encoder_q, anchor[1, 0])])
+        k_clip = torch.stack([clip_embedding(model.encoder_k, positive[0, 2]), clip_embedding(model.encoder_k, positive[1, 1])])
+    assert out["loss_clip"].item() == pytest.approx(naive_infonce(q_clip, k_clip, model.clip_queue, model.T), rel=1e-4)
+    assert out["loss"].item() == pytest.approx(
+        0.7 * out["loss_clip"].item() + out["loss_nce"].item() + 0.5 * out["loss_order"].item(), rel=1e-6)
     logits = torch.cat([(q * k).sum(1, keepdim=True), q @ model.queue], dim=1)
     assert out["acc"].item() == pytest.approx((logits.argmax(1) == 0).float().mean().item())
     assert out["order_acc"].item() == pytest.approx((order_logits.argmax(1) == order).float().mean().item())
@@ -2018,7 +2025,7 @@ def test_vclr_eval_forward_matches_loops():
 
 
 def test_vclr_order_head_sees_clip_order_the_contrastive_loss_does_not():
-    model = make_vclr(29)
+    model = make_vclr(29, clip_weight=0)
     anchor, positive = torch.randn(2, 3, 3, 4, 16, 16), torch.randn(2, 3, 3, 4, 16, 16)
     order = torch.tensor([0, 2])
     with torch.no_grad():
@@ -2038,12 +2045,15 @@ def test_vclr_positive_tuple_reaches_encoder_q_only_through_the_order_head():
     positive = torch.randn(2, 3, 3, 4, 16, 16, requires_grad=True)
     for train in (False, True):  # train mode: BN batch statistics, where a shared batch would leak
         model.train(train)
-        out = model(anchor, positive, torch.tensor([0, 1]))
+        segments = torch.tensor([[[0, 1, 2], [0, 1, 2]], [[0, 1, 2], [1, 0, 2]]])
+        out = model(anchor, positive, torch.tensor([0, 2]), segments)
         grad_order, = torch.autograd.grad(out["loss_order"], positive, retain_graph=True)
         assert grad_order.abs().sum() > 0
-        # q depends on the anchor only (its own BN batch) and the key has no gradient
-        grad_nce, = torch.autograd.grad(out["loss_nce"], positive, allow_unused=True, materialize_grads=True)
-        assert grad_nce.abs().sum() == 0, train
+        # q depends on the anchor only (its own BN batch) and the keys have no gradient
+        for loss in ("loss_nce", "loss_clip"):
+            grad, = torch.autograd.grad(out[loss], positive, allow_unused=True, materialize_grads=True,
+                                        retain_graph=True)
+            assert grad.abs().sum() == 0, (loss, train)
 
 
 def test_vclr_training_step_enqueues_and_routes_gradients():
@@ -2054,17 +2064,21 @@ def test_vclr_training_step_enqueues_and_routes_gradients():
     with torch.no_grad():
         model.encoder_q.fc[0].weight.add_(0.1)  # so that the momentum update moves encoder_k
     n = 3
-    out = model(torch.randn(n, 3, 3, 4, 16, 16), torch.randn(n, 3, 3, 4, 16, 16), torch.tensor([0, 1, 3]))
-    assert int(model.queue_ptr) == n
+    segments = torch.tensor([[0, 1, 2], [0, 1, 2]]).repeat(n, 1, 1)
+    out = model(torch.randn(n, 3, 3, 4, 16, 16), torch.randn(n, 3, 3, 4, 16, 16), torch.tensor([0, 0, 0]), segments)
+    assert int(model.queue_ptr) == n and int(model.clip_queue_ptr) == n
     torch.testing.assert_close(model.queue[:, :n], out["k"].T)
+    assert not torch.allclose(model.clip_queue[:, :n], out["k"].T)  # clip-level keys, not video-level
     assert not torch.equal(model.encoder_k.fc[0].weight, key_before)
     out["loss"].backward()
     for name, param in [("order_head", model.order_head.weight), ("conv", model.encoder_q.features[0].weight),
                         ("fc", model.encoder_q.fc[0].weight)]:
         assert param.grad is not None and param.grad.abs().sum() > 0, name
     assert all(p.grad is None for p in model.encoder_k.parameters())
-    model(torch.randn(n, 3, 3, 4, 16, 16), torch.randn(n, 3, 3, 4, 16, 16), torch.tensor([2, 2, 0]))
+    model(torch.randn(n, 3, 3, 4, 16, 16), torch.randn(n, 3, 3, 4, 16, 16), torch.tensor([0, 0, 0]), segments)
     assert int(model.queue_ptr) == 2 * n
+    with pytest.raises(ValueError, match="segments"):
+        model(torch.randn(n, 3, 3, 4, 16, 16), torch.randn(n, 3, 3, 4, 16, 16), torch.tensor([0, 0, 0]))
     assert_exports_a_plain_backbone(model.encoder_q)
 
 
@@ -2095,9 +2109,10 @@ def test_cvrl_and_vclr_autocast_bfloat16():
     vclr = models.VCLR("tiny", dim=8, K=16, segments=2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out_cvrl = cvrl(torch.randn(4, 3, 4, 16, 16), torch.randn(4, 3, 4, 16, 16))
-        out_vclr = vclr(torch.randn(2, 2, 3, 4, 16, 16), torch.randn(2, 2, 3, 4, 16, 16), torch.tensor([0, 3]))
+        out_vclr = vclr(torch.randn(2, 2, 3, 4, 16, 16), torch.randn(2, 2, 3, 4, 16, 16), torch.tensor([0, 3]),
+                        torch.tensor([[[0, 1], [0, 1]], [[1, 0], [1, 0]]]))
     assert out_cvrl["loss"].dtype == torch.float32 and torch.isfinite(out_cvrl["loss"])
-    for key in ("loss", "loss_nce", "loss_order"):
+    for key in ("loss", "loss_nce", "loss_order", "loss_clip"):
         assert out_vclr[key].dtype == torch.float32 and torch.isfinite(out_vclr[key]), key
     assert vclr.queue.dtype == torch.float32 and int(vclr.queue_ptr) == 2
     out_cvrl["loss"].backward()
