@@ -29,6 +29,7 @@ from torchvision.models.video.resnet import (BasicBlock, BasicStem, Conv2Plus1D,
                                              R2Plus1dStem, VideoResNet)
 
 import data
+import datatools
 import models
 import pretrain
 import utils
@@ -70,7 +71,7 @@ def write_index_video(path, n, **kw):
 
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
-    return data.make_demo(str(tmp_path_factory.mktemp("demo")))
+    return datatools.make_demo(str(tmp_path_factory.mktemp("demo")))
 
 
 # -----------------------------------------------------------------------------
@@ -365,7 +366,7 @@ def test_eval_transform_three_crops_cover_the_long_side():
 def test_demo_set_layout_and_split_by_group(demo_root):
     train, classes, _ = data.list_videos("ucf101", demo_root, 1, train=True)
     test, _, _ = data.list_videos("ucf101", demo_root, 1, train=False)
-    groups, test_groups, clips = data.DEMO_GROUPS["demo"]
+    groups, test_groups, clips = datatools.DEMO_GROUPS["demo"]
     assert len(classes) == 6 and len(train) == 6 * (groups - test_groups) * clips and len(test) == 6 * test_groups * clips
     scene = lambda p: os.path.basename(p).rsplit("_c", 1)[0]  # v_<Class>_gGG: one scene of one class
     assert not {scene(p) for p, _ in train} & {scene(p) for p, _ in test}  # test scenes are unseen
@@ -429,7 +430,7 @@ def test_demo_frame_tells_the_scene_type_and_only_motion_tells_the_action(demo_r
 
 @pytest.fixture(scope="session")
 def demo_motion_root(tmp_path_factory):
-    return data.make_demo_motion(str(tmp_path_factory.mktemp("demo-motion")))
+    return datatools.make_demo_motion(str(tmp_path_factory.mktemp("demo-motion")))
 
 
 def test_demo_motion_classes_cannot_be_told_apart_from_a_single_frame(demo_motion_root):
