@@ -23,6 +23,7 @@ import torch
 import data
 import models
 import pretrain
+import utils
 
 
 # -----------------------------------------------------------------------------
@@ -180,7 +181,7 @@ def bench_step(args):
     batch = args.batch or (32 if cuda else 4)
     frames = args.frames if cuda else min(args.frames, 16)
     crop = args.crop if cuda else min(args.crop, 64)
-    ctx, scaler = pretrain.autocast_context(None, device)
+    ctx, scaler = utils.autocast_context(None, device)
     step_args = argparse.Namespace(drop_frames=max(1, frames // 4), g_temperature=1.0)
     model = models.VideoMoCo(arch, 128, args.moco_k, 0.999, 0.07, 0.99999, input=args.input).to(device)
     generator = models.ConvLSTMGenerator(3, 256, 32).to(device)

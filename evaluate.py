@@ -31,14 +31,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
-import finetune
 import models
-import pretrain
+import utils
 from utils import knn_predict, per_video, pooled_features, video_features
 
 DATA_KEYS = ("dataset", "data_root", "split", "frames", "stride", "crop")
 # for a checkpoint that carries no data settings (backbone.pt, random init): the demo preset's
-DEMO_SETTINGS = {"dataset": "demo", "data_root": None, "split": 1, **{k: pretrain.DEMO_PRESET[k] for k in ("frames", "stride", "crop")}}
+DEMO_SETTINGS = {"dataset": "demo", "data_root": None, "split": 1, **{k: utils.DEMO_CLIPS[k] for k in ("frames", "stride", "crop")}}
 
 
 def get_args_parser():
@@ -121,7 +120,7 @@ def load_model(args):
             raise SystemExit("error: pass --ckpt, or --arch for a randomly initialised encoder (the kNN baseline)")
         ckpt, kind, recorded = {}, "random-init", None
     else:
-        ckpt = pretrain.load_checkpoint(args.ckpt)
+        ckpt = utils.load_checkpoint(args.ckpt)
         kind = ckpt.get("kind", "backbone")
         recorded = ckpt.get("input") or ckpt.get("args", {}).get("input") if kind != "backbone" else None
     if args.input and recorded and args.input != recorded:
@@ -134,11 +133,11 @@ def load_model(args):
     elif kind == "finetune":
         model = models.build_encoder(ckpt["arch"], len(ckpt["classes"]), args.input)
         if ckpt["linear"]:
-            finetune.add_probe_norm(model)
+            utils.add_probe_norm(model)
         model.load_state_dict(ckpt["model"])
         settings = ckpt["data"]
     elif kind == "pretrain":
-        arch, state = finetune.backbone_state(ckpt)
+        arch, state = utils.backbone_state(ckpt)
         model = models.build_encoder(arch, ckpt["args"]["moco_dim"], args.input)
         model.load_state_dict(state, strict=False)  # the head (fc) stays out: kNN uses pooled features
         settings = {k: ckpt["args"][k] for k in DATA_KEYS}
@@ -146,7 +145,7 @@ def load_model(args):
         if args.arch is None:
             raise SystemExit(f"error: {args.ckpt} is a bare backbone; pass --arch")
         model = models.build_encoder(args.arch, ckpt["fc.weight"].shape[0] if "fc.weight" in ckpt else 1, args.input)
-        finetune.transfer_weights(model, {k: v for k, v in ckpt.items() if not k.startswith("fc.")}, args.ckpt)
+        utils.transfer_weights(model, {k: v for k, v in ckpt.items() if not k.startswith("fc.")}, args.ckpt)
         settings = DEMO_SETTINGS
     else:
         raise SystemExit(f"error: {args.ckpt} is a {kind} checkpoint; evaluate takes finetune or pretrain checkpoints")
@@ -164,7 +163,7 @@ def occlusion_generator(args, ckpt, device):
     carried over from its pretraining; (None, k) if there is none."""
     spec = None
     if args.gen_ckpt:
-        source = pretrain.load_checkpoint(args.gen_ckpt, kind="pretrain")
+        source = utils.load_checkpoint(args.gen_ckpt, kind="pretrain")
         a = source["args"]
         spec = {"state": source["generator"], "hidden": a["g_hidden"], "width": a["g_width"],
                 "drop_frames": a["drop_frames"], "frames": a["frames"]}
@@ -223,10 +222,10 @@ def write_cam_strip(path, clip, cam, title, max_frames=8):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    rank, world, device = pretrain.init_distributed()
+    rank, world, device = utils.init_distributed()
     kind, model, ckpt = load_model(args)
     model.to(device).eval()
-    ctx, _ = pretrain.autocast_context(args.amp, device)
+    ctx, _ = utils.autocast_context(args.amp, device)
     if args.occlusion and kind != "finetune":
         raise SystemExit("error: --occlusion needs a finetuned checkpoint (a classifier)")
     if args.cam and kind != "finetune":

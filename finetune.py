@@ -22,13 +22,12 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import models
-import pretrain
+import utils
 
 
 def get_args_parser():
@@ -52,58 +51,9 @@ def get_args_parser():
     return p
 
 
-DEMO_PRESET = dict(arch="tiny", frames=16, stride=2, crop=64, batch_size=16, epochs=30, workers=2,
+DEMO_PRESET = dict(**utils.DEMO_CLIPS, batch_size=16, epochs=30, workers=2,
                    print_freq=10, out="runs/demo-finetune")
 LINEAR_DEFAULTS = dict(epochs=30, lr=0.05, wd=0.0)
-
-
-def backbone_state(ckpt):
-    """(arch, query-encoder state dict without the projection head `fc`) of a loaded pretraining
-    checkpoint, whatever its method (all of them keep the encoder under `encoder_q.`)."""
-    prefix = "encoder_q."
-    state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix) and not k.startswith(prefix + "fc.")}
-    return ckpt["args"]["arch"], state
-
-
-def backbone_from_checkpoint(path):
-    """(arch or None, encoder state dict without the projection head `fc`, the checkpoint dict or
-    None) from a pretraining checkpoint or a backbone.pt; one clear line for anything else."""
-    ckpt = pretrain.load_checkpoint(path)
-    if ckpt.get("kind") == "pretrain":
-        arch, state = backbone_state(ckpt)
-        return arch, state, ckpt
-    if "kind" in ckpt:
-        raise SystemExit(f"error: {path} is a {ckpt['kind']} checkpoint; finetuning starts from a pretraining "
-                         "checkpoint or a backbone.pt")
-    return None, {k: v for k, v in ckpt.items() if not k.startswith("fc.")}, None  # backbone.pt: a bare state dict
-
-
-def transfer_weights(model, state, source):
-    """Load a pretrained backbone into `model` (head excluded); report what did not match, and stop
-    with one line when nothing or the wrong architecture matches."""
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        first = [line.strip() for line in str(e).splitlines() if "size mismatch" in line][:1]
-        raise SystemExit(f"error: {source} does not fit --arch: {first[0] if first else str(e)[:200]}")
-    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
-    if missing or result.unexpected_keys:
-        if len(missing) > len(state) // 2:
-            raise SystemExit(f"error: {source} does not match the architecture: {len(missing)} missing keys, "
-                             f"e.g. {missing[0]}; pass the right --arch")
-        print(f"weight transfer from {source}: {len(missing)} missing keys {missing[:3]}, "
-              f"{len(result.unexpected_keys)} unexpected {result.unexpected_keys[:3]}")
-    return len(state) - len(result.unexpected_keys)
-
-
-def add_probe_norm(model):
-    """The linear probe's classifier: a BatchNorm without affine parameters standardises each frozen
-    feature before `fc` (as MAE's linear probe does); it is still a linear classifier. Without it the
-    probe's learning rate means something different for every encoder: here a random-init encoder's
-    pooled features have norm ~0.5 and a pretrained one's ~6, so one lr underfits the first and
-    overshoots the second. The head becomes fc = Sequential(BatchNorm1d, Linear)."""
-    model.fc = nn.Sequential(nn.BatchNorm1d(model.fc.in_features, affine=False), model.fc)
-    return model
 
 
 @torch.no_grad()
@@ -123,30 +73,30 @@ def quick_test(model, loader, device, ctx):
 
 
 def main(argv=None):
-    args, given = pretrain.parse_args(get_args_parser(), argv)
-    source_arch, state, source = backbone_from_checkpoint(args.ckpt) if args.ckpt else (None, None, None)
+    args, given = utils.parse_args(get_args_parser(), argv)
+    source_arch, state, source = utils.backbone_from_checkpoint(args.ckpt) if args.ckpt else (None, None, None)
     if "arch" in given and source_arch and args.arch != source_arch:
         raise SystemExit(f"error: --arch {args.arch} but {args.ckpt} was pretrained with {source_arch}")
     if source is not None:  # finetune with the pretraining's architecture and clip settings by default
-        given |= set(pretrain.apply_preset(args, given, {k: source["args"][k] for k in ("arch", "frames", "stride", "crop")}))
+        given |= set(utils.apply_preset(args, given, {k: source["args"][k] for k in ("arch", "frames", "stride", "crop")}))
     source_input = source["args"].get("input", "rgb") if source is not None else None
     if args.input and source_input and args.input != source_input:
         raise SystemExit(f"error: {args.ckpt} was pretrained on {source_input} input; --input {args.input} does not match")
     args.input = args.input or source_input or "rgb"
-    preset = pretrain.apply_preset(args, given, DEMO_PRESET) if pretrain.is_demo(args) else {}
+    preset = utils.apply_preset(args, given, DEMO_PRESET) if utils.is_demo(args) else {}
     if args.linear:
-        pretrain.apply_preset(args, given, LINEAR_DEFAULTS)
-    rank, world, device = pretrain.init_distributed()
+        utils.apply_preset(args, given, LINEAR_DEFAULTS)
+    rank, world, device = utils.init_distributed()
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
     os.makedirs(args.out, exist_ok=True)
-    log = pretrain.Logger(args.out, rank)
+    log = utils.Logger(args.out, rank)
     if preset:
         log(f"demo preset (no --data-root): {', '.join(f'{k}={v}' for k, v in preset.items())}")
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
-    ctx, scaler = pretrain.autocast_context(args.amp, device)
+    ctx, scaler = utils.autocast_context(args.amp, device)
 
     # data
     try:
@@ -164,12 +114,12 @@ def main(argv=None):
     # model: pretrained backbone, new classifier head
     model = models.build_encoder(args.arch, len(classes), args.input)
     if state is not None:
-        n = transfer_weights(model, state, args.ckpt)
+        n = utils.transfer_weights(model, state, args.ckpt)
         log(f"loaded {n} pretrained tensors from {args.ckpt} ({args.arch}); classifier head new, {len(classes)} classes")
     else:
         log(f"random init of {args.arch} (no --ckpt): the baseline")
     if args.linear:
-        add_probe_norm(model)
+        utils.add_probe_norm(model)
         for name, param in model.named_parameters():
             param.requires_grad = name.startswith("fc.")
     model.to(device)
@@ -180,13 +130,13 @@ def main(argv=None):
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     start_epoch, step = 0, 0
     if os.path.exists(ckpt_path):
-        ckpt = pretrain.load_checkpoint(ckpt_path, kind="finetune")
+        ckpt = utils.load_checkpoint(ckpt_path, kind="finetune")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step = ckpt["epoch"], ckpt["step"]
-        pretrain.set_rng_state(ckpt["rng"])
+        utils.set_rng_state(ckpt["rng"])
         log(f"resuming from {ckpt_path}: epoch {start_epoch}")
 
     def save(epoch, test_top1):
@@ -197,13 +147,13 @@ def main(argv=None):
             generator = {"state": source["generator"], "hidden": source["args"]["g_hidden"],
                          "width": source["args"]["g_width"], "drop_frames": source["args"]["drop_frames"],
                          "frames": source["args"]["frames"]}
-        pretrain.save_atomic({
+        utils.save_atomic({
             "kind": "finetune", "model": model.state_dict(), "arch": args.arch, "input": args.input, "classes": classes,
             "linear": args.linear, "source": args.ckpt, "generator": generator,
             "data": {k: getattr(args, k) for k in ("dataset", "data_root", "split", "frames", "stride", "crop")},
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
             "epoch": epoch, "step": step, "test_top1_1clip": test_top1, "args": vars(args),
-            "rng": pretrain.rng_state()}, ckpt_path)
+            "rng": utils.rng_state()}, ckpt_path)
 
     steps_per_epoch, total_steps = len(loader), args.epochs * len(loader)
     t_start, step_at_start = time.time(), step
@@ -236,7 +186,7 @@ def main(argv=None):
                 rate = clips / max(time.time() - t_log, 1e-9)
                 eta = (time.time() - t_start) / max(step - step_at_start, 1) * (total_steps - step)
                 log(f"epoch {epoch} step {step}/{total_steps} loss {loss.item():.4f} lr {optimizer.param_groups[0]['lr']:.4g} "
-                    f"{rate:.1f} clips/s eta {pretrain.format_eta(eta)} bad {len(bad)}",
+                    f"{rate:.1f} clips/s eta {utils.format_eta(eta)} bad {len(bad)}",
                     epoch=epoch, step=step, loss=loss.item(), lr=optimizer.param_groups[0]["lr"],
                     clips_per_s=rate, eta_s=eta, bad_videos=len(bad))
                 t_log, clips = time.time(), 0

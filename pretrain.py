@@ -17,14 +17,10 @@ pre-emption) saves a checkpoint and exits cleanly.
 
 import argparse
 import inspect
-import json
 import math
 import os
 import random
-import signal
-import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -114,119 +110,15 @@ def get_args_parser():
 # group-mates and often its own earlier key sit in the queue as negatives. t is chosen so that the
 # oldest key weighs 0.52 (0.9898^64), as the paper's 0.99999^65536 does. No colour jitter: at 330
 # steps it keeps the loss at 0.75 of chance (README, "Does it learn?"); grayscale stays.
-DEMO_PRESET = dict(arch="tiny", frames=16, stride=2, crop=64, batch_size=32, epochs=30, workers=2,
+DEMO_PRESET = dict(**utils.DEMO_CLIPS, batch_size=32, epochs=30, workers=2,
                    moco_k=64, moco_m=0.99, decay=0.9898, g_hidden=64, g_width=16,
                    lr=0.1, g_lr=0.05, jitter=0.0, knn_every=5, g_ratio_every=1, print_freq=10, out="runs/demo")
 # per method, on top of DEMO_PRESET: VCLR's three clips must fit in the demo's 32-48 frame videos
 METHOD_DEMO_PRESET = {"vclr": dict(frames=8, stride=1), "cvrl": dict(cvrl_hidden=256)}
 
 
-def parse_args(parser, argv=None):
-    """(args, given): the parsed flags and the names of those set on the command line, so that a
-    preset can fill in only the others."""
-    argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)
-    sentinel = object()
-    probe = parser.parse_args(argv, argparse.Namespace(**{k: sentinel for k in vars(args)}))
-    return args, {k for k, v in vars(probe).items() if v is not sentinel}
-
-
-def apply_preset(args, given, preset):
-    """Set the flags of `preset` that were not given on the command line; returns what it set."""
-    applied = {k: v for k, v in preset.items() if k not in given}
-    for key, value in applied.items():
-        setattr(args, key, value)
-    return applied
-
-
-def is_demo(args):
-    return args.dataset in data.DEMOS and args.data_root is None
-
-
 # -----------------------------------------------------------------------------
 # distributed, precision, checkpoints, logging (shared by the stage scripts)
-
-def init_distributed():
-    """torchrun's environment -> process group (nccl on CUDA, gloo on CPU); none -> a world of one,
-    same code, collectives skipped. Returns (rank, world_size, device)."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def autocast_context(amp, device):
-    """(context, GradScaler or None) for --amp; a scaler only for float16."""
-    amp = amp or ("bf16" if device.type == "cuda" else "none")
-    if amp == "none":
-        return nullcontext(), None
-    if amp == "fp16" and device.type != "cuda":
-        raise SystemExit("error: --amp fp16 needs CUDA; use --amp bf16 on CPU")
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-    return torch.autocast(device.type, dtype=dtype), scaler
-
-
-def rng_state():
-    """Every RNG's full state, in types torch.load(weights_only=True) accepts."""
-    version, words, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(words), gauss],
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    version, words, gauss = state["python"]
-    random.setstate((version, tuple(words), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_atomic(obj, path):
-    """torch.save to path.tmp, then os.replace: a crash mid-write never leaves a broken file."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, kind=None):
-    """torch.load(weights_only=True) with one clear line for a missing, corrupt or wrong-kind file."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise SystemExit(f"error: checkpoint not found: {path}")
-    except Exception as e:  # unpickling errors come in many types
-        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-    if not isinstance(ckpt, dict) or (kind is not None and ckpt.get("kind") != kind):
-        found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise SystemExit(f"error: {path} is a {found} checkpoint, expected {kind}")
-    return ckpt
-
-
-class Logger:
-    """One human line and one JSON line (OUT/log.jsonl) per call, rank 0 only."""
-
-    def __init__(self, out, rank):
-        self.rank, self.path = rank, os.path.join(out, "log.jsonl")
-
-    def __call__(self, line, **fields):
-        if self.rank != 0:
-            return
-        print(line, flush=True)
-        if fields:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(fields) + "\n")
 
 
 def cosine(epoch, start, end):
@@ -235,23 +127,6 @@ def cosine(epoch, start, end):
     if epoch < start:
         return 0.0
     return 0.5 * (1 + math.cos(math.pi * (epoch - start) / max(end - start, 1)))
-
-
-def format_eta(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-class StopFlag:
-    """Set by SIGTERM / SIGUSR1 (cluster pre-emption); all ranks agree on it at each step."""
-
-    def __init__(self):
-        self.set = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.set = True
 
 
 def global_batchnorm(model, method, device, world, log):
@@ -264,14 +139,6 @@ def global_batchnorm(model, method, device, world, log):
         log(f"cvrl on {world} CPU processes: BN statistics per process (SyncBatchNorm needs CUDA)")
         return model
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-
-
-def all_ranks_any(flags, device):
-    """Element-wise OR of small boolean lists across ranks (one all-reduce)."""
-    t = torch.tensor([float(f) for f in flags], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
 
 
 # -----------------------------------------------------------------------------
@@ -354,9 +221,9 @@ def backward_step(out, opt_d, opt_g, scaler):
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    args, given = parse_args(get_args_parser(), argv)
-    preset = apply_preset(args, given, {**DEMO_PRESET, **METHOD_DEMO_PRESET.get(args.method, {})}) if is_demo(args) else {}
-    rank, world, device = init_distributed()
+    args, given = utils.parse_args(get_args_parser(), argv)
+    preset = utils.apply_preset(args, given, {**DEMO_PRESET, **METHOD_DEMO_PRESET.get(args.method, {})}) if utils.is_demo(args) else {}
+    rank, world, device = utils.init_distributed()
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
     if args.method == "moco":  # the paper's baseline row: no generator, no decay
@@ -375,13 +242,13 @@ def main(argv=None):
     if args.g_ratio_every < 1:
         raise SystemExit(f"error: --g-ratio-every must be at least 1, got {args.g_ratio_every}")
     os.makedirs(args.out, exist_ok=True)
-    log = Logger(args.out, rank)
+    log = utils.Logger(args.out, rank)
     if preset:
         log(f"demo preset (no --data-root): {', '.join(f'{k}={v}' for k, v in preset.items())}")
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
-    ctx, scaler = autocast_context(args.amp, device)
+    ctx, scaler = utils.autocast_context(args.amp, device)
 
     # data
     try:
@@ -431,7 +298,7 @@ def main(argv=None):
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     start_epoch, step, skip = 0, 0, 0
     if os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path, kind="pretrain")
+        ckpt = utils.load_checkpoint(ckpt_path, kind="pretrain")
         for key, default in (("method", "videomoco"), ("input", "rgb"), ("arch", None), ("moco_k", None)):
             if ckpt["args"].get(key, default) != getattr(args, key):
                 raise SystemExit(f"error: {ckpt_path} is a --{key.replace('_', '-')} {ckpt['args'].get(key, default)} run; "
@@ -449,24 +316,24 @@ def main(argv=None):
         if changed:
             log("warning: resuming with changed flags " + ", ".join(
                 f"--{k.replace('_', '-')} {ckpt['args'][k]} -> {getattr(args, k)}" for k in changed))
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        utils.set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         log(f"resuming from {ckpt_path}: epoch {start_epoch}, step {step}"
             + (f" (mid-epoch, {skip} steps of it done)" if skip else ""))
 
     def save(epoch, epoch_step):
-        states = [rng_state()]
+        states = [utils.rng_state()]
         if world > 1:  # every rank's RNG, so a resumed run continues each stream
             states = [None] * world
-            dist.all_gather_object(states, rng_state())
+            dist.all_gather_object(states, utils.rng_state())
         if rank != 0:
             return
-        save_atomic({"kind": "pretrain", "method": args.method, "model": model.state_dict(),
+        utils.save_atomic({"kind": "pretrain", "method": args.method, "model": model.state_dict(),
                      "generator": generator.state_dict() if generator else None, "opt_d": opt_d.state_dict(),
                      "opt_g": opt_g.state_dict() if opt_g else None, "scaler": scaler.state_dict() if scaler else None,
                      "epoch": epoch, "step": step, "epoch_step": epoch_step, "args": vars(args),
                      "rng": states}, ckpt_path)
         # the query encoder without its projection head: every key is the torchvision model's of the same arch
-        save_atomic({k: v for k, v in model.encoder_q.state_dict().items() if not k.startswith("fc.")},
+        utils.save_atomic({k: v for k, v in model.encoder_q.state_dict().items() if not k.startswith("fc.")},
                     os.path.join(args.out, "backbone.pt"))
 
     # watching the run: the contrastive loss against its chance level, the feature spread, kNN
@@ -490,7 +357,7 @@ def main(argv=None):
 
     # loop
     try:  # a DataError (too many bad videos) is raised on every rank at the same flush
-        stop, nonfinite, last_save, warned = StopFlag(), 0, time.time(), False
+        stop, nonfinite, last_save, warned = utils.StopFlag(), 0, time.time(), False
         steps_per_epoch = len(loader)
         total_steps = args.epochs * steps_per_epoch
         t_start, step_at_start = time.time(), step
@@ -519,7 +386,7 @@ def main(argv=None):
                 finite = bool(torch.isfinite(loss_d)) and (loss_g is None or bool(torch.isfinite(loss_g)))
                 save_due = time.time() - last_save > args.save_every_min * 60
                 # one all-reduce: every rank skips, stops and saves at the same step (save() is collective)
-                is_stop, is_nonfinite, save_due = all_ranks_any([stop.set, not finite, save_due], device)
+                is_stop, is_nonfinite, save_due = utils.all_ranks_any([stop.set, not finite, save_due], device)
                 if is_nonfinite:
                     nonfinite += 1
                     log(f"non-finite loss at step {step} (loss_d {loss_d.item()}, {nonfinite} in a row): step skipped")
@@ -549,7 +416,7 @@ def main(argv=None):
                     fields.update(extra)
                     log(f"epoch {epoch} step {step}/{total_steps} loss_d {fields['loss_d']:.4f} loss_g {lg:.4f} "
                         f"acc {fields['acc']:.3f} spread {fields['spread']:.3f} lr {fields['lr']:.4g} "
-                        f"{rate:.1f} clips/s eta {format_eta(eta)}"
+                        f"{rate:.1f} clips/s eta {utils.format_eta(eta)}"
                         + "".join(f" {k} {v:.4f}" for k, v in extra.items())
                         + f" bad {len(bad)} [{phase}]", **fields)
                     t_log, clips_since_log = time.time(), 0

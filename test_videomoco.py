@@ -1081,7 +1081,7 @@ def read_log(out, kind="step"):
 def test_pretrain_resume_is_exact(small_tree, tmp_path, monkeypatch):
     straight = tmp_path / "straight"
     kept = {}
-    real_save = pretrain.save_atomic
+    real_save = utils.save_atomic
 
     def save_and_keep(obj, path):  # keep the end-of-epoch-0 checkpoint that epoch 1 overwrites
         real_save(obj, path)
@@ -1089,9 +1089,9 @@ def test_pretrain_resume_is_exact(small_tree, tmp_path, monkeypatch):
             kept["ckpt"] = path + ".epoch1"
             shutil.copy(path, kept["ckpt"])
 
-    monkeypatch.setattr(pretrain, "save_atomic", save_and_keep)
+    monkeypatch.setattr(utils, "save_atomic", save_and_keep)
     model = pretrain.main(small_args(small_tree, straight))
-    monkeypatch.setattr(pretrain, "save_atomic", real_save)
+    monkeypatch.setattr(utils, "save_atomic", real_save)
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copy(kept["ckpt"], resumed / "ckpt.pt")
@@ -1130,12 +1130,12 @@ def test_pretrain_bf16_autocast_on_cpu(small_tree, tmp_path):
 
 def test_demo_preset_fills_only_flags_not_given():
     parser = pretrain.get_args_parser()
-    args, given = pretrain.parse_args(parser, ["--epochs", "3", "--moco-k=4096"])
-    assert given == {"epochs", "moco_k"} and pretrain.is_demo(args)
-    applied = pretrain.apply_preset(args, given, pretrain.DEMO_PRESET)
+    args, given = utils.parse_args(parser, ["--epochs", "3", "--moco-k=4096"])
+    assert given == {"epochs", "moco_k"} and utils.is_demo(args)
+    applied = utils.apply_preset(args, given, pretrain.DEMO_PRESET)
     assert args.epochs == 3 and args.moco_k == 4096 and args.arch == "tiny" and "epochs" not in applied
-    args, given = pretrain.parse_args(parser, ["--data-root", "/x", "--dataset", "folder"])
-    assert not pretrain.is_demo(args) and args.arch == "r2plus1d_10" and args.moco_k == 65536
+    args, given = utils.parse_args(parser, ["--data-root", "/x", "--dataset", "folder"])
+    assert not utils.is_demo(args) and args.arch == "r2plus1d_10" and args.moco_k == 65536
 
 
 def test_sigterm_saves_and_the_rerun_resumes_mid_epoch(small_tree, tmp_path):
@@ -1467,13 +1467,13 @@ def test_grad_cam_matches_a_hand_computed_map():
 def test_weight_transfer_changes_backbone_and_leaves_head_fresh(small_tree, tmp_path):
     pre = tmp_path / "pre"
     pretrain.main(small_args(small_tree, pre, "--epochs", "1"))
-    arch, state, source = finetune.backbone_from_checkpoint(str(pre / "ckpt.pt"))
+    arch, state, source = utils.backbone_from_checkpoint(str(pre / "ckpt.pt"))
     assert arch == "tiny" and source["kind"] == "pretrain" and not any(k.startswith("fc.") for k in state)
     torch.manual_seed(0)
     fresh = models.build_encoder("tiny", 2)
     torch.manual_seed(0)
     model = models.build_encoder("tiny", 2)
-    n = finetune.transfer_weights(model, state, "x")
+    n = utils.transfer_weights(model, state, "x")
     assert n == len(state)
     for key, value in model.state_dict().items():
         if key.startswith("fc."):
@@ -1481,7 +1481,7 @@ def test_weight_transfer_changes_backbone_and_leaves_head_fresh(small_tree, tmp_
         elif key in state:
             assert torch.equal(value, state[key])  # backbone: pretrained
     with pytest.raises(SystemExit, match="does not fit|does not match"):
-        finetune.transfer_weights(models.build_encoder("c3d", 2), state, "tiny.pt")
+        utils.transfer_weights(models.build_encoder("c3d", 2), state, "tiny.pt")
 
 
 def test_finetune_then_evaluate_end_to_end_json_keys(small_tree, tmp_path):
@@ -1572,10 +1572,10 @@ def test_bad_videos_are_counted_over_all_ranks(tmp_path):
 
 def test_rng_state_round_trip_is_complete(tmp_path):
     random.random(), np.random.standard_normal(), torch.rand(1)  # numpy caches a gaussian: keep it
-    state = pretrain.rng_state()
+    state = utils.rng_state()
     a = (random.gauss(0, 1), np.random.standard_normal(3).tolist(), torch.rand(2).tolist())
     torch.save(state, tmp_path / "rng.pt")
-    pretrain.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    utils.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (random.gauss(0, 1), np.random.standard_normal(3).tolist(), torch.rand(2).tolist()) == a
 
 
@@ -1595,14 +1595,14 @@ def test_drop_frames_defaults_to_a_quarter_of_the_clip(small_tree, tmp_path):
 
 def test_two_phase_schedule_g_idle_then_trained_from_its_full_lr(small_tree, tmp_path, monkeypatch):
     # D alone before --adv-start (G takes no step), then G from the paper's lr, cosine over its own phase
-    saved, real_save = {}, pretrain.save_atomic
+    saved, real_save = {}, utils.save_atomic
 
     def keep(obj, path):
         real_save(obj, path)
         if isinstance(obj, dict) and obj.get("kind") == "pretrain":
             saved[obj["epoch"]] = copy.deepcopy(obj)
 
-    monkeypatch.setattr(pretrain, "save_atomic", keep)
+    monkeypatch.setattr(utils, "save_atomic", keep)
     pretrain.main(small_args(small_tree, tmp_path, "--epochs", "3", "--adv-start", "1", "--g-lr", "0.02"))
     assert saved[1]["opt_g"]["state"] == {} and saved[1]["opt_g"]["param_groups"][0]["lr"] == 0
     assert saved[2]["opt_g"]["state"] and saved[2]["opt_g"]["param_groups"][0]["lr"] == pytest.approx(0.02)

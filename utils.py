@@ -1,14 +1,20 @@
 """
-What the stage scripts share to watch a run: pooled features of test-mode clips, the weighted kNN
-vote, the feature spread that shows a collapse, and the curves of a run drawn from its log.jsonl.
+What the stage scripts share, so that none of them imports another (DINO's utils.py): the
+monitors of a run (pooled features of test-mode clips, the weighted kNN vote, the feature spread
+that shows a collapse, the curves drawn from its log.jsonl), the run plumbing (flags and presets,
+distributed setup, autocast, RNG state, atomic checkpoints, logging, pre-emption) and the transfer
+of a pretrained encoder into a downstream model.
 
     python utils.py curves runs/demo/log.jsonl            # (re)draw runs/demo/curves.png
 """
 
+import argparse
 import contextlib
 import json
 import math
 import os
+import random
+import signal
 import sys
 
 import cv2
@@ -196,6 +202,194 @@ def draw_curves(log_path, png_path):
     cv2.imwrite(tmp, img)
     os.replace(tmp, png_path)
     return img
+
+# -----------------------------------------------------------------------------
+# run plumbing shared by the stage scripts: flags and presets, distributed setup, autocast, RNG
+# state, atomic checkpoints, logging, pre-emption
+
+DEMO_CLIPS = dict(arch="tiny", frames=16, stride=2, crop=64)  # the demo presets' encoder and clips
+
+
+def parse_args(parser, argv=None):
+    """(args, given): the parsed flags and the names of those set on the command line, so that a
+    preset can fill in only the others."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    sentinel = object()
+    probe = parser.parse_args(argv, argparse.Namespace(**{k: sentinel for k in vars(args)}))
+    return args, {k for k, v in vars(probe).items() if v is not sentinel}
+
+
+def apply_preset(args, given, preset):
+    """Set the flags of `preset` that were not given on the command line; returns what it set."""
+    applied = {k: v for k, v in preset.items() if k not in given}
+    for key, value in applied.items():
+        setattr(args, key, value)
+    return applied
+
+
+def is_demo(args):
+    return args.dataset in data.DEMOS and args.data_root is None
+
+
+def init_distributed():
+    """torchrun's environment -> process group (nccl on CUDA, gloo on CPU); none -> a world of one,
+    same code, collectives skipped. Returns (rank, world_size, device)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def autocast_context(amp, device):
+    """(context, GradScaler or None) for --amp; a scaler only for float16."""
+    amp = amp or ("bf16" if device.type == "cuda" else "none")
+    if amp == "none":
+        return contextlib.nullcontext(), None
+    if amp == "fp16" and device.type != "cuda":
+        raise SystemExit("error: --amp fp16 needs CUDA; use --amp bf16 on CPU")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    return torch.autocast(device.type, dtype=dtype), scaler
+
+
+def rng_state():
+    """Every RNG's full state, in types torch.load(weights_only=True) accepts."""
+    version, words, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(words), gauss],
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomic(obj, path):
+    """torch.save to path.tmp, then os.replace: a crash mid-write never leaves a broken file."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, kind=None):
+    """torch.load(weights_only=True) with one clear line for a missing, corrupt or wrong-kind file."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"error: checkpoint not found: {path}")
+    except Exception as e:  # unpickling errors come in many types
+        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    if not isinstance(ckpt, dict) or (kind is not None and ckpt.get("kind") != kind):
+        found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise SystemExit(f"error: {path} is a {found} checkpoint, expected {kind}")
+    return ckpt
+
+
+class Logger:
+    """One human line and one JSON line (OUT/log.jsonl) per call, rank 0 only."""
+
+    def __init__(self, out, rank):
+        self.rank, self.path = rank, os.path.join(out, "log.jsonl")
+
+    def __call__(self, line, **fields):
+        if self.rank != 0:
+            return
+        print(line, flush=True)
+        if fields:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(fields) + "\n")
+
+
+def format_eta(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1 (cluster pre-emption); all ranks agree on it at each step."""
+
+    def __init__(self):
+        self.set = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.set = True
+
+
+def all_ranks_any(flags, device):
+    """Element-wise OR of small boolean lists across ranks (one all-reduce)."""
+    t = torch.tensor([float(f) for f in flags], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+# -----------------------------------------------------------------------------
+# moving a pretrained encoder into a downstream model
+
+def backbone_state(ckpt):
+    """(arch, query-encoder state dict without the projection head `fc`) of a loaded pretraining
+    checkpoint, whatever its method (all of them keep the encoder under `encoder_q.`)."""
+    prefix = "encoder_q."
+    state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix) and not k.startswith(prefix + "fc.")}
+    return ckpt["args"]["arch"], state
+
+
+def backbone_from_checkpoint(path):
+    """(arch or None, encoder state dict without the projection head `fc`, the checkpoint dict or
+    None) from a pretraining checkpoint or a backbone.pt; one clear line for anything else."""
+    ckpt = load_checkpoint(path)
+    if ckpt.get("kind") == "pretrain":
+        arch, state = backbone_state(ckpt)
+        return arch, state, ckpt
+    if "kind" in ckpt:
+        raise SystemExit(f"error: {path} is a {ckpt['kind']} checkpoint; finetuning starts from a pretraining "
+                         "checkpoint or a backbone.pt")
+    return None, {k: v for k, v in ckpt.items() if not k.startswith("fc.")}, None  # backbone.pt: a bare state dict
+
+
+def transfer_weights(model, state, source):
+    """Load a pretrained backbone into `model` (head excluded); report what did not match, and stop
+    with one line when nothing or the wrong architecture matches."""
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        first = [line.strip() for line in str(e).splitlines() if "size mismatch" in line][:1]
+        raise SystemExit(f"error: {source} does not fit --arch: {first[0] if first else str(e)[:200]}")
+    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
+    if missing or result.unexpected_keys:
+        if len(missing) > len(state) // 2:
+            raise SystemExit(f"error: {source} does not match the architecture: {len(missing)} missing keys, "
+                             f"e.g. {missing[0]}; pass the right --arch")
+        print(f"weight transfer from {source}: {len(missing)} missing keys {missing[:3]}, "
+              f"{len(result.unexpected_keys)} unexpected {result.unexpected_keys[:3]}")
+    return len(state) - len(result.unexpected_keys)
+
+
+def add_probe_norm(model):
+    """The linear probe's classifier: a BatchNorm without affine parameters standardises each frozen
+    feature before `fc` (as MAE's linear probe does); it is still a linear classifier. Without it the
+    probe's learning rate means something different for every encoder: here a random-init encoder's
+    pooled features have norm ~0.5 and a pretrained one's ~6, so one lr underfits the first and
+    overshoots the second. The head becomes fc = Sequential(BatchNorm1d, Linear)."""
+    model.fc = nn.Sequential(nn.BatchNorm1d(model.fc.in_features, affine=False), model.fc)
+    return model
 
 
 if __name__ == "__main__":
