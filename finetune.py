@@ -133,7 +133,7 @@ def main(argv=None):
         ckpt = utils.load_checkpoint(ckpt_path, kind="finetune")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt["scaler"]:
+        if ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step = ckpt["epoch"], ckpt["step"]
         utils.set_rng_state(ckpt["rng"])
@@ -151,7 +151,7 @@ def main(argv=None):
             "kind": "finetune", "model": model.state_dict(), "arch": args.arch, "input": args.input, "classes": classes,
             "linear": args.linear, "source": args.ckpt, "generator": generator,
             "data": {k: getattr(args, k) for k in ("dataset", "data_root", "split", "frames", "stride", "crop")},
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "epoch": epoch, "step": step, "test_top1_1clip": test_top1, "args": vars(args),
             "rng": utils.rng_state()}, ckpt_path)
 
@@ -173,13 +173,9 @@ def main(argv=None):
             with ctx:
                 loss = F.cross_entropy(model_ddp(video).float(), label)
             optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
             clips += args.batch_size
             if step % args.print_freq == 0 or epoch_step + 1 == steps_per_epoch:

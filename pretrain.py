@@ -203,19 +203,14 @@ def backward_step(out, opt_d, opt_g, scaler):
     opt_d.zero_grad(set_to_none=True)
     if adversarial:
         opt_g.zero_grad(set_to_none=True)
-    scale = scaler.scale if scaler is not None else (lambda loss: loss)
     if adversarial:
         models.adversarial_backward(out["loss_d"], out["loss_g"], out["x_query"], out["x_query_in"],
-                                    opt_d.param_groups[0]["params"], scale=scale)
+                                    opt_d.param_groups[0]["params"], scale=scaler.scale)
     else:
-        scale(out["loss_d"]).backward()
+        scaler.scale(out["loss_d"]).backward()
     for opt in (opt_d, opt_g) if adversarial else (opt_d,):
-        if scaler is not None:
-            scaler.step(opt)
-        else:
-            opt.step()
-    if scaler is not None:
-        scaler.update()
+        scaler.step(opt)
+    scaler.update()
 
 
 # -----------------------------------------------------------------------------
@@ -308,7 +303,7 @@ def main(argv=None):
         if generator is not None:
             generator.load_state_dict(ckpt["generator"])
             opt_g.load_state_dict(ckpt["opt_g"])
-        if scaler is not None and ckpt["scaler"]:
+        if ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step, skip = ckpt["epoch"], ckpt["step"], ckpt["epoch_step"]
         changed = [k for k in ("epochs", "adv_start", "lr", "batch_size", "generator", "drop_frames", "decay")
@@ -329,7 +324,7 @@ def main(argv=None):
             return
         utils.save_atomic({"kind": "pretrain", "method": args.method, "model": model.state_dict(),
                      "generator": generator.state_dict() if generator else None, "opt_d": opt_d.state_dict(),
-                     "opt_g": opt_g.state_dict() if opt_g else None, "scaler": scaler.state_dict() if scaler else None,
+                     "opt_g": opt_g.state_dict() if opt_g else None, "scaler": scaler.state_dict(),
                      "epoch": epoch, "step": step, "epoch_step": epoch_step, "args": vars(args),
                      "rng": states}, ckpt_path)
         # the query encoder without its projection head: every key is the torchvision model's of the same arch

@@ -248,14 +248,15 @@ def init_distributed():
 
 
 def autocast_context(amp, device):
-    """(context, GradScaler or None) for --amp; a scaler only for float16."""
+    """(context, GradScaler) for --amp. The scaler is enabled for float16 only; disabled, its
+    scale() is the identity, step() a plain optimizer step and its state_dict() empty."""
     amp = amp or ("bf16" if device.type == "cuda" else "none")
-    if amp == "none":
-        return contextlib.nullcontext(), None
     if amp == "fp16" and device.type != "cuda":
         raise SystemExit("error: --amp fp16 needs CUDA; use --amp bf16 on CPU")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    if amp == "none":
+        return contextlib.nullcontext(), scaler
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
     return torch.autocast(device.type, dtype=dtype), scaler
 
 
