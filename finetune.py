@@ -17,7 +17,6 @@ import argparse
 import math
 import os
 import random
-import time
 
 import numpy as np
 import torch
@@ -156,7 +155,7 @@ def main(argv=None):
             "rng": utils.rng_state()}, ckpt_path)
 
     steps_per_epoch, total_steps = len(loader), args.epochs * len(loader)
-    t_start, step_at_start = time.time(), step
+    progress = utils.Progress(step, total_steps)
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         for group in optimizer.param_groups:
@@ -165,7 +164,7 @@ def main(argv=None):
         if args.linear:
             model.eval()  # frozen backbone: BN uses its pretrained statistics
             model.fc.train()  # the probe's own BatchNorm learns the feature statistics
-        t_log, clips = time.time(), 0
+        progress.restart()
         for epoch_step, batch in enumerate(loader):
             bad.update(batch["bad"])
             video = batch["video"].to(device, non_blocking=True)[:, 0]  # (N, 3, T, H, W)
@@ -177,15 +176,10 @@ def main(argv=None):
             scaler.step(optimizer)
             scaler.update()
             step += 1
-            clips += args.batch_size
+            progress.clips += args.batch_size
             if step % args.print_freq == 0 or epoch_step + 1 == steps_per_epoch:
-                rate = clips / max(time.time() - t_log, 1e-9)
-                eta = (time.time() - t_start) / max(step - step_at_start, 1) * (total_steps - step)
-                log(f"epoch {epoch} step {step}/{total_steps} loss {loss.item():.4f} lr {optimizer.param_groups[0]['lr']:.4g} "
-                    f"{rate:.1f} clips/s eta {utils.format_eta(eta)} bad {len(bad)}",
-                    epoch=epoch, step=step, loss=loss.item(), lr=optimizer.param_groups[0]["lr"],
-                    clips_per_s=rate, eta_s=eta, bad_videos=len(bad))
-                t_log, clips = time.time(), 0
+                shown = [("loss", loss.item(), ".4f"), ("lr", optimizer.param_groups[0]["lr"], ".4g")]
+                progress.log(log, epoch, step, shown, f" bad {len(bad)}", bad_videos=len(bad))
         top1 = quick_test(model_ddp, test_loader, device, ctx)
         save(epoch + 1, top1)
         log(f"epoch {epoch} done: test top-1 (1 centre clip) {top1:.3f}; {len(bad)} bad videos skipped; saved {ckpt_path}",

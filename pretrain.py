@@ -355,7 +355,7 @@ def main(argv=None):
         stop, nonfinite, last_save, warned = utils.StopFlag(), 0, time.time(), False
         steps_per_epoch = len(loader)
         total_steps = args.epochs * steps_per_epoch
-        t_start, step_at_start = time.time(), step
+        progress = utils.Progress(step, total_steps)
         for epoch in range(start_epoch, args.epochs):
             loader.sampler.set_epoch(epoch, skip * (args.batch_size // world))
             for group in opt_d.param_groups:  # cosine, per epoch (MoCo v2)
@@ -369,7 +369,7 @@ def main(argv=None):
             model_ddp.train()
             if generator_ddp is not None:
                 generator_ddp.train()
-            t_log, clips_since_log = time.time(), 0
+            progress.restart()
             sums = torch.zeros(6, device=device)  # contrastive loss, accuracy, spread, steps; Eq 4 by G, at random
             for epoch_step, batch in enumerate(loader, start=skip):
                 bad.update(batch["bad"])
@@ -396,25 +396,18 @@ def main(argv=None):
                     sums += torch.stack([out.get("loss_nce", loss_d).detach().float(), out["acc"].float(), spread,
                                          one, *eq4])
                 step += 1
-                clips_since_log += args.batch_size
+                progress.clips += args.batch_size
 
                 if step % args.print_freq == 0 or epoch_step + 1 == steps_per_epoch:
                     bad.flush()  # all ranks' bad videos (a collective, at the same step on every rank)
-                    elapsed = time.time() - t_log
-                    rate = clips_since_log / max(elapsed, 1e-9)
-                    eta = (time.time() - t_start) / max(step - step_at_start, 1) * (total_steps - step)
                     lg = loss_g.item() if loss_g is not None else float("nan")
-                    fields = dict(epoch=epoch, step=step, loss_d=loss_d.item(), loss_g=lg, acc=out["acc"].item(),
-                                  spread=utils.feature_spread(out["q"]).item(), lr=opt_d.param_groups[0]["lr"],
-                                  clips_per_s=rate, eta_s=eta, bad_videos=len(bad), phase=phase)
-                    extra = {k: out[k].item() for k in ("loss_order", "order_acc", "loss_clip") if out.get(k) is not None}
-                    fields.update(extra)
-                    log(f"epoch {epoch} step {step}/{total_steps} loss_d {fields['loss_d']:.4f} loss_g {lg:.4f} "
-                        f"acc {fields['acc']:.3f} spread {fields['spread']:.3f} lr {fields['lr']:.4g} "
-                        f"{rate:.1f} clips/s eta {utils.format_eta(eta)}"
-                        + "".join(f" {k} {v:.4f}" for k, v in extra.items())
-                        + f" bad {len(bad)} [{phase}]", **fields)
-                    t_log, clips_since_log = time.time(), 0
+                    shown = [("loss_d", loss_d.item(), ".4f"), ("loss_g", lg, ".4f"), ("acc", out["acc"].item(), ".3f"),
+                             ("spread", utils.feature_spread(out["q"]).item(), ".3f"),
+                             ("lr", opt_d.param_groups[0]["lr"], ".4g")]
+                    extra = {k: out[k].item() for k in ("loss_order", "order_acc", "loss_clip")
+                             if out.get(k) is not None}  # VCLR's
+                    tail = "".join(f" {k} {v:.4f}" for k, v in extra.items()) + f" bad {len(bad)} [{phase}]"
+                    progress.log(log, epoch, step, shown, tail, bad_videos=len(bad), phase=phase, **extra)
                 if is_stop:
                     save(epoch, epoch_step + 1)
                     log(f"signal received: saved {ckpt_path} at epoch {epoch} step {step}; rerun the same command to resume")

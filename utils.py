@@ -16,6 +16,7 @@ import os
 import random
 import signal
 import sys
+import time
 
 import cv2
 import numpy as np
@@ -319,6 +320,30 @@ class Logger:
 def format_eta(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """The progress line of a training loop: "epoch E step S/TOTAL <shown> R clips/s eta H:MM:SS
+    <tail>", logged with the same fields. Count trained clips in `clips`; `restart()` at the start of
+    an epoch, so that evaluation between epochs does not count as training time."""
+
+    def __init__(self, step, total_steps):
+        self.first_step, self.total, self.t_start = step, total_steps, time.time()
+        self.restart()
+
+    def restart(self):
+        self.t_log, self.clips = time.time(), 0
+
+    def log(self, log, epoch, step, shown, tail="", **fields):
+        """shown: (name, value, format spec) in print order; `fields` are logged, not printed."""
+        now = time.time()
+        rate = self.clips / max(now - self.t_log, 1e-9)
+        eta = (now - self.t_start) / max(step - self.first_step, 1) * (self.total - step)
+        text = " ".join(f"{name} {value:{spec}}" for name, value, spec in shown)
+        log(f"epoch {epoch} step {step}/{self.total} {text} {rate:.1f} clips/s eta {format_eta(eta)}{tail}",
+            epoch=epoch, step=step, **{name: value for name, value, _ in shown}, clips_per_s=rate, eta_s=eta,
+            **fields)
+        self.restart()
 
 
 class StopFlag:
