@@ -106,9 +106,10 @@ def freeze_motion(x):
     return x[:, :, x.shape[2] // 2:x.shape[2] // 2 + 1].expand_as(x).contiguous()
 
 
-def shuffle_frames(x, generator):
-    """Each clip's frames in a random order of its own: the same frames, the order gone."""
-    order = torch.rand(x.shape[0], x.shape[2], generator=generator).argsort(dim=1).to(x.device)  # (N, T)
+def shuffle_frames(x, rng):
+    """Each clip's frames in a random order of its own: the same frames, the order gone. rng: a
+    torch.Generator."""
+    order = torch.rand(x.shape[0], x.shape[2], generator=rng).argsort(dim=1).to(x.device)  # (N, T)
     return x.gather(2, order[:, None, :, None, None].expand_as(x))
 
 
@@ -220,6 +221,86 @@ def write_cam_strip(path, clip, cam, title, max_frames=8):
 
 # -----------------------------------------------------------------------------
 
+def clip_average(outputs):
+    """{video index: (clips, D)} from per_video -> (sorted video indices (V,), (V, D) mean over clips)."""
+    index = torch.tensor(sorted(outputs))
+    return index, torch.stack([outputs[i].mean(0) for i in index.tolist()])
+
+
+def classify(model, test_loader, labels, args, device, ctx):
+    """A finetuned classifier: softmax averaged over the clips and crops of each video, top-1/5."""
+    probs, skipped = per_video(lambda x: model(x).softmax(dim=1), test_loader, device, ctx)
+    index, p = clip_average(probs)  # (V, classes)
+    result = dict(top1=topk_accuracy(p, labels[index], 1), top5=topk_accuracy(p, labels[index], min(5, p.shape[1])),
+                  n_skipped=len(skipped), n_videos=len(index))
+    return result, (f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  ({len(index)} videos, "
+                    f"{args.clips} clips x {args.crops} crops, {len(skipped)} skipped)")
+
+
+def retrieval(model, test_loader, gallery_loader, labels, num_classes, args, device, ctx):
+    """Test videos against the train split: recall at k and the weighted kNN vote."""
+    gallery_labels = torch.tensor([y for _, y in gallery_loader.dataset.samples])
+    q, q_index, q_skipped = video_features(model, test_loader, device, ctx)
+    g, g_index, g_skipped = video_features(model, gallery_loader, device, ctx)
+    recall = retrieval_recall(q, g, labels[q_index], gallery_labels[g_index])
+    pred = knn_predict(q, g, gallery_labels[g_index], num_classes, args.knn_k)
+    result = dict(recall, knn_top1=(pred == labels[q_index]).float().mean().item(),
+                  n_skipped=len(q_skipped) + len(g_skipped), n_videos=len(q_index), n_gallery=len(g_index))
+    return result, ("retrieval " + "  ".join(f"{k} {v:.4f}" for k, v in recall.items())
+                    + f"  kNN top-1 {result['knn_top1']:.4f} (k={args.knn_k}; {len(q_index)} queries, "
+                    f"{len(g_index)} train videos)")
+
+
+def occlusion(model, test_loader, labels, ckpt, args, device, ctx):
+    """Entropy and top-1 of a classifier with k frames dropped: none, at random, by the pretraining's G."""
+    g_net, k = occlusion_generator(args, ckpt, device)
+    drops = {"none": lambda x: x, "random": lambda x: models.random_drop(x, k)[0]}
+    if g_net is not None:
+        drops["adversarial"] = lambda x: models.drop_frames(x, g_net(x), k)[0]
+    result = dict(entropy_adversarial=None, top1_adversarial=None)
+    torch.manual_seed(args.seed)  # the random drops are the same on every run
+    for mode, drop in drops.items():
+        probs, _ = per_video(lambda x: model(drop(x)).softmax(dim=1), test_loader, device, ctx)
+        index, p = clip_average(probs)  # (V, classes)
+        result[f"entropy_{mode}"] = entropy(p).mean().item()
+        result[f"top1_{mode}"] = topk_accuracy(p, labels[index], 1)
+    return result, (f"occlusion, {k} of {args.frames} frames dropped: " + "  ".join(
+        f"{m}: entropy {result[f'entropy_{m}']:.3f} top-1 {result[f'top1_{m}']:.3f}" for m in drops)
+        + ("" if g_net is not None else "  (no generator: pass --gen-ckpt for the adversarial row)"))
+
+
+def motion(model, test_loader, args, device, ctx):
+    """How far pooled features move when a clip's motion is frozen or its frames are shuffled."""
+    rng = torch.Generator().manual_seed(args.seed)
+    with pooled_features(model):
+        feats, _ = per_video(lambda x: torch.cat([model(x), model(freeze_motion(x)),
+                                                  model(shuffle_frames(x, rng))], dim=1), test_loader, device, ctx)
+    f, f_static, f_shuffled = torch.cat([feats[i] for i in sorted(feats)]).chunk(3, dim=1)  # (V*C, D) each
+    if len(f) < 2:
+        raise SystemExit("error: --motion compares test clips with each other and needs at least 2")
+    result = dict(motion_static=relative_shift(f, f_static), motion_shuffle=relative_shift(f, f_shuffled))
+    return result, (f"motion sensitivity (feature shift / distance between clips): frozen clip "
+                    f"{result['motion_static']:.3f}  shuffled frames {result['motion_shuffle']:.3f}  ({len(f)} clips)")
+
+
+def cam_strips(model, test_loader, classes, args, device):
+    """Grad-CAM strips of N test clips spread over the test list (so across classes), as PNGs."""
+    n, out_dir = int(args.cam[0]), args.cam[1]
+    os.makedirs(out_dir, exist_ok=True)
+    written = 0
+    for i in np.linspace(0, len(test_loader.dataset) - 1, n).round().astype(int).tolist():
+        sample = test_loader.dataset[i]
+        if not sample["valid"]:
+            continue
+        clip = sample["video"][len(sample["video"]) // 2][None].to(device)  # the middle clip
+        cam, pred = grad_cam(model, clip)
+        name = os.path.splitext(os.path.basename(test_loader.dataset.samples[i][0]))[0]
+        title = f"{name}: true {classes[sample['label']]}, predicted {classes[pred]}"
+        write_cam_strip(os.path.join(out_dir, f"{name}.png"), clip, cam, title)
+        written += 1
+    return dict(cam_dir=out_dir), f"Grad-CAM strips of {written} test clips written to {out_dir}"
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     rank, world, device = utils.init_distributed()
@@ -240,81 +321,26 @@ def main(argv=None):
 
     test_loader, classes = loader(train=False)
     labels = torch.tensor([y for _, y in test_loader.dataset.samples])
-    result = {"checkpoint": args.ckpt, "kind": kind, "input": args.input, "dataset": args.dataset, "split": args.split,
-              "clips": args.clips, "crops": args.crops, "n_videos": len(labels)}
-    table = []
-
+    result = {"checkpoint": args.ckpt, "kind": kind, "input": args.input, "dataset": args.dataset,
+              "split": args.split, "clips": args.clips, "crops": args.crops, "n_videos": len(labels)}
+    runs = []  # (result fields, table line) of each mode
     if kind == "finetune" and not args.knn:
-        probs, skipped = per_video(lambda x: model(x).softmax(dim=1), test_loader, device, ctx)
-        index = torch.tensor(sorted(probs))
-        p = torch.stack([probs[i].mean(0) for i in index.tolist()])  # (V, classes), averaged over clips
-        result.update(top1=topk_accuracy(p, labels[index], 1), top5=topk_accuracy(p, labels[index], min(5, p.shape[1])),
-                      n_skipped=len(skipped), n_videos=len(index))
-        table.append(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  ({len(index)} videos, "
-                     f"{args.clips} clips x {args.crops} crops, {len(skipped)} skipped)")
-
+        runs.append(classify(model, test_loader, labels, args, device, ctx))
     if kind != "finetune" or args.knn:
         gallery_loader, _ = loader(train=True)
-        gallery_labels = torch.tensor([y for _, y in gallery_loader.dataset.samples])
-        q, q_index, q_skipped = video_features(model, test_loader, device, ctx)
-        g, g_index, g_skipped = video_features(model, gallery_loader, device, ctx)
-        recall = retrieval_recall(q, g, labels[q_index], gallery_labels[g_index])
-        pred = knn_predict(q, g, gallery_labels[g_index], len(classes), args.knn_k)
-        result.update(recall, knn_top1=(pred == labels[q_index]).float().mean().item(),
-                      n_skipped=len(q_skipped) + len(g_skipped), n_videos=len(q_index), n_gallery=len(g_index))
-        table.append("retrieval " + "  ".join(f"{k} {v:.4f}" for k, v in recall.items())
-                     + f"  kNN top-1 {result['knn_top1']:.4f} (k={args.knn_k}; {len(q_index)} queries, "
-                     f"{len(g_index)} train videos)")
-
+        runs.append(retrieval(model, test_loader, gallery_loader, labels, len(classes), args, device, ctx))
     if args.occlusion:
-        generator, k = occlusion_generator(args, ckpt, device)
-        modes = {"none": lambda x: x, "random": lambda x: models.random_drop(x, k)[0]}
-        if generator is not None:
-            modes["adversarial"] = lambda x: models.drop_frames(x, generator(x), k)[0]
-        result.update(entropy_adversarial=None, top1_adversarial=None)
-        torch.manual_seed(args.seed)  # the random drops are the same on every run
-        for mode, drop in modes.items():
-            probs, _ = per_video(lambda x: model(drop(x)).softmax(dim=1), test_loader, device, ctx)
-            index = torch.tensor(sorted(probs))
-            p = torch.stack([probs[i].mean(0) for i in index.tolist()])  # (V, classes)
-            result[f"entropy_{mode}"] = entropy(p).mean().item()
-            result[f"top1_{mode}"] = topk_accuracy(p, labels[index], 1)
-        table.append(f"occlusion, {k} of {args.frames} frames dropped: " + "  ".join(
-            f"{m}: entropy {result[f'entropy_{m}']:.3f} top-1 {result[f'top1_{m}']:.3f}" for m in modes)
-            + ("" if generator is not None else "  (no generator: pass --gen-ckpt for the adversarial row)"))
-
+        runs.append(occlusion(model, test_loader, labels, ckpt, args, device, ctx))
     if args.motion:
-        generator = torch.Generator().manual_seed(args.seed)
-        with pooled_features(model):
-            feats, _ = per_video(lambda x: torch.cat([model(x), model(freeze_motion(x)),
-                                                      model(shuffle_frames(x, generator))], dim=1), test_loader, device, ctx)
-        f, f_static, f_shuffled = torch.cat([feats[i] for i in sorted(feats)]).chunk(3, dim=1)  # (V*C, D) each
-        if len(f) < 2:
-            raise SystemExit("error: --motion compares test clips with each other and needs at least 2")
-        result.update(motion_static=relative_shift(f, f_static), motion_shuffle=relative_shift(f, f_shuffled))
-        table.append(f"motion sensitivity (feature shift / distance between clips): frozen clip "
-                     f"{result['motion_static']:.3f}  shuffled frames {result['motion_shuffle']:.3f}  ({len(f)} clips)")
-
+        runs.append(motion(model, test_loader, args, device, ctx))
     if args.cam and rank == 0:
-        n, out_dir = int(args.cam[0]), args.cam[1]
-        os.makedirs(out_dir, exist_ok=True)
-        written = 0
-        for i in np.linspace(0, len(test_loader.dataset) - 1, n).round().astype(int).tolist():  # across classes
-            sample = test_loader.dataset[i]
-            if not sample["valid"]:
-                continue
-            clip = sample["video"][len(sample["video"]) // 2][None].to(device)  # the middle clip
-            cam, pred = grad_cam(model, clip)
-            name = os.path.splitext(os.path.basename(test_loader.dataset.samples[i][0]))[0]
-            title = f"{name}: true {classes[sample['label']]}, predicted {classes[pred]}"
-            write_cam_strip(os.path.join(out_dir, f"{name}.png"), clip, cam, title)
-            written += 1
-        result["cam_dir"] = out_dir
-        table.append(f"Grad-CAM strips of {written} test clips written to {out_dir}")
+        runs.append(cam_strips(model, test_loader, classes, args, device))
+    for fields, _ in runs:
+        result.update(fields)
 
     if rank == 0:
         print(f"{args.ckpt} ({kind}) on {args.dataset} split {args.split}:")
-        for line in table:
+        for _, line in runs:
             print("  " + line)
         if args.json:
             with open(args.json, "w") as f:
