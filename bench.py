@@ -183,7 +183,7 @@ def bench_step(args):
     crop = args.crop if cuda else min(args.crop, 64)
     ctx, scaler = utils.autocast_context(None, device)
     step_args = argparse.Namespace(drop_frames=max(1, frames // 4), g_temperature=1.0)
-    model = models.VideoMoCo(arch, 128, args.moco_k, 0.999, 0.07, 0.99999, input=args.input).to(device)
+    model = models.VideoMoCo(models.encoder_builder(arch, args.input), 128, args.moco_k, 0.999, 0.07, 0.99999).to(device)
     generator = models.ConvLSTMGenerator(3, 256, 32).to(device)
     opt_d = torch.optim.SGD(model.encoder_q.parameters(), 0.02, momentum=0.9, weight_decay=1e-4)
     opt_g = torch.optim.SGD(generator.parameters(), 0.02, momentum=0.9)

@@ -14,6 +14,7 @@ reach both nets; we follow the paper):
   pushed into G with `x_query.backward(grad_in)`. See `adversarial_backward`.
 """
 import copy
+import functools
 import math
 from collections import OrderedDict
 
@@ -156,6 +157,13 @@ def build_encoder(arch, num_classes, input="rgb"):
     return encoder
 
 
+def encoder_builder(arch, input="rgb"):
+    """MoCo's `base_encoder` for an arch of ARCHS: a callable num_classes -> encoder, e.g.
+    VideoMoCo(encoder_builder("r2plus1d_10"), ...). Any torchvision video model class
+    (torchvision.models.video.r2plus1d_18) is one too."""
+    return functools.partial(build_encoder, arch, input=input)
+
+
 def projection_head(in_features, dim, mlp=False):
     """The projection from pooled features to the contrastive embedding: MoCo v1's linear layer, or
     MoCo v2's MLP (Linear, ReLU, Linear; --mlp). (in_features,) -> (dim,).
@@ -173,22 +181,6 @@ def projection_head(in_features, dim, mlp=False):
         return nn.Sequential(nn.Linear(in_features, in_features), nn.ReLU(inplace=True),
                              nn.Linear(in_features, dim))
     return nn.Linear(in_features, dim)
-
-
-def background_erasing(x, p, weight=(0.1, 0.3), generator=None):
-    """Background erasing (Wang et al., CVPR 2021, "Removing the background by adding the
-    background"): with probability p per clip, a randomly chosen frame r of the same clip is mixed
-    into every frame, x'_t = (1 - lam) x_t + lam x_r, lam ~ U(weight). The added component lam x_r is
-    constant over time, so static appearance stops being a reliable cue for telling clips apart.
-    x: (N, C, T, H, W). Returns (x', lam (N,), r (N,)); lam = 0 where the clip was left alone."""
-    n, t = x.shape[0], x.shape[2]
-    applied = torch.rand(n, generator=generator) < p
-    lam = torch.empty(n).uniform_(*weight, generator=generator) * applied  # (N,)
-    r = torch.randint(0, t, (n,), generator=generator)  # (N,)
-    lam, r = lam.to(x.device, x.dtype), r.to(x.device)
-    static = x[torch.arange(n, device=x.device), :, r]  # (N, C, H, W)
-    lam5 = lam[:, None, None, None, None]
-    return (1 - lam5) * x + lam5 * static[:, :, None], lam, r
 
 
 # -----------------------------------------------------------------------------
@@ -311,8 +303,8 @@ class VideoMoCo(nn.Module):
     K - j, so slot 0 (where queue_ptr starts) is the oldest and the first to be overwritten.
     """
 
-    def __init__(self, arch="r3d_18", dim=128, K=65536, m=0.999, T=0.07, decay=0.99999,
-                 decay_unit="key", shuffle_splits=2, input="rgb", mlp=True):
+    def __init__(self, base_encoder, dim=128, K=65536, m=0.999, T=0.07, decay=0.99999,
+                 decay_unit="key", shuffle_splits=2, mlp=True):
         super().__init__()
         if decay_unit not in ("key", "step"):
             raise ValueError(f"decay_unit must be 'key' or 'step', got {decay_unit!r}")
@@ -321,7 +313,7 @@ class VideoMoCo(nn.Module):
         self.K, self.m, self.T = K, m, T
         self.decay, self.decay_unit, self.shuffle_splits = decay, decay_unit, shuffle_splits
 
-        self.encoder_q = build_encoder(arch, dim, input)
+        self.encoder_q = base_encoder(num_classes=dim)  # as MoCo's builder; its last layer is `fc`
         self.encoder_q.fc = projection_head(self.encoder_q.fc.in_features, dim, mlp)
         self.encoder_k = copy.deepcopy(self.encoder_q)  # (the input hook is copied with it)
         for param in self.encoder_k.parameters():
@@ -489,189 +481,3 @@ def adversarial_backward(loss_d, loss_g, x_query, x_query_in, d_params, scale=No
     grad_in, = torch.autograd.grad(scale(loss_g), x_query_in, retain_graph=True)
     torch.autograd.backward(scale(loss_d), inputs=list(d_params))
     x_query.backward(grad_in)
-
-
-# -----------------------------------------------------------------------------
-# Related methods, on the same encoders (CVRL, VCLR)
-
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient and hands each rank its own slice (the
-    reduce-scatter that the gather's adjoint is)."""
-
-    @staticmethod
-    def forward(ctx, t):
-        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, t.contiguous())
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        n = grad.shape[0] // dist.get_world_size()
-        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
-
-
-def gather_with_grad(t):
-    """Concatenate `t` (N, D) from all processes along dim 0, in rank order, keeping the gradient:
-    the backward sums each rank's gradient w.r.t. its slice and returns it to the owner, so every
-    rank's loss reaches every rank's local embeddings. `t` itself in a world of one."""
-    if not is_distributed():
-        return t
-    return _GatherWithGrad.apply(t)
-
-
-def nt_xent(z1, z2, tau):
-    """CVRL's (SimCLR's) InfoNCE over 2B views, B = N * world_size the global batch:
-    for a view i with positive p(i) (the other clip of the same video),
-    l_i = -log( exp(s_i,p(i) / tau) / sum_{j != i} exp(s_ij / tau) ), s = cosine similarity,
-    the sum running over the other 2B - 1 views of the global batch (the positive and 2B - 2
-    negatives). Returns (mean of l_i over the 2N local views, top-1 accuracy of the positive).
-
-    z1, z2: (N, dim) projections of the two clips, normalised here. Every process must pass the same
-    N (drop_last), since local row n is global row rank * N + n. Each process's loss is its share of
-    the global mean: with gather_with_grad the gradient w.r.t. the local z is world_size times that of
-    the global mean loss, and DistributedDataParallel's averaging divides it back, so the parameters
-    get exactly the gradient of the global-batch loss. Computed in float32 even under autocast.
-    """
-    with torch.autocast(device_type=z1.device.type, enabled=False):
-        n = z1.shape[0]
-        z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
-        z_all = gather_with_grad(torch.cat([z1, z2], dim=1))  # (B, 2*dim): one all_gather for both
-        b = z_all.shape[0]
-        z_all = torch.cat(z_all.chunk(2, dim=1))  # (2B, dim): first views, then second views
-        logits = torch.cat([z1, z2]) @ z_all.T / tau  # (2N, 2B)
-        rank = dist.get_rank() if is_distributed() else 0
-        own = rank * n + torch.arange(n, device=z1.device)  # (N,) global rows of the local clips
-        self_index = torch.cat([own, own + b])  # (2N,)
-        positive = torch.cat([own + b, own])  # (2N,)
-        # a view is neither its own positive nor its own negative
-        logits = logits.scatter(1, self_index[:, None], float("-inf"))
-        loss = F.cross_entropy(logits, positive)
-        acc = (logits.argmax(dim=1) == positive).float().mean().detach()
-    return loss, acc
-
-
-class CVRL(nn.Module):
-    """CVRL (Qian et al., CVPR 2021): two clips of the same video are a positive pair, every other
-    clip of the global batch a negative; the InfoNCE of SimCLR (`nt_xent`) with temperature T
-    (CVRL's 0.1). No queue, no momentum encoder.
-
-    The projection is CVRL's 3-layer MLP: encoder_q's `fc` (feature width -> hidden) is its first
-    Linear, then BN, ReLU, Linear(hidden, hidden), BN, ReLU, Linear(hidden, dim). Downstream code
-    keeps encoder_q without `fc`, as for VideoMoCo; `head` is dropped with everything else.
-    Both clips go through the encoder in one batch (SimCLR concatenates its views the same way), so
-    BN statistics span both views; pretrain.py converts to SyncBatchNorm under DDP on CUDA, for CVRL's
-    BN over the global batch.
-    """
-
-    def __init__(self, arch="r3d_18", dim=128, hidden=2048, T=0.1, input="rgb"):
-        super().__init__()
-        self.T = T
-        self.encoder_q = build_encoder(arch, hidden, input)
-        self.encoder_q.fc = projection_head(self.encoder_q.fc.in_features, hidden)  # see projection_head
-        self.head = nn.Sequential(
-            nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden),
-            nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
-
-    def forward(self, x1, x2):  # (N, 3, T, H, W) each, two clips of the same N videos
-        n = x1.shape[0]
-        z = self.head(self.encoder_q(torch.cat([x1, x2])))  # (2N, dim)
-        loss, acc = nt_xent(z[:n], z[n:], self.T)
-        return {"loss": loss, "acc": acc, "q": F.normalize(z[:n].detach().float(), dim=1)}
-
-
-def video_embedding(clip_embeddings):
-    """VCLR Eq 4/5 with the average as consensus: (N, S, dim) L2-normalised embeddings of the S clips
-    of a tuple -> (N, dim) L2-normalised video-level embedding."""
-    return F.normalize(clip_embeddings.mean(dim=1), dim=1)
-
-
-class VCLR(VideoMoCo):
-    """VCLR (Kuang et al., ICCV 2021, "Video Contrastive Learning with Global Context"), the 3D-CNN
-    variant of its Sec 5.3: a video is cut into `segments` segments and a tuple holds one clip per
-    segment; two independently sampled tuples of a video are a positive pair.
-
-    Loss = clip_weight * L_clip + L_v + order_weight * L_o, the paper's 3-D variant (Sec 5.3, Table
-    8: the clip-level InfoNCE of its baseline plus the two losses of Sec 3):
-      L_clip, clip-level InfoNCE in MoCo form: q is the embedding of the anchor's first clip (as
-        the tuple is given, possibly shuffled) from encoder_q, k that of the positive tuple's clip
-        from the same segment from the momentum encoder; negatives from a queue of clip-level keys of
-        its own (`clip_queue`). The pair is two clips of one segment, each with its tuple's
-        augmentation. clip_weight 0 gives the 2-D recipe's L_v + order_weight * L_o.
-      L_v, the video-level contrastive loss (Sec 3.2, Eq 4-6) in MoCo form: q is the video embedding
-        (`video_embedding`) of the anchor tuple from encoder_q, k that of the positive tuple from the
-        momentum encoder with shuffle-BN; negatives from the queue (Eq 5 of VideoMoCo, no decay).
-      L_o, the temporal order regularisation (Sec 3.3, Eq 7-10): the normalised per-clip embeddings
-        of both tuples, concatenated in tuple order and in the clip order given, -> `order_head`
-        (a linear classifier) -> 4 classes: 0 both tuples in order, 1 the first shuffled, 2 the
-        second shuffled, 3 both shuffled. The data loader shuffles; this module only classifies.
-    The paper has separate MLP heads for the two losses (h_v, h_o); here encoder_q's `fc` serves
-    both, so encoder_q is exported exactly as VideoMoCo's and `order_head` is dropped downstream.
-    encoder_q sees the anchor's clips and the positive's clips as two separate batches, and the key
-    comes from encoder_k with shuffle-BN, so a query never shares BN statistics with its key.
-    """
-
-    def __init__(self, arch="r3d_18", dim=128, K=65536, m=0.999, T=0.07, segments=3,
-                 order_weight=1.0, shuffle_splits=2, input="rgb", mlp=True, clip_weight=1.0):
-        super().__init__(arch, dim, K, m, T, decay=1.0, decay_unit="key",
-                         shuffle_splits=shuffle_splits, input=input, mlp=mlp)
-        self.segments, self.order_weight, self.clip_weight = segments, order_weight, clip_weight
-        self.order_head = nn.Linear(2 * segments * dim, 4)
-        self.register_buffer("clip_queue", F.normalize(torch.randn(dim, K), dim=0))  # L_clip's negatives
-        self.register_buffer("clip_queue_ptr", torch.zeros(1, dtype=torch.long))
-        self.register_buffer("clip_queue_age", torch.arange(K, 0, -1, dtype=torch.long))
-
-    def forward(self, anchor, positive, order, segments=None):
-        """anchor, positive: (N, S, 3, T, H, W) tuples, one clip per segment, possibly shuffled
-        within the tuple; order: (N,) long, the order class of the pair (see the class docstring);
-        segments: (N, 2, S) long, the segment of each clip of the anchor and of the positive as
-        given (needed for L_clip; the data loader's "segments").
-
-        Returns {"loss", "loss_nce" (L_v), "loss_order" (L_o), "loss_clip" (L_clip, or None),
-        "acc" (top-1 of the positive key), "order_acc", "q", "k" (N, dim), "order_logits" (N, 4)}. As in VideoMoCo.forward, the momentum
-        update and the enqueue happen only in training mode.
-        """
-        n, s = anchor.shape[:2]
-        if s != self.segments or positive.shape[:2] != anchor.shape[:2]:
-            raise ValueError(f"VCLR needs anchor, positive of shape (N, {self.segments}, 3, T, H, W), "
-                             f"got {tuple(anchor.shape)} and {tuple(positive.shape)}")
-        if self.clip_weight and (segments is None or tuple(segments.shape) != (n, 2, s)):
-            raise ValueError(f"VCLR's clip-level loss needs segments of shape ({n}, 2, {s}) "
-                             "(or clip_weight=0)")
-        # the anchor's and the positive's clips go through encoder_q as separate batches, so no BN
-        # statistic of the query side ever contains the clips its key is made from
-        clip_q = F.normalize(self.encode_query(anchor.flatten(0, 1)).float(), dim=1).view(n, s, -1)  # (N, S, dim)
-        q = video_embedding(clip_q)  # (N, dim)
-        with torch.no_grad():
-            if self.training:
-                self.momentum_update()
-            clip_k = self.encode_key(positive.flatten(0, 1)).float()  # (N*S, dim)
-            k = video_embedding(clip_k.view(n, s, -1))  # (N, dim)
-        queue = self.queue.clone().detach()  # (dim, K), the negatives before this batch enters
-        loss_nce, logits = decayed_infonce(q, k, queue, self.queue_age, self.T, 1.0,
-                                           return_logits=True)
-
-        # (N, 2*S*dim): the anchor's clips then the positive's, each in the order given (Eq 9)
-        clip_p = F.normalize(self.encode_query(positive.flatten(0, 1)).float(), dim=1).view(n, s, -1)  # (N, S, dim)
-        order_input = torch.cat([clip_q, clip_p], dim=1).reshape(n, -1)
-        order_logits = self.order_head(order_input).float()  # (N, 4)
-        loss_order = F.cross_entropy(order_logits, order)
-        loss = loss_nce + self.order_weight * loss_order
-        loss_clip = None
-        if self.clip_weight:
-            # L_clip: the anchor's first clip against the positive tuple's clip of the same segment
-            where = (segments[:, 1] == segments[:, 0, :1]).float().argmax(dim=1)  # (N,) its position
-            k_clip = clip_k.view(n, s, -1)[torch.arange(n, device=where.device), where]  # (N, dim)
-            loss_clip = decayed_infonce(clip_q[:, 0], k_clip, self.clip_queue.clone().detach(),
-                                        self.clip_queue_age, self.T, 1.0)
-            loss = loss + self.clip_weight * loss_clip
-
-        acc = (logits.argmax(dim=1) == 0).float().mean().detach()
-        order_acc = (order_logits.argmax(dim=1) == order).float().mean().detach()
-        if self.training:
-            self.dequeue_and_enqueue(k)
-            if self.clip_weight:
-                self.dequeue_and_enqueue(k_clip, "clip_queue")
-        return {"loss": loss, "loss_nce": loss_nce, "loss_order": loss_order, "loss_clip": loss_clip, "acc": acc,
-                "order_acc": order_acc, "q": q, "k": k, "order_logits": order_logits}

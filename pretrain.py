@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import methods
 import models
 import utils
 
@@ -155,7 +156,7 @@ def forward_step(model, generator, video, order, phase, args, ctx, decay=None, m
     phase): also "l1_random", Eq 4's distance for k frames dropped at random (random_drop_distance)."""
     x, x_key = video[:, 0], video[:, 1]
     if getattr(args, "background_erasing", 0) > 0:  # on the query view (every clip of VCLR's anchor tuple)
-        x = models.background_erasing(x.flatten(0, x.dim() - 5), args.background_erasing, args.be_weight)[0].view_as(x)
+        x = methods.background_erasing(x.flatten(0, x.dim() - 5), args.background_erasing, args.be_weight)[0].view_as(x)
     if phase in ("cvrl", "vclr"):
         with ctx:
             out = model(x, x_key) if phase == "cvrl" else model(x, x_key, *order)
@@ -256,14 +257,15 @@ def main(argv=None):
         raise SystemExit(f"error: {len(dataset)} videos give no full batch of {args.batch_size // world} per process")
 
     # model
+    base_encoder = models.encoder_builder(args.arch, args.input)
     if args.method == "cvrl":
-        model = models.CVRL(args.arch, args.moco_dim, args.cvrl_hidden, args.cvrl_t, args.input)
+        model = methods.CVRL(base_encoder, args.moco_dim, args.cvrl_hidden, args.cvrl_t)
     elif args.method == "vclr":
-        model = models.VCLR(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.segments,
-                            args.order_weight, args.shuffle_splits, args.input, args.mlp, args.clip_weight)
+        model = methods.VCLR(base_encoder, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.segments,
+                             args.order_weight, args.shuffle_splits, args.mlp, args.clip_weight)
     else:
-        model = models.VideoMoCo(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.decay,
-                                 args.decay_unit, args.shuffle_splits, args.input, args.mlp)
+        model = models.VideoMoCo(base_encoder, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.decay,
+                                 args.decay_unit, args.shuffle_splits, args.mlp)
     model = global_batchnorm(model, args.method, device, world, log)
     model.to(device)
     # G exists only where it is used: --method videomoco with --generator convlstm

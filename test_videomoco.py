@@ -30,11 +30,13 @@ from torchvision.models.video.resnet import (BasicBlock, BasicStem, Conv2Plus1D,
 
 import data
 import datatools
+import methods
 import models
 import pretrain
 import utils
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = models.encoder_builder("tiny")  # base_encoder of the small models in these tests
 
 
 # -----------------------------------------------------------------------------
@@ -577,7 +579,7 @@ def test_decay_weights_and_oldest_key_of_full_queue():
     for a, w in zip(age.tolist(), weights.tolist()):
         assert w == pytest.approx(0.99999 ** a, rel=1e-12)
     assert models.decay_weights(torch.tensor([8000]), 0.999).item() == pytest.approx(0.000334, rel=1e-2)
-    model = models.VideoMoCo("tiny", dim=4, K=65536)
+    model = models.VideoMoCo(TINY, dim=4, K=65536)
     model.dequeue_and_enqueue(random_unit(256, 4, dim=1))
     oldest = int(model.queue_age.max())
     assert oldest == 65536
@@ -590,7 +592,7 @@ def test_decay_weights_and_oldest_key_of_full_queue():
 
 def test_momentum_update_matches_loop():
     torch.manual_seed(3)
-    model = models.VideoMoCo("tiny", dim=8, K=16, m=0.9)
+    model = models.VideoMoCo(TINY, dim=8, K=16, m=0.9)
     with torch.no_grad():
         for p in model.encoder_q.parameters():
             p.add_(torch.randn_like(p))
@@ -622,7 +624,7 @@ def queue_fifo(model):
 @pytest.mark.parametrize("decay_unit", ["key", "step"])
 def test_queue_wraparound_and_ages(decay_unit):
     K, dim = 10, 3
-    model = models.VideoMoCo("tiny", dim=dim, K=K, decay_unit=decay_unit)
+    model = models.VideoMoCo(TINY, dim=dim, K=K, decay_unit=decay_unit)
     # initial keys: ids -K..-1 in slot order, enqueued one per step (slot 0 oldest)
     model.queue[:] = torch.arange(-K, 0, dtype=torch.float)
     fifo = [(i, -(K - 1) + j) for j, i in enumerate(range(-K, 0))]  # (id, step it was enqueued)
@@ -644,7 +646,7 @@ def test_queue_wraparound_and_ages(decay_unit):
 
 
 def test_queue_batch_larger_than_queue_keeps_newest():
-    model = models.VideoMoCo("tiny", dim=2, K=5)
+    model = models.VideoMoCo(TINY, dim=2, K=5)
     model.dequeue_and_enqueue(torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
     keys = torch.arange(100, 112, dtype=torch.float)[:, None].repeat(1, 2)
     model.dequeue_and_enqueue(keys)
@@ -655,11 +657,11 @@ def test_queue_batch_larger_than_queue_keeps_newest():
 
 
 def test_queue_state_is_in_state_dict():
-    model = models.VideoMoCo("tiny", dim=4, K=8)
+    model = models.VideoMoCo(TINY, dim=4, K=8)
     model.dequeue_and_enqueue(random_unit(3, 4, dim=1))
     state = copy.deepcopy(model.state_dict())
     assert {"queue", "queue_ptr", "queue_age"} <= set(state)
-    fresh = models.VideoMoCo("tiny", dim=4, K=8)
+    fresh = models.VideoMoCo(TINY, dim=4, K=8)
     fresh.load_state_dict(state)
     assert torch.equal(fresh.queue, model.queue)
     assert int(fresh.queue_ptr) == 3
@@ -668,7 +670,7 @@ def test_queue_state_is_in_state_dict():
 
 def test_eval_forward_leaves_queue_and_key_encoder():
     torch.manual_seed(4)
-    model = models.VideoMoCo("tiny", dim=8, K=16).eval()
+    model = models.VideoMoCo(TINY, dim=8, K=16).eval()
     with torch.no_grad():
         for p in model.encoder_q.parameters():
             p.add_(1.0)
@@ -768,7 +770,7 @@ def adversarial_forward(model, generator, x, x_key, k):
 
 def test_adversarial_backward_routes_losses():
     torch.manual_seed(7)
-    model = models.VideoMoCo("tiny", dim=8, K=16)
+    model = models.VideoMoCo(TINY, dim=8, K=16)
     generator = models.ConvLSTMGenerator(hidden=16, width=8)
     x, x_key = torch.randn(4, 3, 8, 32, 32), torch.randn(4, 3, 8, 32, 32)
     start = copy.deepcopy((model.state_dict(), generator.state_dict()))
@@ -811,7 +813,7 @@ def test_adversarial_backward_routes_losses():
 
 def test_adversarial_backward_scales_both_losses():
     torch.manual_seed(9)
-    model = models.VideoMoCo("tiny", dim=8, K=16).eval()
+    model = models.VideoMoCo(TINY, dim=8, K=16).eval()
     generator = models.ConvLSTMGenerator(hidden=16, width=8).eval()
     x = torch.randn(2, 3, 8, 32, 32)
     grads = []
@@ -863,7 +865,7 @@ def test_generator_trained_against_a_fixed_d_drops_frames_that_move_d_more_than_
     # far as k random drops (measured 2.0-2.3 on seeds 0-3; 0.35-1.9 before training).
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = models.VideoMoCo("tiny", dim=16, K=32)
+    model = models.VideoMoCo(TINY, dim=16, K=32)
     generator = models.ConvLSTMGenerator(hidden=16, width=8)
     fit_batchnorm(model.encoder_q, flash_clips(gen, 32))
     model.eval()
@@ -894,7 +896,7 @@ def test_generator_loss_is_eq4_negated_against_a_loop():
 
 def test_encode_key_restores_order_in_eval_mode():
     torch.manual_seed(10)
-    model = models.VideoMoCo("tiny", dim=8, K=16, shuffle_splits=2).eval()
+    model = models.VideoMoCo(TINY, dim=8, K=16, shuffle_splits=2).eval()
     fit_batchnorm(model.encoder_k, torch.randn(4, 3, 4, 32, 32))
     x = torch.randn(6, 3, 4, 32, 32)
     keys = model.encode_key(x)
@@ -909,7 +911,7 @@ def test_shuffle_bn_emulation_normalises_like_separate_processes_in_train_mode()
     # sub-batches, as S processes would normalise their own shards, and the keys in S sub-batches of
     # a shuffled batch (MoCo's single-GPU demo, SplitBatchNorm). Train mode: BN uses batch statistics.
     torch.manual_seed(12)
-    model = models.VideoMoCo("tiny", dim=8, K=16, shuffle_splits=2, m=0.5).train()
+    model = models.VideoMoCo(TINY, dim=8, K=16, shuffle_splits=2, m=0.5).train()
     x = torch.randn(6, 3, 4, 32, 32)
     with torch.no_grad():
         q = model.encode_query(x)
@@ -925,7 +927,7 @@ def test_shuffle_bn_emulation_normalises_like_separate_processes_in_train_mode()
 
 
 def test_encode_key_uses_sub_batch_statistics_in_train_mode():
-    model = models.VideoMoCo("tiny", dim=8, K=16, shuffle_splits=2).train()
+    model = models.VideoMoCo(TINY, dim=8, K=16, shuffle_splits=2).train()
     x = torch.randn(6, 3, 4, 32, 32)
     torch.manual_seed(11)
     keys = model.encode_key(x)
@@ -949,7 +951,7 @@ def _distributed_worker(rank, world_size, port, x, keys, state, result_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     torch.set_num_threads(1)
-    model = models.VideoMoCo("tiny", dim=4, K=7).eval()
+    model = models.VideoMoCo(TINY, dim=4, K=7).eval()
     model.load_state_dict(state)
     n = x.shape[0] // world_size
     local = slice(rank * n, (rank + 1) * n)
@@ -963,7 +965,7 @@ def _distributed_worker(rank, world_size, port, x, keys, state, result_dir):
 
 def test_distributed_shuffle_and_enqueue(tmp_path):
     torch.manual_seed(12)
-    model = models.VideoMoCo("tiny", dim=4, K=7).eval()
+    model = models.VideoMoCo(TINY, dim=4, K=7).eval()
     x, keys = torch.randn(6, 3, 4, 32, 32), torch.arange(6.0)[:, None].repeat(1, 4)
     mp.spawn(_distributed_worker, args=(2, _free_port(), x, keys, model.state_dict(), str(tmp_path)),
              nprocs=2)
@@ -1036,7 +1038,7 @@ def test_unknown_arch_lists_choices():
 
 def test_autocast_bfloat16_forward():
     torch.manual_seed(14)
-    model = models.VideoMoCo("tiny", dim=8, K=16)
+    model = models.VideoMoCo(TINY, dim=8, K=16)
     generator = models.ConvLSTMGenerator(hidden=16, width=8)
     x = torch.randn(4, 3, 8, 32, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -1249,7 +1251,7 @@ def test_linear_head_learns_noise_patterns_where_the_classifier_init_collapses()
     # nn.Linear's init and collapses to ln(K+1) with the normal(0, 0.01) init of 385ac2d.
     def loss_over_chance(classifier_init):
         torch.manual_seed(0)
-        model = models.VideoMoCo("tiny", dim=128, K=128, m=0.99, T=0.07, decay=1.0, mlp=False)
+        model = models.VideoMoCo(TINY, dim=128, K=128, m=0.99, T=0.07, decay=1.0, mlp=False)
         if classifier_init:
             for enc in (model.encoder_q, model.encoder_k):
                 nn.init.normal_(enc.fc.weight, 0, 0.01)
@@ -1275,13 +1277,13 @@ def test_projection_head_has_nn_linear_default_init_not_the_classifier_init():
     # learning rate of nn.Linear's default on an L2-normalised output, and collapses (projection_head)
     torch.manual_seed(0)
     for mlp in (False, True):
-        model = models.VideoMoCo("tiny", dim=128, K=16, mlp=mlp)
+        model = models.VideoMoCo(TINY, dim=128, K=16, mlp=mlp)
         linears = [m for m in model.encoder_q.fc.modules() if isinstance(m, nn.Linear)]
         assert len(linears) == (2 if mlp else 1)
         for layer in linears:
             expected = 1 / math.sqrt(3 * layer.in_features)  # std of U(-1/sqrt(fan_in), 1/sqrt(fan_in))
             assert layer.weight.std().item() == pytest.approx(expected, rel=0.1)
-    cvrl_fc = models.CVRL("tiny", dim=8, hidden=32).encoder_q.fc
+    cvrl_fc = methods.CVRL(TINY, dim=8, hidden=32).encoder_q.fc
     assert cvrl_fc.weight.std().item() == pytest.approx(1 / math.sqrt(3 * cvrl_fc.in_features), rel=0.1)
 
 
@@ -1623,10 +1625,10 @@ def test_decay_start_uses_eq1_before_and_eq6_after(small_tree, tmp_path):
 def test_cvrl_normalises_over_the_global_batch_under_ddp_on_cuda_only():
     lines = []
     bn = lambda m: [type(x) for x in m.modules() if isinstance(x, nn.modules.batchnorm._BatchNorm)]
-    cvrl = pretrain.global_batchnorm(models.CVRL("tiny", dim=8, hidden=16), "cvrl", torch.device("cuda"), 2, lines.append)
+    cvrl = pretrain.global_batchnorm(methods.CVRL(TINY, dim=8, hidden=16), "cvrl", torch.device("cuda"), 2, lines.append)
     assert set(bn(cvrl)) == {nn.SyncBatchNorm}
     for method, device, world in (("cvrl", "cpu", 2), ("cvrl", "cuda", 1), ("videomoco", "cuda", 2)):
-        model = models.CVRL("tiny", dim=8, hidden=16) if method == "cvrl" else models.VideoMoCo("tiny", dim=8, K=16)
+        model = methods.CVRL(TINY, dim=8, hidden=16) if method == "cvrl" else models.VideoMoCo(TINY, dim=8, K=16)
         assert nn.SyncBatchNorm not in bn(pretrain.global_batchnorm(model, method, torch.device(device), world, lines.append))
     assert lines == ["cvrl on 2 CPU processes: BN statistics per process (SyncBatchNorm needs CUDA)"]
 
@@ -1805,7 +1807,7 @@ def clip_embedding(encoder, clip):
 def test_nt_xent_matches_loop(n, tau):
     torch.manual_seed(20 + n)
     z1, z2 = torch.randn(n, 8) * 3, torch.randn(n, 8)  # not normalised: nt_xent normalises
-    loss, acc = models.nt_xent(z1, z2, tau)
+    loss, acc = methods.nt_xent(z1, z2, tau)
     expected_loss, expected_acc = naive_nt_xent(z1, z2, tau)
     assert loss.dtype == torch.float32 and not acc.requires_grad
     assert loss.item() == pytest.approx(expected_loss, rel=1e-5, abs=1e-6)
@@ -1819,7 +1821,7 @@ def test_nt_xent_accuracy_matches_loop():
     z1 = torch.randn(8, 4)
     # half of the second views are near their first view, half random: accuracy strictly inside (0, 1)
     z2 = torch.cat([z1[:4] + 0.05 * torch.randn(4, 4), torch.randn(4, 4)])
-    loss, acc = models.nt_xent(z1, z2, 0.2)
+    loss, acc = methods.nt_xent(z1, z2, 0.2)
     expected_loss, expected_acc = naive_nt_xent(z1, z2, 0.2)
     assert 0 < expected_acc < 1
     assert acc.item() == pytest.approx(expected_acc)
@@ -1829,17 +1831,17 @@ def test_nt_xent_accuracy_matches_loop():
 def test_nt_xent_swapping_views_or_clips_keeps_the_loss():
     torch.manual_seed(22)
     z1, z2 = torch.randn(5, 8), torch.randn(5, 8)
-    loss, _ = models.nt_xent(z1, z2, 0.1)
+    loss, _ = methods.nt_xent(z1, z2, 0.1)
     perm = torch.randperm(5)
-    torch.testing.assert_close(models.nt_xent(z2, z1, 0.1)[0], loss)
-    torch.testing.assert_close(models.nt_xent(z1[perm], z2[perm], 0.1)[0], loss)
+    torch.testing.assert_close(methods.nt_xent(z2, z1, 0.1)[0], loss)
+    torch.testing.assert_close(methods.nt_xent(z1[perm], z2[perm], 0.1)[0], loss)
     # pairing matters: shifting the second views pairs every clip with another clip's view
-    assert not torch.allclose(models.nt_xent(z1, z2.roll(1, 0), 0.1)[0], loss)
+    assert not torch.allclose(methods.nt_xent(z1, z2.roll(1, 0), 0.1)[0], loss)
 
 
 def test_gather_with_grad_is_identity_in_a_world_of_one():
     t = torch.randn(3, 2, requires_grad=True)
-    assert models.gather_with_grad(t) is t
+    assert methods.gather_with_grad(t) is t
 
 
 def reference_rows_loss(z1, z2, tau, clips):
@@ -1861,7 +1863,7 @@ def _nt_xent_worker(rank, world_size, port, z1, z2, tau, result_dir):
     local = slice(rank * n, (rank + 1) * n)
     z1_local = z1[local].clone().requires_grad_()
     z2_local = z2[local].clone().requires_grad_()
-    loss, acc = models.nt_xent(z1_local, z2_local, tau)
+    loss, acc = methods.nt_xent(z1_local, z2_local, tau)
     loss.backward()
     torch.save({"loss": loss.detach(), "acc": acc, "grad1": z1_local.grad, "grad2": z2_local.grad},
                os.path.join(result_dir, f"{rank}.pt"))
@@ -1882,14 +1884,14 @@ def test_nt_xent_distributed_matches_global_batch(tmp_path):
         expected_loss, expected_acc = naive_nt_xent(z1, z2, tau, clips)
         assert r["loss"].item() == pytest.approx(expected_loss, rel=1e-5)
         assert r["acc"].item() == pytest.approx(expected_acc)
-    global_loss = models.nt_xent(z1, z2, tau)[0]
+    global_loss = methods.nt_xent(z1, z2, tau)[0]
     assert (sum(r["loss"] for r in results) / world).item() == pytest.approx(global_loss.item(), rel=1e-5)
 
     # Gradient: each rank backpropagates its own loss L_r, and gather_with_grad sums the gradients of
     # all ranks' losses into the owner's rows, so grad_r = d(sum_r L_r)/dz_r = world * dL/dz_r with L
     # the global mean. DDP then averages the parameter gradients over ranks: the result is dL/dtheta.
     g1, g2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
-    models.nt_xent(g1, g2, tau)[0].backward()
+    methods.nt_xent(g1, g2, tau)[0].backward()
     for rank, r in enumerate(results):
         local = slice(rank * n, (rank + 1) * n)
         torch.testing.assert_close(r["grad1"], world * g1.grad[local], rtol=1e-4, atol=1e-6)
@@ -1911,7 +1913,7 @@ def test_nt_xent_distributed_matches_global_batch(tmp_path):
 
 def test_cvrl_structure_and_gradients():
     torch.manual_seed(24)
-    model = models.CVRL("tiny", dim=8, hidden=32)
+    model = methods.CVRL(TINY, dim=8, hidden=32)
     assert isinstance(model.encoder_q.fc, nn.Linear) and model.encoder_q.fc.out_features == 32
     assert [type(m) for m in model.head] == [nn.BatchNorm1d, nn.ReLU, nn.Linear,
                                              nn.BatchNorm1d, nn.ReLU, nn.Linear]
@@ -1928,7 +1930,7 @@ def test_cvrl_structure_and_gradients():
 
 def test_cvrl_forward_is_nt_xent_of_the_two_clips():
     torch.manual_seed(25)
-    model = models.CVRL("tiny", dim=8, hidden=32, T=0.2)
+    model = methods.CVRL(TINY, dim=8, hidden=32, T=0.2)
     projector = nn.Sequential(model.encoder_q, model.head)
     fit_batchnorm(projector, torch.randn(8, 3, 4, 16, 16))
     x1, x2 = torch.randn(4, 3, 4, 16, 16), torch.randn(4, 3, 4, 16, 16)
@@ -1943,7 +1945,7 @@ def test_cvrl_forward_is_nt_xent_of_the_two_clips():
 
 def test_cvrl_identical_clips_give_a_lower_loss():
     torch.manual_seed(26)
-    model = models.CVRL("tiny", dim=8, hidden=32)
+    model = methods.CVRL(TINY, dim=8, hidden=32)
     fit_batchnorm(nn.Sequential(model.encoder_q, model.head), torch.randn(8, 3, 4, 16, 16))
     x = torch.randn(6, 3, 4, 16, 16)
     with torch.no_grad():
@@ -1966,7 +1968,7 @@ def assert_exports_a_plain_backbone(encoder_q):
 def test_video_embedding_matches_loop():
     torch.manual_seed(27)
     clips = F.normalize(torch.randn(4, 3, 8), dim=2)
-    embedding = models.video_embedding(clips)
+    embedding = methods.video_embedding(clips)
     for n in range(4):
         mean = [sum(clips[n, s, d].item() for s in range(3)) / 3 for d in range(8)]
         torch.testing.assert_close(embedding[n], torch.tensor(unit(mean)), rtol=1e-5, atol=1e-6)
@@ -1975,7 +1977,7 @@ def test_video_embedding_matches_loop():
 def make_vclr(seed, **kw):
     """A VCLR on the tiny encoder with fitted BN and an encoder_k that differs from encoder_q."""
     torch.manual_seed(seed)
-    model = models.VCLR("tiny", dim=8, K=16, segments=3, **kw)
+    model = methods.VCLR(TINY, dim=8, K=16, segments=3, **kw)
     fit_batchnorm(model.encoder_q, torch.randn(8, 3, 4, 16, 16))
     model.encoder_k.load_state_dict(model.encoder_q.state_dict())
     with torch.no_grad():
@@ -2059,7 +2061,7 @@ def test_vclr_positive_tuple_reaches_encoder_q_only_through_the_order_head():
 
 def test_vclr_training_step_enqueues_and_routes_gradients():
     torch.manual_seed(31)
-    model = models.VCLR("tiny", dim=8, K=16, segments=3, m=0.9).train()
+    model = methods.VCLR(TINY, dim=8, K=16, segments=3, m=0.9).train()
     assert model.decay == 1.0 and model.order_head.in_features == 2 * 3 * 8
     key_before = model.encoder_k.fc[0].weight.clone()
     with torch.no_grad():
@@ -2084,7 +2086,7 @@ def test_vclr_training_step_enqueues_and_routes_gradients():
 
 
 def test_vclr_rejects_a_wrong_number_of_segments():
-    model = models.VCLR("tiny", dim=4, K=8, segments=3)
+    model = methods.VCLR(TINY, dim=4, K=8, segments=3)
     with pytest.raises(ValueError, match="3"):
         model(torch.randn(2, 2, 3, 4, 16, 16), torch.randn(2, 2, 3, 4, 16, 16), torch.tensor([0, 1]))
 
@@ -2095,9 +2097,9 @@ def test_vclr_rejects_a_wrong_number_of_segments():
 def test_nt_xent_computes_in_float32_under_autocast():
     torch.manual_seed(33)
     z1, z2 = torch.randn(16, 32), torch.randn(16, 32)
-    loss, acc = models.nt_xent(z1, z2, 0.1)
+    loss, acc = methods.nt_xent(z1, z2, 0.1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss_autocast, acc_autocast = models.nt_xent(z1, z2, 0.1)
+        loss_autocast, acc_autocast = methods.nt_xent(z1, z2, 0.1)
     assert loss_autocast.dtype == torch.float32
     # bfloat16 similarities would be off by ~1e-2 relative
     assert loss_autocast.item() == pytest.approx(loss.item(), rel=1e-6)
@@ -2106,8 +2108,8 @@ def test_nt_xent_computes_in_float32_under_autocast():
 
 def test_cvrl_and_vclr_autocast_bfloat16():
     torch.manual_seed(32)
-    cvrl = models.CVRL("tiny", dim=8, hidden=32)
-    vclr = models.VCLR("tiny", dim=8, K=16, segments=2)
+    cvrl = methods.CVRL(TINY, dim=8, hidden=32)
+    vclr = methods.VCLR(TINY, dim=8, K=16, segments=2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out_cvrl = cvrl(torch.randn(4, 3, 4, 16, 16), torch.randn(4, 3, 4, 16, 16))
         out_vclr = vclr(torch.randn(2, 2, 3, 4, 16, 16), torch.randn(2, 2, 3, 4, 16, 16), torch.tensor([0, 3]),
@@ -2148,7 +2150,7 @@ def test_residual_frames_are_differences_of_the_augmented_frames():
 
 def test_background_erasing_adds_a_static_frame_with_the_drawn_weight():
     x = torch.randn(64, 3, 6, 8, 8)
-    out, lam, r = models.background_erasing(x, 0.5, (0.1, 0.3), torch.Generator().manual_seed(0))
+    out, lam, r = methods.background_erasing(x, 0.5, (0.1, 0.3), torch.Generator().manual_seed(0))
     applied = lam > 0
     assert 10 < int(applied.sum()) < 54  # about half of the clips
     assert ((lam[applied] >= 0.1) & (lam[applied] <= 0.3)).all()
