@@ -22,7 +22,6 @@ import torch
 
 import data
 import models
-import pretrain
 import utils
 
 
@@ -182,7 +181,6 @@ def bench_step(args):
     frames = args.frames if cuda else min(args.frames, 16)
     crop = args.crop if cuda else min(args.crop, 64)
     ctx, scaler = utils.autocast_context(None, device)
-    step_args = argparse.Namespace(drop_frames=max(1, frames // 4), g_temperature=1.0)
     model = models.VideoMoCo(models.encoder_builder(arch, args.input), 128, args.moco_k, 0.999, 0.07, 0.99999).to(device)
     generator = models.ConvLSTMGenerator(3, 256, 32).to(device)
     opt_d = torch.optim.SGD(model.encoder_q.parameters(), 0.02, momentum=0.9, weight_decay=1e-4)
@@ -190,11 +188,9 @@ def bench_step(args):
     x = torch.randn(batch, 3, frames, crop, crop, device=device)
     x_key = torch.randn_like(x)
 
-    video = torch.stack([x, x_key], dim=1)
-
     def step(phase):
-        out = pretrain.forward_step(model, generator, video, None, phase, step_args, ctx)
-        pretrain.backward_step(out, opt_d, opt_g, scaler)
+        models.videomoco_step(model, x, x_key, opt_d, generator if phase == "adversarial" else None, opt_g,
+                              max(1, frames // 4), autocast=ctx, scaler=scaler)
 
     print(f"step: {arch} on {args.input} input, batch {batch}, {frames} frames, crop {crop}, K {args.moco_k}, on {device}"
           + (f" ({torch.cuda.get_device_name()})" if cuda else ""))

@@ -7,6 +7,8 @@ shortcut. models.py holds VideoMoCo itself.
     VCLR (Kuang et al., ICCV 2021): segment-level positives (tuples of one clip per segment), a
         video-level MoCo loss, temporal-order regularisation and, in its 3-D variant, a clip-level loss.
 """
+import contextlib
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -212,3 +214,20 @@ class VCLR(VideoMoCo):
                 self.dequeue_and_enqueue(k_clip, "clip_queue")
         return {"loss": loss, "loss_nce": loss_nce, "loss_order": loss_order, "loss_clip": loss_clip, "acc": acc,
                 "order_acc": order_acc, "q": q, "k": k, "order_logits": order_logits}
+
+
+def contrastive_step(model, inputs, opt, autocast=contextlib.nullcontext(), scaler=None, agree=None):
+    """One step of CVRL or VCLR: model(*inputs) (CVRL: two clips; VCLR: two tuples, the order label
+    and the segments), then the update by its loss, if agree(finite) (as models.videomoco_step).
+    Returns the model's dict with "loss_d" (its loss), "loss_g" (None) and "updated"."""
+    with autocast:
+        out = model(*inputs)
+    finite = bool(torch.isfinite(out["loss"]))
+    out.update(loss_d=out["loss"], loss_g=None, updated=agree(finite) if agree is not None else finite)
+    if out["updated"]:
+        scaler = scaler if scaler is not None else torch.amp.GradScaler(out["loss"].device.type, enabled=False)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(out["loss"]).backward()
+        scaler.step(opt)
+        scaler.update()
+    return out

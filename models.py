@@ -13,6 +13,7 @@ reach both nets; we follow the paper):
   `x_query_in`, which leaves D's `.grad` untouched and fires no DistributedDataParallel hooks) and
   pushed into G with `x_query.backward(grad_in)`. See `adversarial_backward`.
 """
+import contextlib
 import copy
 import functools
 import math
@@ -389,6 +390,24 @@ class VideoMoCo(nn.Module):
             queue_age[slots] = 1
         queue_ptr[0] = (ptr + batch) % self.K
 
+    @torch.no_grad()
+    def random_drop_distance(self, x, q_full, k):
+        """Table 1's yardstick for G: Eq 4's distance E|D(x') - D(x)|_1 with x' = x with k frames
+        dropped at random, on the clips G saw (q_full = D(x), normalised). BN running statistics are
+        left as they were: the BN layers update clones, swapped in and out (restoring them in
+        place would break D's backward, which holds the originals)."""
+        bns = [m for m in self.encoder_q.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        stats = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in bns]
+        for m, (mean, var, count) in zip(bns, stats):
+            m.running_mean, m.running_var, m.num_batches_tracked = mean.clone(), var.clone(), count.clone()
+        try:
+            q = F.normalize(self.encode_query(random_drop(x, k)[0]), dim=1)
+        finally:
+            for m, (mean, var, count) in zip(bns, stats):
+                m.running_mean, m.running_var, m.num_batches_tracked = mean, var, count
+        return (q.float() - q_full.float()).abs().sum(dim=1).mean()
+
     def forward(self, x_query, x_key, x_full=None, decay=None):
         """One MoCo step. x_query: the query clip (G's output in the adversarial phase, Eq 3),
         x_key: the other view, x_full: the query clip before dropout (adversarial phase only),
@@ -481,3 +500,53 @@ def adversarial_backward(loss_d, loss_g, x_query, x_query_in, d_params, scale=No
     grad_in, = torch.autograd.grad(scale(loss_g), x_query_in, retain_graph=True)
     torch.autograd.backward(scale(loss_d), inputs=list(d_params))
     x_query.backward(grad_in)
+
+
+def videomoco_step(model, x, x_key, opt_d, generator=None, opt_g=None, k=8, temperature=1.0, decay=None,
+                   random_k=False, compare_random=False, autocast=contextlib.nullcontext(), scaler=None,
+                   agree=None):
+    """One whole VideoMoCo step. x, x_key: (N, 3, T, H, W), two augmentations of the same clips.
+
+    With G (`generator`, the adversarial phase, Sec 3.3): G scores every frame of x, its k most
+    important frames are dropped (Eq 3), D (model.encoder_q) minimises the decayed InfoNCE with
+    x_query as the query (Eq 5/6) and G maximises |D(x_query) - D(x)|_1 (Eq 4); each net is updated
+    by its own loss only (adversarial_backward). Without G: D alone, MoCo's step with x as the query
+    (Eq 1, decayed by Eq 6); random_k drops k frames at random instead (Table 1's random-drop row).
+
+    model: a VideoMoCo, or one wrapped in DistributedDataParallel. decay: t of Eq 6 for this step
+    (default model.decay; 1 = Eq 1). compare_random (with G): also "l1_random", Eq 4's distance for
+    k frames dropped at random from the same clips, with the same D. autocast: the forward's
+    autocast context; scaler: a torch.amp.GradScaler (None: plain optimizer steps). The nets are
+    updated only if agree(finite) is true, finite = both losses are finite (default: agree = the
+    identity); a distributed caller makes every rank decide alike there.
+    Returns the model's dict plus "x_query" and "updated".
+    """
+    with autocast:
+        if generator is not None:
+            x_query, _ = drop_frames(x, generator(x), k, temperature)
+        elif random_k:
+            x_query, _ = random_drop(x, k)
+        else:
+            x_query = x
+        x_query_in = x_query.detach().requires_grad_(generator is not None)  # see adversarial_backward
+        out = model(x_query_in, x_key, x if generator is not None else None, decay)
+        if generator is not None and compare_random:
+            out["l1_random"] = getattr(model, "module", model).random_drop_distance(x, out["q_full"], k)
+    loss_d, loss_g = out["loss_d"], out["loss_g"]
+    finite = bool(torch.isfinite(loss_d)) and (loss_g is None or bool(torch.isfinite(loss_g)))
+    out.update(x_query=x_query, updated=agree(finite) if agree is not None else finite)
+    if not out["updated"]:
+        return out
+    scaler = scaler if scaler is not None else torch.amp.GradScaler(x.device.type, enabled=False)
+    opts = (opt_d, opt_g) if generator is not None else (opt_d,)
+    for opt in opts:
+        opt.zero_grad(set_to_none=True)
+    if generator is not None:
+        adversarial_backward(loss_d, loss_g, x_query, x_query_in, opt_d.param_groups[0]["params"],
+                             scale=scaler.scale)
+    else:
+        scaler.scale(loss_d).backward()
+    for opt in opts:  # both through the one scaler under float16
+        scaler.step(opt)
+    scaler.update()
+    return out

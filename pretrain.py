@@ -26,7 +26,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
@@ -143,75 +142,25 @@ def global_batchnorm(model, method, device, world, log):
 
 
 # -----------------------------------------------------------------------------
-# the VideoMoCo step
+# one step of the chosen method
 
-def forward_step(model, generator, video, order, phase, args, ctx, decay=None, measure_random=False):
-    """Forward of one step. phase "moco": x is the query (Eq 1, decayed by Eq 6); "random-drop": k
-    random frames of x dropped (Table 1's ablation); "adversarial": G drops the k most important
-    frames (Eq 3), and D(x) is computed once more, without gradient, for G's loss (Eq 4).
-    video: (N, 2, 3, T, H, W), x and x_key, two augmentations of the same clip. Phases "cvrl" and
-    "vclr" pass the method's views (CVRL: two clips; VCLR: two tuples, `order` = (order label, segments)) to its
-    model; every phase returns "loss_d", the loss of the encoder, and "loss_g" (None but for G).
-    decay: t of Eq 6 for this step (1 = Eq 1), VideoMoCo's phases only. measure_random (adversarial
-    phase): also "l1_random", Eq 4's distance for k frames dropped at random (random_drop_distance)."""
+def train_step(model, generator, video, order, phase, args, opt_d, opt_g, ctx, scaler, agree, decay,
+               compare_random):
+    """One step on a batch. video: (N, 2, 3, T, H, W), x and x_key, two augmentations of the same
+    clip (VCLR: (N, 2, S, 3, T, H, W), two tuples, with `order` = (order label, segments)). Phases
+    "moco", "random-drop" and "adversarial" are models.videomoco_step; "cvrl" and "vclr" are
+    methods.contrastive_step. Returns the model's dict with "loss_d" (the encoder's loss), "loss_g"
+    (G's, or None) and "updated"."""
     x, x_key = video[:, 0], video[:, 1]
-    if getattr(args, "background_erasing", 0) > 0:  # on the query view (every clip of VCLR's anchor tuple)
-        x = methods.background_erasing(x.flatten(0, x.dim() - 5), args.background_erasing, args.be_weight)[0].view_as(x)
+    if args.background_erasing > 0:  # on the query view (every clip of VCLR's anchor tuple)
+        x = methods.background_erasing(x.flatten(0, x.dim() - 5), args.background_erasing,
+                                       args.be_weight)[0].view_as(x)
     if phase in ("cvrl", "vclr"):
-        with ctx:
-            out = model(x, x_key) if phase == "cvrl" else model(x, x_key, *order)
-        out.update(loss_d=out["loss"], loss_g=None)
-        return out
-    with ctx:
-        if phase == "adversarial":
-            x_query, _ = models.drop_frames(x, generator(x), args.drop_frames, args.g_temperature)
-        elif phase == "random-drop":
-            x_query, _ = models.random_drop(x, args.drop_frames)
-        else:
-            x_query = x
-        x_query_in = x_query.detach().requires_grad_(phase == "adversarial")
-        out = model(x_query_in, x_key, x if phase == "adversarial" else None, decay)
-        if phase == "adversarial" and measure_random:
-            out["l1_random"] = random_drop_distance(model, x, out["q_full"], args.drop_frames)
-    out["x_query"], out["x_query_in"] = x_query, x_query_in
-    return out
-
-
-@torch.no_grad()
-def random_drop_distance(model, x, q_full, k):
-    """Table 1's yardstick for G: Eq 4's distance E|D(x') - D(x)|_1 with x' = x with k frames dropped
-    at random, on the clips G saw. BN running statistics are left as they were, so measuring does not
-    change the model: the BN layers update clones, swapped in and out (restoring them in place would
-    break D's backward, which holds the originals)."""
-    encoder = (model.module if isinstance(model, DDP) else model).encoder_q
-    bns = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    stats = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in bns]
-    for m, (mean, var, count) in zip(bns, stats):
-        m.running_mean, m.running_var, m.num_batches_tracked = mean.clone(), var.clone(), count.clone()
-    try:
-        videomoco = model.module if isinstance(model, DDP) else model
-        q = F.normalize(videomoco.encode_query(models.random_drop(x, k)[0]), dim=1)
-    finally:
-        for m, (mean, var, count) in zip(bns, stats):
-            m.running_mean, m.running_var, m.num_batches_tracked = mean, var, count
-    return (q.float() - q_full.float()).abs().sum(dim=1).mean()
-
-
-def backward_step(out, opt_d, opt_g, scaler):
-    """Backward and update: D by loss_d only; in the adversarial phase G by loss_g only
-    (models.adversarial_backward). Both optimizers go through the one GradScaler under fp16."""
-    adversarial = out["loss_g"] is not None
-    opt_d.zero_grad(set_to_none=True)
-    if adversarial:
-        opt_g.zero_grad(set_to_none=True)
-    if adversarial:
-        models.adversarial_backward(out["loss_d"], out["loss_g"], out["x_query"], out["x_query_in"],
-                                    opt_d.param_groups[0]["params"], scale=scaler.scale)
-    else:
-        scaler.scale(out["loss_d"]).backward()
-    for opt in (opt_d, opt_g) if adversarial else (opt_d,):
-        scaler.step(opt)
-    scaler.update()
+        inputs = (x, x_key) if phase == "cvrl" else (x, x_key, *order)
+        return methods.contrastive_step(model, inputs, opt_d, ctx, scaler, agree)
+    return models.videomoco_step(model, x, x_key, opt_d, generator if phase == "adversarial" else None, opt_g,
+                                 args.drop_frames, args.g_temperature, decay, random_k=phase == "random-drop",
+                                 compare_random=compare_random, autocast=ctx, scaler=scaler, agree=agree)
 
 
 # -----------------------------------------------------------------------------
@@ -358,6 +307,13 @@ def main(argv=None):
         steps_per_epoch = len(loader)
         total_steps = args.epochs * steps_per_epoch
         progress = utils.Progress(step, total_steps)
+        flags = {}
+
+        def agree(finite):  # one all-reduce: every rank updates, stops and saves at the same step
+            due = time.time() - last_save > args.save_every_min * 60
+            flags["stop"], nonfinite_any, flags["save"] = utils.all_ranks_any([stop.set, not finite, due], device)
+            return not nonfinite_any
+
         for epoch in range(start_epoch, args.epochs):
             loader.sampler.set_epoch(epoch, skip * (args.batch_size // world))
             for group in opt_d.param_groups:  # cosine, per epoch (MoCo v2)
@@ -377,21 +333,17 @@ def main(argv=None):
                 bad.update(batch["bad"])
                 video = batch["video"].to(device, non_blocking=True)  # (N, 2, 3, T, H, W); VCLR (N, 2, S, ...)
                 order = (batch["order"].to(device), batch["segments"].to(device)) if "order" in batch else None
-                out = forward_step(model_ddp, generator_ddp, video, order, phase, args, ctx, decay,
-                                   measure_random=epoch_step % args.g_ratio_every == 0)
+                out = train_step(model_ddp, generator_ddp, video, order, phase, args, opt_d, opt_g, ctx, scaler,
+                                 agree, decay, compare_random=epoch_step % args.g_ratio_every == 0)
                 loss_d, loss_g = out["loss_d"], out["loss_g"]
-                finite = bool(torch.isfinite(loss_d)) and (loss_g is None or bool(torch.isfinite(loss_g)))
-                save_due = time.time() - last_save > args.save_every_min * 60
-                # one all-reduce: every rank skips, stops and saves at the same step (save() is collective)
-                is_stop, is_nonfinite, save_due = utils.all_ranks_any([stop.set, not finite, save_due], device)
-                if is_nonfinite:
+                is_stop, save_due = flags["stop"], flags["save"]
+                if not out["updated"]:
                     nonfinite += 1
                     log(f"non-finite loss at step {step} (loss_d {loss_d.item()}, {nonfinite} in a row): step skipped")
                     if nonfinite >= args.max_nonfinite:
                         raise SystemExit(f"error: {nonfinite} non-finite losses in a row; lower --lr or try --amp none")
                 else:
                     nonfinite = 0
-                    backward_step(out, opt_d, opt_g, scaler)
                     spread = utils.feature_spread(out["q"])
                     one, zero = torch.ones((), device=device), torch.zeros((), device=device)
                     eq4 = (-loss_g.detach().float(), out["l1_random"].float()) if "l1_random" in out else (zero, zero)

@@ -768,6 +768,38 @@ def adversarial_forward(model, generator, x, x_key, k):
     return model(x_query_in, x_key, x_full=x), x_query, x_query_in
 
 
+LIFTED = """
+import torch, torchvision
+import models  # the copy, alone in this folder
+torch.manual_seed(0)
+model = models.VideoMoCo(torchvision.models.video.r2plus1d_18, dim=16, K=32, m=0.99)
+generator = models.ConvLSTMGenerator(3, 16, 8)
+opt_d = torch.optim.SGD(model.encoder_q.parameters(), 0.02, momentum=0.9, weight_decay=1e-4)
+opt_g = torch.optim.SGD(generator.parameters(), 0.02, momentum=0.9)
+g_before = [p.clone() for p in generator.parameters()]
+d_before = [p.clone() for p in model.encoder_q.parameters()]
+x = torch.randn(4, 3, 8, 32, 32)
+for g in (None, generator):  # D alone (Eq 1/6), then the adversarial step (Eq 3-6)
+    out = models.videomoco_step(model, x, x + 0.1 * torch.randn_like(x), opt_d, g, opt_g, k=2)
+    assert out["updated"] and torch.isfinite(out["loss_d"])
+assert out["loss_g"] is not None and int(model.queue_ptr) == 8
+assert any(not torch.equal(a, b) for a, b in zip(g_before, generator.parameters()))
+assert any(not torch.equal(a, b) for a, b in zip(d_before, model.encoder_q.parameters()))
+print("lifted", models.__file__)
+"""
+
+
+def test_models_py_alone_trains_videomoco_with_a_torchvision_encoder(tmp_path):
+    # models.py is the file people copy: alone in an empty folder, with torchvision's r2plus1d_18 as
+    # MoCo's base_encoder, it runs a MoCo step and an adversarial step through videomoco_step
+    shutil.copy(os.path.join(HERE, "models.py"), tmp_path / "models.py")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", LIFTED], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == f"lifted {tmp_path / 'models.py'}"
+
+
 def test_adversarial_backward_routes_losses():
     torch.manual_seed(7)
     model = models.VideoMoCo(TINY, dim=8, K=16)
