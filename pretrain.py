@@ -16,6 +16,7 @@ pre-emption) saves a checkpoint and exits cleanly.
 """
 
 import argparse
+import functools
 import inspect
 import math
 import os
@@ -108,8 +109,8 @@ def get_args_parser():
 # about 2.5 minutes on 2 CPU cores. Flags given on the command line win. K = 64 keys against 180
 # training videos (K/N = 0.36; the paper's 65536 of Kinetics' 240k is 0.27): at K = 128 a clip's two
 # group-mates and often its own earlier key sit in the queue as negatives. t is chosen so that the
-# oldest key weighs 0.52 (0.9898^64), as the paper's 0.99999^65536 does. No colour jitter: at 330
-# steps it keeps the loss at 0.75 of chance (README, "Does it learn?"); grayscale stays.
+# oldest key weighs 0.52 (0.9898^64), as the paper's 0.99999^65536 does. No colour jitter: at this
+# budget (150 steps) it keeps the loss at 0.75 of chance (README, "Does it learn?"); grayscale stays.
 DEMO_PRESET = dict(**utils.DEMO_CLIPS, batch_size=32, epochs=30, workers=2,
                    moco_k=64, moco_m=0.99, decay=0.9898, g_hidden=64, g_width=16,
                    lr=0.1, g_lr=0.05, jitter=0.0, knn_every=5, g_ratio_every=1, print_freq=10, out="runs/demo")
@@ -118,8 +119,7 @@ METHOD_DEMO_PRESET = {"vclr": dict(frames=8, stride=1), "cvrl": dict(cvrl_hidden
 
 
 # -----------------------------------------------------------------------------
-# distributed, precision, checkpoints, logging (shared by the stage scripts)
-
+# the pieces of a run
 
 def cosine(epoch, start, end):
     """The factor of a half-cosine learning-rate schedule that starts at 1 in epoch `start` and ends
@@ -163,12 +163,8 @@ def train_step(model, generator, video, order, phase, args, opt_d, opt_g, ctx, s
                                  compare_random=compare_random, autocast=ctx, scaler=scaler, agree=agree)
 
 
-# -----------------------------------------------------------------------------
-
-def main(argv=None):
-    args, given = utils.parse_args(get_args_parser(), argv)
-    preset = utils.apply_preset(args, given, {**DEMO_PRESET, **METHOD_DEMO_PRESET.get(args.method, {})}) if utils.is_demo(args) else {}
-    rank, world, device = utils.init_distributed()
+def settle_args(args, given, world):
+    """Defaults that depend on other flags, and one-line errors for flags that do not fit."""
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
     if args.method == "moco":  # the paper's baseline row: no generator, no decay
@@ -186,6 +182,210 @@ def main(argv=None):
                          "(no dropping is --generator none)")
     if args.g_ratio_every < 1:
         raise SystemExit(f"error: --g-ratio-every must be at least 1, got {args.g_ratio_every}")
+
+
+def build_models(args, device, world, log):
+    """(model, G or None, and the two as the loop calls them: DDP-wrapped in a world of several)."""
+    base_encoder = models.encoder_builder(args.arch, args.input)
+    if args.method == "cvrl":
+        model = methods.CVRL(base_encoder, args.moco_dim, args.cvrl_hidden, args.cvrl_t)
+    elif args.method == "vclr":
+        model = methods.VCLR(base_encoder, args.moco_dim, args.moco_k, args.moco_m, args.moco_t,
+                             args.segments, args.order_weight, args.shuffle_splits, args.mlp, args.clip_weight)
+    else:
+        model = models.VideoMoCo(base_encoder, args.moco_dim, args.moco_k, args.moco_m, args.moco_t,
+                                 args.decay, args.decay_unit, args.shuffle_splits, args.mlp)
+    model = global_batchnorm(model, args.method, device, world, log).to(device)
+    # G exists only where it is used: --method videomoco with --generator convlstm
+    generator = None
+    if args.generator == "convlstm":
+        generator = models.ConvLSTMGenerator(3, args.g_hidden, args.g_width).to(device)
+    log(f"{args.method}: encoder {args.arch} on {args.input} input, "
+        f"{models.count_parameters(model.encoder_q) / 1e6:.2f}M parameters"
+        + (f"; G: ConvLSTM, {models.count_parameters(generator) / 1e6:.2f}M" if generator else "")
+        + f"; {world} process(es) on {device}")
+    if world == 1:
+        return model, generator, model, generator
+    # every process starts from the same weights and queue (MoCo relies on identical queues)
+    for t in list(model.state_dict().values()) + list(generator.state_dict().values() if generator else []):
+        dist.broadcast(t, src=0)
+    # no buffer sync: the queue is updated identically on every rank from gathered keys, so
+    # re-broadcasting it (dim x K floats) every step, as DDP's default would, is pure traffic
+    # (torch >= 2.14 renamed the switch broadcast_buffers to forward_sync_buffers)
+    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+               else {"broadcast_buffers": False})
+    return model, generator, DDP(model, **no_sync), (DDP(generator) if generator is not None else None)
+
+
+def resume(path, args, model, generator, opt_d, opt_g, scaler, rank, log):
+    """(epoch, step, steps of that epoch done) from the checkpoint at `path`, or zeros if none."""
+    if not os.path.exists(path):
+        return 0, 0, 0
+    ckpt = utils.load_checkpoint(path, kind="pretrain")
+    for key, default in (("method", "videomoco"), ("input", "rgb"), ("arch", None), ("moco_k", None)):
+        if ckpt["args"].get(key, default) != getattr(args, key):
+            flag = "--" + key.replace("_", "-")
+            raise SystemExit(f"error: {path} is a {flag} {ckpt['args'].get(key, default)} run; "
+                             f"use another --out for {flag} {getattr(args, key)}")
+    model.load_state_dict(ckpt["model"])
+    opt_d.load_state_dict(ckpt["opt_d"])
+    if generator is not None:
+        generator.load_state_dict(ckpt["generator"])
+        opt_g.load_state_dict(ckpt["opt_g"])
+    if ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
+    changed = [k for k in ("epochs", "adv_start", "lr", "batch_size", "generator", "drop_frames", "decay")
+               if ckpt["args"].get(k) != getattr(args, k)]
+    if changed:
+        log("warning: resuming with changed flags " + ", ".join(
+            f"--{k.replace('_', '-')} {ckpt['args'][k]} -> {getattr(args, k)}" for k in changed))
+    utils.set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+    epoch, step, skip = ckpt["epoch"], ckpt["step"], ckpt["epoch_step"]
+    log(f"resuming from {path}: epoch {epoch}, step {step}"
+        + (f" (mid-epoch, {skip} steps of it done)" if skip else ""))
+    return epoch, step, skip
+
+
+def save_checkpoint(path, args, model, generator, opt_d, opt_g, scaler, epoch, step, epoch_step, rank, world):
+    """ckpt.pt (everything a resume needs, every rank's RNG state included) and backbone.pt (the
+    query encoder without its projection head, keyed as torchvision's model of the same arch), both
+    written atomically by rank 0. Collective: every rank calls it."""
+    states = [utils.rng_state()]
+    if world > 1:  # every rank's RNG, so a resumed run continues each stream
+        states = [None] * world
+        dist.all_gather_object(states, utils.rng_state())
+    if rank != 0:
+        return
+    utils.save_atomic({"kind": "pretrain", "method": args.method, "model": model.state_dict(),
+                       "generator": generator.state_dict() if generator else None,
+                       "opt_d": opt_d.state_dict(), "opt_g": opt_g.state_dict() if opt_g else None,
+                       "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "epoch_step": epoch_step,
+                       "args": vars(args), "rng": states}, path)
+    utils.save_atomic({k: v for k, v in model.encoder_q.state_dict().items() if not k.startswith("fc.")},
+                      os.path.join(os.path.dirname(path), "backbone.pt"))
+
+
+def epoch_schedule(args, epoch, opt_d, opt_g):
+    """Set both learning rates for `epoch`; returns (phase, t of Eq 6 for this epoch)."""
+    for group in opt_d.param_groups:  # cosine, per epoch (MoCo v2)
+        group["lr"] = args.lr * cosine(epoch, 0, args.epochs)
+    for group in opt_g.param_groups if opt_g else []:  # G's own cosine over its own phase
+        group["lr"] = args.g_lr * cosine(epoch, args.adv_start, args.epochs)
+    phase = args.method if args.method in ("cvrl", "vclr") else "moco"
+    if epoch >= args.adv_start and args.generator != "none":
+        phase = "adversarial" if args.generator == "convlstm" else "random-drop"
+    return phase, (args.decay if epoch >= args.decay_start else 1.0)
+
+
+class Guard:
+    """What every rank must decide alike at each step, in one all-reduce: skip a non-finite step
+    (and stop after --max-nonfinite in a row), stop on a signal, save a mid-epoch checkpoint."""
+
+    def __init__(self, args, device, log):
+        self.args, self.device, self.log = args, device, log
+        self.signal, self.nonfinite, self.last_save = utils.StopFlag(), 0, time.time()
+        self.stop = self.save_due = False
+
+    def agree(self, finite):  # models.videomoco_step's `agree`: update or not
+        due = time.time() - self.last_save > self.args.save_every_min * 60
+        self.stop, nonfinite, self.save_due = utils.all_ranks_any([self.signal.set, not finite, due], self.device)
+        return not nonfinite
+
+    def count(self, out, step):
+        if out["updated"]:
+            self.nonfinite = 0
+            return
+        self.nonfinite += 1
+        self.log(f"non-finite loss at step {step} (loss_d {out['loss_d'].item()}, {self.nonfinite} in a row): "
+                 "step skipped")
+        if self.nonfinite >= self.args.max_nonfinite:
+            raise SystemExit(f"error: {self.nonfinite} non-finite losses in a row; lower --lr or try --amp none")
+
+
+def train_epoch(epoch, skip, step, loader, bad, model, generator, opt_d, opt_g, ctx, scaler, args,
+                guard, progress, save, log, device, world):
+    """One epoch, from its step `skip` on. Returns (step, phase, decay, sums, stopped): sums (6,) over
+    the updated steps: the contrastive loss, the instance accuracy, the feature spread, 1, and Eq 4's
+    distance for G's drops and for random ones (on the steps that measure it); stopped: by a signal."""
+    phase, decay = epoch_schedule(args, epoch, opt_d, opt_g)
+    loader.sampler.set_epoch(epoch, skip * (args.batch_size // world))
+    model.train()
+    if generator is not None:
+        generator.train()
+    progress.restart()
+    sums = torch.zeros(6, device=device)
+    for epoch_step, batch in enumerate(loader, start=skip):
+        bad.update(batch["bad"])
+        video = batch["video"].to(device, non_blocking=True)  # (N, 2, 3, T, H, W); VCLR (N, 2, S, ...)
+        order = (batch["order"].to(device), batch["segments"].to(device)) if "order" in batch else None
+        out = train_step(model, generator, video, order, phase, args, opt_d, opt_g, ctx, scaler, guard.agree,
+                         decay, compare_random=epoch_step % args.g_ratio_every == 0)
+        guard.count(out, step)
+        if out["updated"]:
+            zero = torch.zeros((), device=device)
+            eq4 = (-out["loss_g"].detach().float(), out["l1_random"].float()) if "l1_random" in out else (zero, zero)
+            sums += torch.stack([out.get("loss_nce", out["loss_d"]).detach().float(), out["acc"].float(),
+                                 utils.feature_spread(out["q"]), torch.ones((), device=device), *eq4])
+        step += 1
+        progress.clips += args.batch_size
+        if step % args.print_freq == 0 or epoch_step + 1 == len(loader):
+            bad.flush()  # all ranks' bad videos (a collective, at the same step on every rank)
+            loss_g = out["loss_g"].item() if out["loss_g"] is not None else float("nan")
+            shown = [("loss_d", out["loss_d"].item(), ".4f"), ("loss_g", loss_g, ".4f"),
+                     ("acc", out["acc"].item(), ".3f"), ("spread", utils.feature_spread(out["q"]).item(), ".3f"),
+                     ("lr", opt_d.param_groups[0]["lr"], ".4g")]
+            extra = {k: out[k].item() for k in ("loss_order", "order_acc", "loss_clip")
+                     if out.get(k) is not None}  # VCLR's
+            tail = "".join(f" {k} {v:.4f}" for k, v in extra.items()) + f" bad {len(bad)} [{phase}]"
+            progress.log(log, epoch, step, shown, tail, bad_videos=len(bad), phase=phase, **extra)
+        if guard.stop or guard.save_due:
+            save(epoch, step, epoch_step + 1)
+            guard.last_save = time.time()
+            if guard.stop:
+                log(f"signal received: saved a checkpoint at epoch {epoch} step {step}; "
+                    "rerun the same command to resume")
+                return step, phase, decay, sums, True
+    return step, phase, decay, sums, False
+
+
+def chance_level(args, model, decay):
+    """The loss of collapsed features: ln of the 2B - 1 candidates of CVRL, the queue's for the
+    others (ln(1 + sum t^i), Eq 6; ln(K+1) without decay)."""
+    if args.method == "cvrl":
+        return math.log(2 * args.batch_size - 1)
+    return models.infonce_chance(model.queue_age, model.decay if args.method == "vclr" else decay)
+
+
+def log_epoch(epoch, phase, sums, chance, path, bad, log):
+    """The epoch's record for curves.png (the means over its updated steps); returns the collapse
+    warning, or None. Collective (one all-reduce)."""
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    loss, acc, spread = (sums[:3] / sums[3].clamp(min=1)).tolist()
+    # G's drops against random drops of as many frames, Eq 4's distance on the same clips (Table 1)
+    g_vs_random = (sums[4] / sums[5]).item() if phase == "adversarial" and sums[5] > 0 else None
+    log(f"epoch {epoch} done: loss {loss:.4f} (chance {chance:.4f}) acc {acc:.3f} spread {spread:.3f}"
+        + (f"; Eq 4 distance of G's drops / random drops {g_vs_random:.3f}" if g_vs_random else "")
+        + f"; {bad} bad videos skipped so far; saved {path}",
+        curve=True, epoch=epoch + 1, loss=loss, acc=acc, spread=spread, chance=chance, g_vs_random=g_vs_random)
+    return utils.collapse_warning(loss, spread, chance) if sums[3] > 0 else None
+
+
+def measure_knn(knn, model, epochs_done, device, ctx, log):
+    top1 = knn(model.encoder_q, device, ctx)
+    log(f"kNN top-1 after {epochs_done} epochs: {top1:.3f} (chance {1 / knn.num_classes:.3f}; "
+        f"20-NN on the test split, 1 clip per video)", curve=True, epoch=epochs_done, knn_top1=top1,
+        knn_chance=1 / knn.num_classes)
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    args, given = utils.parse_args(get_args_parser(), argv)
+    demo = {**DEMO_PRESET, **METHOD_DEMO_PRESET.get(args.method, {})}
+    preset = utils.apply_preset(args, given, demo) if utils.is_demo(args) else {}
+    rank, world, device = utils.init_distributed()
+    settle_args(args, given, world)
     os.makedirs(args.out, exist_ok=True)
     log = utils.Logger(args.out, rank)
     if preset:
@@ -205,205 +405,57 @@ def main(argv=None):
     if len(loader) == 0:
         raise SystemExit(f"error: {len(dataset)} videos give no full batch of {args.batch_size // world} per process")
 
-    # model
-    base_encoder = models.encoder_builder(args.arch, args.input)
-    if args.method == "cvrl":
-        model = methods.CVRL(base_encoder, args.moco_dim, args.cvrl_hidden, args.cvrl_t)
-    elif args.method == "vclr":
-        model = methods.VCLR(base_encoder, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.segments,
-                             args.order_weight, args.shuffle_splits, args.mlp, args.clip_weight)
-    else:
-        model = models.VideoMoCo(base_encoder, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.decay,
-                                 args.decay_unit, args.shuffle_splits, args.mlp)
-    model = global_batchnorm(model, args.method, device, world, log)
-    model.to(device)
-    # G exists only where it is used: --method videomoco with --generator convlstm
-    generator = models.ConvLSTMGenerator(3, args.g_hidden, args.g_width).to(device) if args.generator == "convlstm" else None
-    # every process starts from the same weights and queue (MoCo relies on identical queues)
-    if world > 1:
-        for t in list(model.state_dict().values()) + list(generator.state_dict().values() if generator else []):
-            dist.broadcast(t, src=0)
-    # broadcast_buffers=False: the queue is updated identically on every rank from gathered keys, so
-    # re-broadcasting it (dim x K floats) every step, as DDP's default would, is pure traffic
-    # (torch >= 2.14 renamed the switch to forward_sync_buffers)
-    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                      else {"broadcast_buffers": False})
-    model_ddp = DDP(model, **no_buffer_sync) if world > 1 else model
-    generator_ddp = DDP(generator) if world > 1 and generator is not None else generator
-    log(f"{args.method}: encoder {args.arch} on {args.input} input, {models.count_parameters(model.encoder_q) / 1e6:.2f}M parameters"
-        + (f"; G: ConvLSTM, {models.count_parameters(generator) / 1e6:.2f}M" if generator else "")
-        + f"; {world} process(es) on {device}")
-
-    # optimizers: D's and G's are separate; G's has no weight decay (it is a scorer, not a feature)
-    # (the trainable part: encoder_q and any method head; never the momentum encoder)
+    # model and optimizers: D's (encoder_q and any method head, never the momentum encoder) and G's
+    # (no weight decay: it is a scorer, not a feature)
+    model, generator, model_ddp, generator_ddp = build_models(args, device, world, log)
     opt_d = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], args.lr, momentum=args.momentum,
                             weight_decay=args.wd)
     opt_g = torch.optim.SGD(generator.parameters(), args.g_lr, momentum=args.momentum) if generator else None
-
-    # resume
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    start_epoch, step, skip = 0, 0, 0
-    if os.path.exists(ckpt_path):
-        ckpt = utils.load_checkpoint(ckpt_path, kind="pretrain")
-        for key, default in (("method", "videomoco"), ("input", "rgb"), ("arch", None), ("moco_k", None)):
-            if ckpt["args"].get(key, default) != getattr(args, key):
-                raise SystemExit(f"error: {ckpt_path} is a --{key.replace('_', '-')} {ckpt['args'].get(key, default)} run; "
-                                 f"use another --out for --{key.replace('_', '-')} {getattr(args, key)}")
-        model.load_state_dict(ckpt["model"])
-        opt_d.load_state_dict(ckpt["opt_d"])
-        if generator is not None:
-            generator.load_state_dict(ckpt["generator"])
-            opt_g.load_state_dict(ckpt["opt_g"])
-        if ckpt["scaler"]:
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step, skip = ckpt["epoch"], ckpt["step"], ckpt["epoch_step"]
-        changed = [k for k in ("epochs", "adv_start", "lr", "batch_size", "generator", "drop_frames", "decay")
-                   if ckpt["args"].get(k) != getattr(args, k)]
-        if changed:
-            log("warning: resuming with changed flags " + ", ".join(
-                f"--{k.replace('_', '-')} {ckpt['args'][k]} -> {getattr(args, k)}" for k in changed))
-        utils.set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        log(f"resuming from {ckpt_path}: epoch {start_epoch}, step {step}"
-            + (f" (mid-epoch, {skip} steps of it done)" if skip else ""))
+    start_epoch, step, skip = resume(ckpt_path, args, model, generator, opt_d, opt_g, scaler, rank, log)
+    save = functools.partial(save_checkpoint, ckpt_path, args, model, generator, opt_d, opt_g, scaler,
+                             rank=rank, world=world)
 
-    def save(epoch, epoch_step):
-        states = [utils.rng_state()]
-        if world > 1:  # every rank's RNG, so a resumed run continues each stream
-            states = [None] * world
-            dist.all_gather_object(states, utils.rng_state())
-        if rank != 0:
-            return
-        utils.save_atomic({"kind": "pretrain", "method": args.method, "model": model.state_dict(),
-                     "generator": generator.state_dict() if generator else None, "opt_d": opt_d.state_dict(),
-                     "opt_g": opt_g.state_dict() if opt_g else None, "scaler": scaler.state_dict(),
-                     "epoch": epoch, "step": step, "epoch_step": epoch_step, "args": vars(args),
-                     "rng": states}, ckpt_path)
-        # the query encoder without its projection head: every key is the torchvision model's of the same arch
-        utils.save_atomic({k: v for k, v in model.encoder_q.state_dict().items() if not k.startswith("fc.")},
-                    os.path.join(args.out, "backbone.pt"))
-
-    # watching the run: the contrastive loss against its chance level, the feature spread, kNN
-    def chance_level(decay):  # the loss of collapsed features: 2B - 1 candidates for CVRL, the queue's for the others
-        if args.method == "cvrl":
-            return math.log(2 * args.batch_size - 1)
-        return models.infonce_chance(model.queue_age, model.decay if args.method == "vclr" else decay)
-
+    # watching the run: the loss against its chance level, the feature spread, kNN on the test split
     knn = utils.KNNMonitor(args, args.workers) if args.knn_every > 0 else None
     curves = os.path.join(args.out, "curves.png")
-
-    def measure_knn(epochs_done):
-        top1 = knn(model.encoder_q, device, ctx)
-        log(f"kNN top-1 after {epochs_done} epochs: {top1:.3f} (chance {1 / knn.num_classes:.3f}; "
-            f"20-NN on the test split, 1 clip per video)", curve=True, epoch=epochs_done, knn_top1=top1,
-            knn_chance=1 / knn.num_classes)
-        return top1
-
     if knn is not None and start_epoch == 0 and skip == 0:
-        measure_knn(0)  # the random-init anchor
+        measure_knn(knn, model, 0, device, ctx, log)  # the random-init anchor
 
     # loop
+    guard, progress = Guard(args, device, log), utils.Progress(step, args.epochs * len(loader))
+    stopped = warned = False
     try:  # a DataError (too many bad videos) is raised on every rank at the same flush
-        stop, nonfinite, last_save, warned = utils.StopFlag(), 0, time.time(), False
-        steps_per_epoch = len(loader)
-        total_steps = args.epochs * steps_per_epoch
-        progress = utils.Progress(step, total_steps)
-        flags = {}
-
-        def agree(finite):  # one all-reduce: every rank updates, stops and saves at the same step
-            due = time.time() - last_save > args.save_every_min * 60
-            flags["stop"], nonfinite_any, flags["save"] = utils.all_ranks_any([stop.set, not finite, due], device)
-            return not nonfinite_any
-
         for epoch in range(start_epoch, args.epochs):
-            loader.sampler.set_epoch(epoch, skip * (args.batch_size // world))
-            for group in opt_d.param_groups:  # cosine, per epoch (MoCo v2)
-                group["lr"] = args.lr * cosine(epoch, 0, args.epochs)
-            for group in opt_g.param_groups if opt_g else []:  # G's own cosine over its own phase
-                group["lr"] = args.g_lr * cosine(epoch, args.adv_start, args.epochs)
-            decay = args.decay if epoch >= args.decay_start else 1.0
-            phase = args.method if args.method in ("cvrl", "vclr") else "moco"
-            if epoch >= args.adv_start and args.generator != "none":
-                phase = "adversarial" if args.generator == "convlstm" else "random-drop"
-            model_ddp.train()
-            if generator_ddp is not None:
-                generator_ddp.train()
-            progress.restart()
-            sums = torch.zeros(6, device=device)  # contrastive loss, accuracy, spread, steps; Eq 4 by G, at random
-            for epoch_step, batch in enumerate(loader, start=skip):
-                bad.update(batch["bad"])
-                video = batch["video"].to(device, non_blocking=True)  # (N, 2, 3, T, H, W); VCLR (N, 2, S, ...)
-                order = (batch["order"].to(device), batch["segments"].to(device)) if "order" in batch else None
-                out = train_step(model_ddp, generator_ddp, video, order, phase, args, opt_d, opt_g, ctx, scaler,
-                                 agree, decay, compare_random=epoch_step % args.g_ratio_every == 0)
-                loss_d, loss_g = out["loss_d"], out["loss_g"]
-                is_stop, save_due = flags["stop"], flags["save"]
-                if not out["updated"]:
-                    nonfinite += 1
-                    log(f"non-finite loss at step {step} (loss_d {loss_d.item()}, {nonfinite} in a row): step skipped")
-                    if nonfinite >= args.max_nonfinite:
-                        raise SystemExit(f"error: {nonfinite} non-finite losses in a row; lower --lr or try --amp none")
-                else:
-                    nonfinite = 0
-                    spread = utils.feature_spread(out["q"])
-                    one, zero = torch.ones((), device=device), torch.zeros((), device=device)
-                    eq4 = (-loss_g.detach().float(), out["l1_random"].float()) if "l1_random" in out else (zero, zero)
-                    sums += torch.stack([out.get("loss_nce", loss_d).detach().float(), out["acc"].float(), spread,
-                                         one, *eq4])
-                step += 1
-                progress.clips += args.batch_size
-
-                if step % args.print_freq == 0 or epoch_step + 1 == steps_per_epoch:
-                    bad.flush()  # all ranks' bad videos (a collective, at the same step on every rank)
-                    lg = loss_g.item() if loss_g is not None else float("nan")
-                    shown = [("loss_d", loss_d.item(), ".4f"), ("loss_g", lg, ".4f"), ("acc", out["acc"].item(), ".3f"),
-                             ("spread", utils.feature_spread(out["q"]).item(), ".3f"),
-                             ("lr", opt_d.param_groups[0]["lr"], ".4g")]
-                    extra = {k: out[k].item() for k in ("loss_order", "order_acc", "loss_clip")
-                             if out.get(k) is not None}  # VCLR's
-                    tail = "".join(f" {k} {v:.4f}" for k, v in extra.items()) + f" bad {len(bad)} [{phase}]"
-                    progress.log(log, epoch, step, shown, tail, bad_videos=len(bad), phase=phase, **extra)
-                if is_stop:
-                    save(epoch, epoch_step + 1)
-                    log(f"signal received: saved {ckpt_path} at epoch {epoch} step {step}; rerun the same command to resume")
-                    if dist.is_initialized():
-                        dist.destroy_process_group()
-                    return model
-                if save_due:
-                    save(epoch, epoch_step + 1)
-                    last_save = time.time()
+            step, phase, decay, sums, stopped = train_epoch(
+                epoch, skip, step, loader, bad, model_ddp, generator_ddp, opt_d, opt_g, ctx, scaler, args,
+                guard, progress, save, log, device, world)
+            if stopped:
+                break
             skip = 0
-            save(epoch + 1, 0)
-            last_save = time.time()
-            if dist.is_initialized():
-                dist.all_reduce(sums)
-            loss, acc, spread = (sums[:3] / sums[3].clamp(min=1)).tolist()
-            chance = chance_level(decay)
-            # G's drops against random drops of as many frames, Eq 4's distance on the same clips (Table 1)
-            g_vs_random = (sums[4] / sums[5]).item() if phase == "adversarial" and sums[5] > 0 else None
-            log(f"epoch {epoch} done: loss {loss:.4f} (chance {chance:.4f}) acc {acc:.3f} spread {spread:.3f}"
-                + (f"; Eq 4 distance of G's drops / random drops {g_vs_random:.3f}" if g_vs_random else "")
-                + f"; {len(bad)} bad videos skipped so far; saved {ckpt_path}",
-                curve=True, epoch=epoch + 1, loss=loss, acc=acc, spread=spread, chance=chance, g_vs_random=g_vs_random)
-            warning = utils.collapse_warning(loss, spread, chance) if sums[3] > 0 else None
+            save(epoch + 1, step, 0)
+            guard.last_save = time.time()
+            warning = log_epoch(epoch, phase, sums, chance_level(args, model, decay), ckpt_path, len(bad), log)
             if warning and not warned:
                 log(warning)
                 warned = True
             if knn is not None and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-                measure_knn(epoch + 1)
+                measure_knn(knn, model, epoch + 1, device, ctx, log)
             if rank == 0:
                 utils.draw_curves(log.path, curves)
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
-    if len(bad) and rank == 0:
-        bad.write(os.path.join(args.out, "bad_videos.txt"))
-    knn_curve = [r["knn_top1"] for r in utils.read_epoch_log(log.path) if r.get("knn_top1") is not None] \
-        if knn is not None and rank == 0 else []
-    if len(knn_curve) > 1:
-        log(f"kNN top-1 on the test split went from {knn_curve[0]:.3f} at random init to {knn_curve[-1]:.3f} "
-            f"after {args.epochs} epochs (chance {1 / knn.num_classes:.3f})")
-    log(f"done. curves: {curves}; backbone: {os.path.join(args.out, 'backbone.pt')}\n"
-        f"next: python evaluate.py --ckpt {ckpt_path}  (kNN retrieval of the pretrained features)\n"
-        f"      python finetune.py --ckpt {ckpt_path} --out {args.out}-finetune")
+    if not stopped:
+        if len(bad) and rank == 0:
+            bad.write(os.path.join(args.out, "bad_videos.txt"))
+        knn_curve = [r["knn_top1"] for r in utils.read_epoch_log(log.path) if r.get("knn_top1") is not None] \
+            if knn is not None and rank == 0 else []
+        if len(knn_curve) > 1:
+            log(f"kNN top-1 on the test split went from {knn_curve[0]:.3f} at random init to {knn_curve[-1]:.3f} "
+                f"after {args.epochs} epochs (chance {1 / knn.num_classes:.3f})")
+        log(f"done. curves: {curves}; backbone: {os.path.join(args.out, 'backbone.pt')}\n"
+            f"next: python evaluate.py --ckpt {ckpt_path}  (kNN retrieval of the pretrained features)\n"
+            f"      python finetune.py --ckpt {ckpt_path} --out {args.out}-finetune")
     if dist.is_initialized():
         dist.destroy_process_group()
     return model
