@@ -33,7 +33,7 @@ SEEK_AHEAD_FRAMES = 32
 
 
 class DataError(Exception):
-    """A problem with the user's data or flags; stage scripts print it as one line and exit 2."""
+    """A problem with the user's data or flags; stage scripts print it as one line and exit 1."""
 
 
 class VideoError(Exception):
@@ -174,13 +174,6 @@ class VideoReader:
         if not all(i in got for w in wanted for i in w):
             raise VideoError(f"decoding stopped early (only {len(got)} frames readable)")
         return np.stack([np.stack([got[i] for i in w]) for w in wanted])
-
-
-def read_clip(path, start, num_frames, stride=1):
-    """`num_frames` uint8 RGB frames (T, H, W, 3) at temporal `stride` from frame `start` of `path`.
-    Short videos are looped and clips past the real end moved back (see VideoReader.clips)."""
-    with VideoReader(path) as reader:
-        return reader.clips([start], num_frames, stride)[0]
 
 
 def min_clip_frames(frames):

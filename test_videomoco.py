@@ -39,6 +39,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = models.encoder_builder("tiny")  # base_encoder of the small models in these tests
 
 
+def read_clip(path, start, num_frames, stride=1):
+    """`num_frames` uint8 RGB frames (T, H, W, 3) at `stride` from frame `start`, through VideoReader."""
+    with data.VideoReader(path) as reader:
+        return reader.clips([start], num_frames, stride)[0]
+
+
 # -----------------------------------------------------------------------------
 # fixtures: small encoded videos
 
@@ -86,7 +92,7 @@ def test_reader_returns_exactly_the_written_frames(tmp_path, stride, where):
     path = write_index_video(str(tmp_path / "v.avi"), n)
     span = (t - 1) * stride + 1
     start = {"start": 0, "middle": 57, "end": n - span}[where]
-    clip = data.read_clip(path, start, t, stride)
+    clip = read_clip(path, start, t, stride)
     assert clip.shape == (t, 48, 64, 3) and clip.dtype == np.uint8
     assert [frame_index(f) for f in clip] == [start + stride * i for i in range(t)]
 
@@ -106,7 +112,7 @@ def test_reader_several_clips_in_one_pass_match_single_reads(tmp_path):
 
 def test_short_video_is_looped(tmp_path):
     path = write_index_video(str(tmp_path / "short.avi"), 10)
-    clip = data.read_clip(path, 0, 8, 2)  # span 15 > 10 frames
+    clip = read_clip(path, 0, 8, 2)  # span 15 > 10 frames
     assert [frame_index(f) for f in clip] == [(2 * i) % 10 for i in range(8)]
 
 
@@ -382,18 +388,18 @@ def test_demo_set_layout_and_split_by_group(demo_root):
         n = reader.count_frames()
         last_frame = reader.clips([n - 1], 1)[0, 0].astype(np.float32)
     assert 32 <= n <= 48
-    next_start = data.read_clip(first[1], 0, 1)[0].astype(np.float32)
-    other_scene = data.read_clip(train[-1][0], 0, 1)[0].astype(np.float32)
+    next_start = read_clip(first[1], 0, 1)[0].astype(np.float32)
+    other_scene = read_clip(train[-1][0], 0, 1)[0].astype(np.float32)
     assert np.abs(last_frame - next_start).mean() < 0.3 * np.abs(last_frame - other_scene).mean()
 
 
 def _frame_features(path, index):
-    frame = data.read_clip(path, index, 1)[0].astype(np.float32)
+    frame = read_clip(path, index, 1)[0].astype(np.float32)
     return cv2.resize(frame, (16, 12), interpolation=cv2.INTER_AREA).ravel()
 
 
 def _motion_features(path):  # the sign of the vertical and horizontal brightness flow, summed: a crude motion cue
-    clip = data.read_clip(path, 0, 24, 1).astype(np.float32).mean(-1)
+    clip = read_clip(path, 0, 24, 1).astype(np.float32).mean(-1)
     d = np.diff(clip, axis=0)
     gy, gx = np.gradient(clip[:-1], axis=(1, 2))
     return np.array([(d * gy).sum(), (d * gx).sum(), np.abs(d).sum()]) / 1e5
@@ -418,7 +424,7 @@ def test_demo_frame_tells_the_scene_type_and_only_motion_tells_the_action(demo_r
     test, _, _ = data.list_videos("ucf101", demo_root, 1, train=False)
 
     def orientation(p):  # horizontal vs vertical edge energy of frame 0
-        gray = data.read_clip(p, 0, 1)[0].astype(np.float32).mean(-1)
+        gray = read_clip(p, 0, 1)[0].astype(np.float32).mean(-1)
         gy, gx = np.abs(np.gradient(gray, axis=(0, 1)))
         return np.array([gx.mean(), gy.mean()]) / (gx.mean() + gy.mean())
 
@@ -464,7 +470,7 @@ def test_check_and_resize_tools(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "dst" / "notes.txt").read_text() == "split file stand-in\n"
-    clip = data.read_clip(str(tmp_path / "dst" / "good" / "g0.avi"), 0, 20)
+    clip = read_clip(str(tmp_path / "dst" / "good" / "g0.avi"), 0, 20)
     assert clip.shape == (20, 24, 32, 3)
 
 
@@ -1354,7 +1360,7 @@ def naive_knn_top1(encoder, train, test, frames, stride, crop, k=20, temperature
         with data.VideoReader(path) as reader:
             n = reader.count_frames()
         start = data.uniform_starts(n, (frames - 1) * stride + 1, 1)[0]
-        clip = transform(data.read_clip(path, start, frames, stride))  # (1, 3, T, crop, crop)
+        clip = transform(read_clip(path, start, frames, stride))  # (1, 3, T, crop, crop)
         with torch.no_grad(), utils.pooled_features(encoder):
             f = encoder(clip)[0]
         return f / f.norm()
@@ -1808,17 +1814,6 @@ def naive_nt_xent(z1, z2, tau, clips=None):
     return sum(losses) / len(losses), sum(hits) / len(hits)
 
 
-def naive_infonce(q, k, queue, tau):
-    """MoCo's InfoNCE (Eq 5 of VideoMoCo, decay 1) one sample and one negative at a time, float64."""
-    losses = []
-    for n in range(q.shape[0]):
-        qn = q[n].double().tolist()
-        pos = math.exp(dot(qn, k[n].double().tolist()) / tau)
-        neg = sum(math.exp(dot(qn, queue[:, i].double().tolist()) / tau) for i in range(queue.shape[1]))
-        losses.append(-math.log(pos / (pos + neg)))
-    return sum(losses) / len(losses)
-
-
 def naive_cross_entropy(logits, labels):
     losses = []
     for row, label in zip(logits.double().tolist(), labels.tolist()):
@@ -2044,13 +2039,13 @@ def test_vclr_eval_forward_matches_loops():
     assert out["order_logits"].shape == (n, 4)
     torch.testing.assert_close(out["order_logits"], order_logits, rtol=1e-4, atol=1e-5)
 
-    assert out["loss_nce"].item() == pytest.approx(naive_infonce(q, k, model.queue, model.T), rel=1e-4)
+    assert out["loss_nce"].item() == pytest.approx(naive_decayed_infonce(q, k, model.queue, model.queue_age, model.T, 1.0), rel=1e-4)
     assert out["loss_order"].item() == pytest.approx(naive_cross_entropy(order_logits, order), rel=1e-4)
     # L_clip: the anchor's first clip (segment 2, then 1) against the positive's clip of that segment
     with torch.no_grad():
         q_clip = torch.stack([clip_embedding(model.encoder_q, anchor[0, 0]), clip_embedding(model.encoder_q, anchor[1, 0])])
         k_clip = torch.stack([clip_embedding(model.encoder_k, positive[0, 2]), clip_embedding(model.encoder_k, positive[1, 1])])
-    assert out["loss_clip"].item() == pytest.approx(naive_infonce(q_clip, k_clip, model.clip_queue, model.T), rel=1e-4)
+    assert out["loss_clip"].item() == pytest.approx(naive_decayed_infonce(q_clip, k_clip, model.clip_queue, model.clip_queue_age, model.T, 1.0), rel=1e-4)
     assert out["loss"].item() == pytest.approx(
         0.7 * out["loss_clip"].item() + out["loss_nce"].item() + 0.5 * out["loss_order"].item(), rel=1e-6)
     logits = torch.cat([(q * k).sum(1, keepdim=True), q @ model.queue], dim=1)
