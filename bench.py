@@ -181,7 +181,8 @@ def bench_step(args):
     frames = args.frames if cuda else min(args.frames, 16)
     crop = args.crop if cuda else min(args.crop, 64)
     ctx, scaler = utils.autocast_context(None, device)
-    model = models.VideoMoCo(models.encoder_builder(arch, args.input), 128, args.moco_k, 0.999, 0.07, 0.99999).to(device)
+    model = models.VideoMoCo(models.encoder_builder(arch, args.input), 128, args.moco_k, 0.999,
+                             0.07, 0.99999).to(device)
     generator = models.ConvLSTMGenerator(3, 256, 32).to(device)
     opt_d = torch.optim.SGD(model.encoder_q.parameters(), 0.02, momentum=0.9, weight_decay=1e-4)
     opt_g = torch.optim.SGD(generator.parameters(), 0.02, momentum=0.9)
@@ -189,10 +190,12 @@ def bench_step(args):
     x_key = torch.randn_like(x)
 
     def step(phase):
-        models.videomoco_step(model, x, x_key, opt_d, generator if phase == "adversarial" else None, opt_g,
+        models.videomoco_step(model, x, x_key, opt_d,
+                              generator if phase == "adversarial" else None, opt_g,
                               max(1, frames // 4), autocast=ctx, scaler=scaler)
 
-    print(f"step: {arch} on {args.input} input, batch {batch}, {frames} frames, crop {crop}, K {args.moco_k}, on {device}"
+    print(f"step: {arch} on {args.input} input, batch {batch}, {frames} frames, crop {crop}, K "
+          f"{args.moco_k}, on {device}"
           + (f" ({torch.cuda.get_device_name()})" if cuda else ""))
     times = {"moco": [], "adversarial": []}
     for _ in range(3):  # interleaved, best of three
@@ -205,7 +208,8 @@ def bench_step(args):
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         step("adversarial")
-        print(f"peak GPU memory of an adversarial step: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        print("peak GPU memory of an adversarial step: "
+              f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
     # the loss alone at the paper's K: Eq 6 vs Eq 1, forward and backward
     n, k = 128, 65536
@@ -229,17 +233,22 @@ def bench_step(args):
 def main():
     parser = argparse.ArgumentParser(description="VideoMoCo speed and memory ratios")
     parser.add_argument("--loader", action="store_true", help="benchmark the data pipeline")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count()), help="loader workers")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count()),
+                        help="loader workers")
     parser.add_argument("--frames", type=int, default=32, help="clip length T (paper: 32)")
     parser.add_argument("--crop", type=int, default=112, help="crop size (paper: 112)")
     parser.add_argument("--clips", type=int, default=240, help="clips per throughput measurement")
-    parser.add_argument("--memory-iters", type=int, default=2000, help="iterations for the RSS check")
-    parser.add_argument("--step", action="store_true", help="benchmark the training step and the loss")
+    parser.add_argument("--memory-iters", type=int, default=2000,
+                        help="iterations for the RSS check")
+    parser.add_argument("--step", action="store_true",
+                        help="benchmark the training step and the loss")
     parser.add_argument("--arch", default=None, help="encoder for --step (default r2plus1d_10)")
-    parser.add_argument("--batch", type=int, default=None, help="per-step batch for --step (default 32 on CUDA, 4 on CPU)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="per-step batch for --step (default 32 on CUDA, 4 on CPU)")
     parser.add_argument("--moco-k", type=int, default=65536, help="queue size for --step")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement")
-    parser.add_argument("--input", default="rgb", choices=models.INPUTS, help="encoder input for --step")
+    parser.add_argument("--input", default="rgb", choices=models.INPUTS,
+                        help="encoder input for --step")
     args = parser.parse_args()
     run_all = not (args.loader or args.step)
     if args.loader or run_all:

@@ -16,7 +16,8 @@ import os
 import random
 import sys
 
-os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")  # bad files are reported by us, once, in one line
+# bad files are reported by us, once, in one line
+os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -163,7 +164,8 @@ class VideoReader:
             raise VideoError(f"too short: {length} frames decode, a clip needs at least {min_frames}")
         if length >= span:
             if rng is not None:
-                starts = [int(rng.integers(0, length - span + 1)) if s + span > length else s for s in starts]
+                starts = [int(rng.integers(0,
+                                           length - span + 1)) if s + span > length else s for s in starts]
             wanted = [min(s, length - span) + stride * np.arange(num_frames) for s in starts]
         else:
             wanted = [(stride * np.arange(num_frames)) % length for _ in starts]
@@ -274,13 +276,15 @@ def list_folder(root, split, train):
     return samples, classes
 
 
-DEMOS = {"demo": 2, "demo-motion": 1}  # the built-in sets (datatools.py): name -> version, in the cache name
+# the built-in sets (datatools.py): name -> version, in the cache name
+DEMOS = {"demo": 2, "demo-motion": 1}
 
 
 def demo_root(name="demo"):
     """Where the built-in demo set `name` is generated once and cached: ~/.cache/videomoco/NAME-vV
     ($VIDEOMOCO_CACHE replaces ~/.cache/videomoco)."""
-    cache = os.environ.get("VIDEOMOCO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "videomoco"))
+    cache = os.environ.get("VIDEOMOCO_CACHE",
+                           os.path.join(os.path.expanduser("~"), ".cache", "videomoco"))
     return os.path.join(cache, f"{name}-v{DEMOS[name]}")
 
 
@@ -319,10 +323,10 @@ def list_videos(dataset, root, split=1, train=True):
 # temporally consistent augmentation: parameters drawn once per clip, applied to every frame
 #
 # Brightness, contrast, saturation, hue rotation and grayscale are all affine maps of a pixel's RGB
-# value, so a clip's whole colour augmentation is composed into one 3x4 matrix and applied in a single
-# cv2.transform pass over the uint8 frames, which also saturates to [0, 255]. torchvision clamps after
-# every op; we clamp once at the end (identical unless an intermediate op leaves [0, 1]). One matrix
-# for the whole clip makes the temporal consistency exact by construction.
+# value, so a clip's whole colour augmentation is composed into one 3x4 matrix and applied in a
+# single cv2.transform pass over the uint8 frames, which also saturates to [0, 255]. torchvision
+# clamps after every op; we clamp once at the end (identical unless an intermediate op leaves [0,
+# 1]). One matrix for the whole clip makes the temporal consistency exact by construction.
 
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601, as torchvision's rgb_to_grayscale
 _TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
@@ -453,12 +457,13 @@ class EvalTransform:
             boxes = [(cy, 0), (cy, cx), (cy, width - self.crop)]
         else:
             boxes = [(0, cx), (cy, cx), (height - self.crop, cx)]
-        return torch.stack([to_tensor(frames[:, y:y + self.crop, x:x + self.crop]) for y, x in boxes])
+        return torch.stack([to_tensor(frames[:, y:y + self.crop,
+                                             x:x + self.crop]) for y, x in boxes])
 
 
 # -----------------------------------------------------------------------------
-# temporal sampling of the positive pair: the same clip (VideoMoCo), two clips d frames apart (CVRL),
-# two tuples of one clip per segment (VCLR)
+# temporal sampling of the positive pair: the same clip (VideoMoCo), two clips d frames apart
+# (CVRL), two tuples of one clip per segment (VCLR)
 
 INTERVALS = ("linear", "quadratic", "uniform")
 
@@ -491,7 +496,8 @@ def segment_starts(rng, num_frames_video, span, segments):
     bounds = np.linspace(0, num_frames_video, segments + 1)
     starts = []
     for j in range(segments):
-        lo, hi = int(math.ceil(bounds[j])), max(int(math.ceil(bounds[j + 1])) - 1, int(math.ceil(bounds[j])))
+        lo, hi = int(math.ceil(bounds[j])), max(int(math.ceil(bounds[j + 1])) - 1,
+                                                int(math.ceil(bounds[j])))
         starts.append(int(rng.integers(lo, max(lo, hi - span + 1) + 1)))
     return starts
 
@@ -533,7 +539,8 @@ class VideoClips(torch.utils.data.Dataset):
     sample; `BadVideos` in the main process logs each once and enforces the bad fraction.
     """
 
-    def __init__(self, samples, frames=32, stride=1, transform=None, mode="train", views=1, clips=10,
+    def __init__(self, samples, frames=32, stride=1, transform=None, mode="train",
+                 views=1, clips=10,
                  temporal="same", interval="linear", segments=3):
         assert mode in ("train", "test") and temporal in ("same", "cvrl", "vclr")
         self.samples, self.frames, self.stride = samples, frames, stride
@@ -580,7 +587,8 @@ class VideoClips(torch.utils.data.Dataset):
             for clips_of_tuple in (clips[:self.segments], clips[self.segments:]):
                 # one augmentation for the whole tuple: its clips side by side in time
                 t = self.transform(np.concatenate(clips_of_tuple), rng)  # (3, S*T, crop, crop)
-                t = t.view(3, self.segments, self.frames, *t.shape[2:]).transpose(0, 1)  # (S, 3, T, ...)
+                # (S, 3, T, ...)
+                t = t.view(3, self.segments, self.frames, *t.shape[2:]).transpose(0, 1)
                 perm, was_shuffled = order_shuffle(rng, self.segments)
                 tuples.append(t[perm])
                 shuffled.append(was_shuffled)
@@ -600,14 +608,16 @@ class VideoClips(torch.utils.data.Dataset):
             if index not in self.known_bad:
                 try:
                     video, label, extra = self._load(index, rng)
-                    return {"video": video, "label": label, "index": index, "bad": bad, "valid": True, **extra}
+                    return {"video": video, "label": label, "index": index, "bad": bad,
+                            "valid": True, **extra}
                 except (VideoError, cv2.error) as e:
                     self.known_bad.add(index)
                     bad.append((index, str(e).strip().splitlines()[-1]))
             if self.mode == "test":
                 shape = (self.clips * getattr(self.transform, "crops", 1), 3, self.frames,
                          self.transform.crop, self.transform.crop)
-                return {"video": torch.zeros(shape), "label": self.samples[index][1], "index": index,
+                return {"video": torch.zeros(shape), "label": self.samples[index][1],
+                        "index": index,
                         "bad": bad, "valid": False}
             index = int(rng.integers(0, len(self.samples)))
         raise DataError("100 videos in a row failed to decode; is the data readable at all?")
@@ -719,7 +729,8 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         for index in self._indices()[self.skip:]:
-            seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(2, np.uint64)[0]
+            seed = np.random.SeedSequence([self.seed,
+                                           self.epoch, index]).generate_state(2, np.uint64)[0]
             yield index, int(seed)
 
     def __len__(self):
@@ -740,14 +751,19 @@ def build_loader(dataset, batch_size, workers, train, seed=0):
 
 def add_data_args(p):
     """The data flags every training script shares (paper defaults: 32 consecutive frames, crop 112)."""
-    p.add_argument("--dataset", default="demo", choices=DATASETS, help="dataset layout (demo: the built-in set)")
-    p.add_argument("--data-root", default=None, help="dataset root as the official archives unpack; none = demo preset")
-    p.add_argument("--split", type=int, default=1, help="official split for ucf101/hmdb51, 1-3 (paper: 1)")
+    p.add_argument("--dataset", default="demo", choices=DATASETS,
+                   help="dataset layout (demo: the built-in set)")
+    p.add_argument("--data-root", default=None,
+                   help="dataset root as the official archives unpack; none = demo preset")
+    p.add_argument("--split", type=int, default=1,
+                   help="official split for ucf101/hmdb51, 1-3 (paper: 1)")
     p.add_argument("--frames", type=int, default=32, help="frames per clip T (paper: 32)")
-    p.add_argument("--stride", type=int, default=1, help="temporal stride between clip frames (paper: 1, consecutive)")
+    p.add_argument("--stride", type=int, default=1,
+                   help="temporal stride between clip frames (paper: 1, consecutive)")
     p.add_argument("--crop", type=int, default=112, help="crop size in pixels (paper: 112)")
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers per process")
-    p.add_argument("--max-bad-fraction", type=float, default=0.1, help="stop if more than this fraction of videos is unreadable")
+    p.add_argument("--max-bad-fraction", type=float, default=0.1,
+                   help="stop if more than this fraction of videos is unreadable")
 
 
 def build_dataset(args, train, mode=None, views=1, transform=None, temporal="same", clips=None):
@@ -764,8 +780,10 @@ def build_dataset(args, train, mode=None, views=1, transform=None, temporal="sam
         transform = EvalTransform(args.crop, crops=getattr(args, "crops", 1))
     dataset = VideoClips(samples, args.frames, args.stride, transform, mode, views=views,
                          clips=clips or getattr(args, "clips", 1), temporal=temporal,
-                         interval=getattr(args, "cvrl_interval", "linear"), segments=getattr(args, "segments", 3))
-    bad = BadVideos(samples, missing, getattr(args, "max_bad_fraction", 0.1), log=_rank_world()[0] == 0)
+                         interval=getattr(args, "cvrl_interval", "linear"),
+                         segments=getattr(args, "segments", 3))
+    bad = BadVideos(samples, missing, getattr(args, "max_bad_fraction", 0.1),
+                    log=_rank_world()[0] == 0)
     return dataset, classes, bad
 
 

@@ -18,14 +18,15 @@ from concurrent.futures import ProcessPoolExecutor
 import cv2
 import numpy as np
 
-from data import (DATASETS, DEMOS, DataError, VideoError, VideoReader, _is_video, demo_root, list_videos,
+from data import (DATASETS, DEMOS, DataError, VideoError, VideoReader, _is_video, demo_root,
+                  list_videos,
                   min_clip_frames, open_capture)
 
 # -----------------------------------------------------------------------------
 # the built-in demo sets
 #
-# Both are written in the UCF101 layout (UCF-101/<Class>/v_<Class>_gGG_cCC.avi, ucfTrainTestlist/ with
-# CRLF split files; 3 splits that all hold out the same groups), 6 classes, groups of clips of
+# Both are written in the UCF101 layout (UCF-101/<Class>/v_<Class>_gGG_cCC.avi, ucfTrainTestlist/
+# with CRLF split files; 3 splits that all hold out the same groups), 6 classes, groups of clips of
 # 128x96 pixels, 32-48 frames, XVID; the first groups are the test split (DEMO_GROUPS), as UCF101
 # holds out g01-g07.
 #
@@ -83,7 +84,8 @@ def _scene_background(rng, texture):
 
 
 def _demo_objects(rng, colors):
-    return [dict(x=rng.uniform(0, DEMO_SIZE[0]), y=rng.uniform(0, DEMO_SIZE[1]), phase=rng.uniform(0, 1),
+    return [dict(x=rng.uniform(0, DEMO_SIZE[0]), y=rng.uniform(0, DEMO_SIZE[1]),
+                 phase=rng.uniform(0, 1),
                  size=rng.uniform(8, 20), speed=rng.uniform(2.0, 3.5), shape=int(rng.integers(0, 3)),
                  color=colors[int(rng.integers(0, len(colors)))] + rng.normal(0, 20, 3))
             for _ in range(int(rng.integers(2, 4)))]
@@ -169,7 +171,8 @@ def make_demo(root, seed=0):
             background = _scene_background(rng, texture)
             objects = _demo_objects(rng, rng.uniform(0, 255, (3, 3)))
             lengths = rng.integers(32, 49, clips)
-            take = _render(rng, motion, background, objects, int(lengths.sum()))  # one take of the scene
+            # one take of the scene
+            take = _render(rng, motion, background, objects, int(lengths.sum()))
             for c, start in enumerate(np.cumsum(lengths) - lengths, 1):
                 rel = f"{motion}/v_{motion}_g{g:02d}_c{c:02d}.avi"
                 _write_video(os.path.join(root, "UCF-101", rel), take[start:start + lengths[c - 1]])
@@ -193,7 +196,8 @@ def make_demo_motion(root, seed=0):
                 rel = f"{motion}/v_{motion}_g{g:02d}_c{c:02d}.avi"
                 frames = int(rng.integers(32, 49))  # drawn before the objects, as version 1 did
                 objects = _demo_objects(rng, palette)
-                _write_video(os.path.join(root, "UCF-101", rel), _render(rng, motion, background, objects, frames))
+                _write_video(os.path.join(root, "UCF-101", rel),
+                             _render(rng, motion, background, objects, frames))
                 videos.append((rel, label, g))
     _write_splits(root, DEMO_MOTION_CLASSES, videos, test_groups)
     return root
@@ -245,8 +249,10 @@ def check(args):
         jobs += [(p, min_clip_frames(args.frames)) for p, _ in samples]
         missing += miss
     jobs = sorted(set(jobs))
-    counts = {"ok": 0, "unreadable": 0, "too short": 0, "frame-count mismatch": 0, "missing": len(missing)}
-    bad = [(p, "missing", "listed in the split file but does not exist") for p in sorted(set(missing))]
+    counts = {"ok": 0, "unreadable": 0, "too short": 0, "frame-count mismatch": 0,
+              "missing": len(missing)}
+    bad = [(p, "missing",
+            "listed in the split file but does not exist") for p in sorted(set(missing))]
     with ProcessPoolExecutor(max(args.workers, 1)) as pool:
         for path, status, reason, _, _ in pool.map(_check_one, jobs, chunksize=8):
             counts[status] += 1
@@ -324,7 +330,8 @@ def main():
     p.add_argument("--dataset", default="demo", help=f"one of {', '.join(DATASETS)}")
     p.add_argument("--data-root", default=None, help="dataset root as unpacked from the archives")
     p.add_argument("--split", type=int, default=1, help="official split (1-3)")
-    p.add_argument("--frames", type=int, default=32, help="clip length T; videos under T/2 frames are 'too short'")
+    p.add_argument("--frames", type=int, default=32,
+                   help="clip length T; videos under T/2 frames are 'too short'")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="decode processes")
     p.add_argument("--bad-list", default="bad_videos.txt", help="where to write the problem videos")
     p = sub.add_parser("resize", help="re-encode a dataset tree with a smaller short side")

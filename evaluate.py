@@ -37,36 +37,52 @@ from utils import knn_predict, per_video, pooled_features, video_features
 
 DATA_KEYS = ("dataset", "data_root", "split", "frames", "stride", "crop")
 # for a checkpoint that carries no data settings (backbone.pt, random init): the demo preset's
-DEMO_SETTINGS = {"dataset": "demo", "data_root": None, "split": 1, **{k: utils.DEMO_CLIPS[k] for k in ("frames", "stride", "crop")}}
+DEMO_SETTINGS = {"dataset": "demo", "data_root": None, "split": 1,
+                 **{k: utils.DEMO_CLIPS[k] for k in ("frames", "stride", "crop")}}
 
 
 def get_args_parser():
     p = argparse.ArgumentParser("VideoMoCo evaluation")
     p.add_argument("--ckpt", default=None,
-                   help="finetune ckpt.pt, pretraining ckpt.pt, or backbone.pt (with --arch); none = random init of --arch (kNN baseline)")
-    p.add_argument("--dataset", default=None, choices=data.DATASETS, help="default: the checkpoint's")
+                   help="finetune ckpt.pt, pretraining ckpt.pt, or backbone.pt (with --arch); none "
+                        "= random init of --arch (kNN baseline)")
+    p.add_argument("--dataset", default=None, choices=data.DATASETS,
+                   help="default: the checkpoint's")
     p.add_argument("--data-root", default=None, help="default: the checkpoint's")
     p.add_argument("--split", type=int, default=None, help="default: the checkpoint's")
-    p.add_argument("--frames", type=int, default=None, help="frames per clip; default: the checkpoint's")
-    p.add_argument("--stride", type=int, default=None, help="temporal stride; default: the checkpoint's")
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames per clip; default: the checkpoint's")
+    p.add_argument("--stride", type=int, default=None,
+                   help="temporal stride; default: the checkpoint's")
     p.add_argument("--crop", type=int, default=None, help="crop size; default: the checkpoint's")
-    p.add_argument("--arch", default=None, choices=models.ARCHS, help="only for a bare backbone.pt or random init")
+    p.add_argument("--arch", default=None, choices=models.ARCHS,
+                   help="only for a bare backbone.pt or random init")
     p.add_argument("--input", default=None, choices=models.INPUTS,
-                   help="encoder input; the checkpoint's by default (a mismatch is refused), rgb for backbone.pt")
-    p.add_argument("--clips", type=int, default=10, help="uniformly spaced clips per video (paper: 10)")
+                   help="encoder input; the checkpoint's by default (a mismatch is refused), rgb "
+                        "for backbone.pt")
+    p.add_argument("--clips", type=int, default=10,
+                   help="uniformly spaced clips per video (paper: 10)")
     p.add_argument("--crops", type=int, default=1, choices=(1, 3), help="spatial crops per clip")
-    p.add_argument("--knn", action="store_true", help="kNN retrieval even for a finetuned checkpoint (its backbone)")
+    p.add_argument("--knn", action="store_true",
+                   help="kNN retrieval even for a finetuned checkpoint (its backbone)")
     p.add_argument("--knn-k", type=int, default=20, help="neighbours in the k-NN vote")
-    p.add_argument("--occlusion", action="store_true", help="entropy and top-1 with frames dropped (finetuned checkpoint)")
-    p.add_argument("--drop-frames", type=int, default=None, help="k frames dropped for --occlusion (default: the G's, else T/4)")
-    p.add_argument("--gen-ckpt", default=None, help="pretraining checkpoint whose G chooses the frames for --occlusion")
+    p.add_argument("--occlusion", action="store_true",
+                   help="entropy and top-1 with frames dropped (finetuned checkpoint)")
+    p.add_argument("--drop-frames", type=int, default=None,
+                   help="k frames dropped for --occlusion (default: the G's, else T/4)")
+    p.add_argument("--gen-ckpt", default=None,
+                   help="pretraining checkpoint whose G chooses the frames for --occlusion")
     p.add_argument("--motion", action="store_true",
-                   help="motion sensitivity of the pooled features: frozen and time-shuffled test clips (any checkpoint)")
-    p.add_argument("--cam", nargs=2, metavar=("N", "DIR"), default=None, help="write Grad-CAM strips of N test clips to DIR")
+                   help="motion sensitivity of the pooled features: frozen and time-shuffled test "
+                        "clips (any checkpoint)")
+    p.add_argument("--cam", nargs=2, metavar=("N", "DIR"), default=None,
+                   help="write Grad-CAM strips of N test clips to DIR")
     p.add_argument("--batch-size", type=int, default=8, help="videos per batch")
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers")
-    p.add_argument("--amp", default=None, choices=("bf16", "fp16", "none"), help="autocast dtype (default: bf16 on CUDA)")
-    p.add_argument("--seed", type=int, default=0, help="seed of a random-init encoder and of --occlusion's random drops")
+    p.add_argument("--amp", default=None, choices=("bf16", "fp16", "none"),
+                   help="autocast dtype (default: bf16 on CUDA)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of a random-init encoder and of --occlusion's random drops")
     p.add_argument("--json", default=None, help="also write the JSON result to this file")
     return p
 
@@ -118,14 +134,16 @@ def load_model(args):
     checkpoint's data settings filled into the flags not given."""
     if args.ckpt is None:
         if args.arch is None:
-            raise SystemExit("error: pass --ckpt, or --arch for a randomly initialised encoder (the kNN baseline)")
+            raise SystemExit("error: pass --ckpt, or --arch for a randomly initialised encoder "
+                             "(the kNN baseline)")
         ckpt, kind, recorded = {}, "random-init", None
     else:
         ckpt = utils.load_checkpoint(args.ckpt)
         kind = ckpt.get("kind", "backbone")
         recorded = ckpt.get("input") or ckpt.get("args", {}).get("input") if kind != "backbone" else None
     if args.input and recorded and args.input != recorded:
-        raise SystemExit(f"error: {args.ckpt} was trained on {recorded} input; --input {args.input} does not match")
+        raise SystemExit(f"error: {args.ckpt} was trained on {recorded} input; --input "
+                         f"{args.input} does not match")
     args.input = recorded or args.input or "rgb"
     if kind == "random-init":
         torch.manual_seed(args.seed)
@@ -140,16 +158,20 @@ def load_model(args):
     elif kind == "pretrain":
         arch, state = utils.backbone_state(ckpt)
         model = models.build_encoder(arch, ckpt["args"]["moco_dim"], args.input)
-        model.load_state_dict(state, strict=False)  # the head (fc) stays out: kNN uses pooled features
+        # the head (fc) stays out: kNN uses pooled features
+        model.load_state_dict(state, strict=False)
         settings = {k: ckpt["args"][k] for k in DATA_KEYS}
     elif kind == "backbone":
         if args.arch is None:
             raise SystemExit(f"error: {args.ckpt} is a bare backbone; pass --arch")
-        model = models.build_encoder(args.arch, ckpt["fc.weight"].shape[0] if "fc.weight" in ckpt else 1, args.input)
-        utils.transfer_weights(model, {k: v for k, v in ckpt.items() if not k.startswith("fc.")}, args.ckpt)
+        model = models.build_encoder(args.arch,
+                                     ckpt["fc.weight"].shape[0] if "fc.weight" in ckpt else 1, args.input)
+        utils.transfer_weights(model,
+                               {k: v for k, v in ckpt.items() if not k.startswith("fc.")}, args.ckpt)
         settings = DEMO_SETTINGS
     else:
-        raise SystemExit(f"error: {args.ckpt} is a {kind} checkpoint; evaluate takes finetune or pretrain checkpoints")
+        raise SystemExit(f"error: {args.ckpt} is a {kind} checkpoint; evaluate takes finetune or "
+                         "pretrain checkpoints")
     for key in DATA_KEYS:
         if getattr(args, key) is None:
             setattr(args, key, settings[key])
@@ -198,7 +220,8 @@ def grad_cam(model, clip):
         handle.remove()
     act, grad = store["act"][0], store["grad"][0]  # (C, t, h, w)
     cam = F.relu((grad.mean(dim=(1, 2, 3))[:, None, None, None] * act).sum(0))  # (t, h, w)
-    cam = F.interpolate(cam[None, None], size=clip.shape[2:], mode="trilinear", align_corners=False)[0, 0]
+    cam = F.interpolate(cam[None, None], size=clip.shape[2:], mode="trilinear",
+                        align_corners=False)[0, 0]
     return (cam / cam.max().clamp_min(1e-8)).detach(), pred
 
 
@@ -210,7 +233,8 @@ def write_cam_strip(path, clip, cam, title, max_frames=8):
     tiles = []
     for t in picks:
         heat = cv2.applyColorMap((cam[t] * 255).astype(np.uint8), cv2.COLORMAP_JET)
-        tiles.append(cv2.addWeighted(cv2.cvtColor(frames[t], cv2.COLOR_RGB2BGR), 0.55, heat, 0.45, 0))
+        tiles.append(cv2.addWeighted(cv2.cvtColor(frames[t], cv2.COLOR_RGB2BGR), 0.55,
+                                     heat, 0.45, 0))
     strip = np.concatenate(tiles, axis=1)
     scale = max(1, 128 // strip.shape[0])
     strip = cv2.resize(strip, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
@@ -231,7 +255,8 @@ def classify(model, test_loader, labels, args, device, ctx):
     """A finetuned classifier: softmax averaged over the clips and crops of each video, top-1/5."""
     probs, skipped = per_video(lambda x: model(x).softmax(dim=1), test_loader, device, ctx)
     index, p = clip_average(probs)  # (V, classes)
-    result = dict(top1=topk_accuracy(p, labels[index], 1), top5=topk_accuracy(p, labels[index], min(5, p.shape[1])),
+    result = dict(top1=topk_accuracy(p, labels[index], 1),
+                  top5=topk_accuracy(p, labels[index], min(5, p.shape[1])),
                   n_skipped=len(skipped), n_videos=len(index))
     return result, (f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  ({len(index)} videos, "
                     f"{args.clips} clips x {args.crops} crops, {len(skipped)} skipped)")
@@ -245,7 +270,8 @@ def retrieval(model, test_loader, gallery_loader, labels, num_classes, args, dev
     recall = retrieval_recall(q, g, labels[q_index], gallery_labels[g_index])
     pred = knn_predict(q, g, gallery_labels[g_index], num_classes, args.knn_k)
     result = dict(recall, knn_top1=(pred == labels[q_index]).float().mean().item(),
-                  n_skipped=len(q_skipped) + len(g_skipped), n_videos=len(q_index), n_gallery=len(g_index))
+                  n_skipped=len(q_skipped) + len(g_skipped), n_videos=len(q_index),
+                  n_gallery=len(g_index))
     return result, ("retrieval " + "  ".join(f"{k} {v:.4f}" for k, v in recall.items())
                     + f"  kNN top-1 {result['knn_top1']:.4f} (k={args.knn_k}; {len(q_index)} queries, "
                     f"{len(g_index)} train videos)")
@@ -275,12 +301,15 @@ def motion(model, test_loader, args, device, ctx):
     with pooled_features(model):
         feats, _ = per_video(lambda x: torch.cat([model(x), model(freeze_motion(x)),
                                                   model(shuffle_frames(x, rng))], dim=1), test_loader, device, ctx)
-    f, f_static, f_shuffled = torch.cat([feats[i] for i in sorted(feats)]).chunk(3, dim=1)  # (V*C, D) each
+    # (V*C, D) each
+    f, f_static, f_shuffled = torch.cat([feats[i] for i in sorted(feats)]).chunk(3, dim=1)
     if len(f) < 2:
         raise SystemExit("error: --motion compares test clips with each other and needs at least 2")
-    result = dict(motion_static=relative_shift(f, f_static), motion_shuffle=relative_shift(f, f_shuffled))
+    result = dict(motion_static=relative_shift(f, f_static),
+                  motion_shuffle=relative_shift(f, f_shuffled))
     return result, (f"motion sensitivity (feature shift / distance between clips): frozen clip "
-                    f"{result['motion_static']:.3f}  shuffled frames {result['motion_shuffle']:.3f}  ({len(f)} clips)")
+                    f"{result['motion_static']:.3f}  shuffled frames "
+                    f"{result['motion_shuffle']:.3f}  ({len(f)} clips)")
 
 
 def cam_strips(model, test_loader, classes, args, device):
@@ -322,13 +351,15 @@ def main(argv=None):
     test_loader, classes = loader(train=False)
     labels = torch.tensor([y for _, y in test_loader.dataset.samples])
     result = {"checkpoint": args.ckpt, "kind": kind, "input": args.input, "dataset": args.dataset,
-              "split": args.split, "clips": args.clips, "crops": args.crops, "n_videos": len(labels)}
+              "split": args.split, "clips": args.clips, "crops": args.crops,
+              "n_videos": len(labels)}
     runs = []  # (result fields, table line) of each mode
     if kind == "finetune" and not args.knn:
         runs.append(classify(model, test_loader, labels, args, device, ctx))
     if kind != "finetune" or args.knn:
         gallery_loader, _ = loader(train=True)
-        runs.append(retrieval(model, test_loader, gallery_loader, labels, len(classes), args, device, ctx))
+        runs.append(retrieval(model, test_loader, gallery_loader, labels, len(classes), args,
+                              device, ctx))
     if args.occlusion:
         runs.append(occlusion(model, test_loader, labels, ckpt, args, device, ctx))
     if args.motion:

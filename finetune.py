@@ -31,19 +31,26 @@ import utils
 
 def get_args_parser():
     p = argparse.ArgumentParser("VideoMoCo finetuning / linear probe")
-    p.add_argument("--ckpt", default=None, help="pretraining checkpoint (ckpt.pt) or backbone.pt; none = random init")
-    p.add_argument("--linear", action="store_true", help="freeze the backbone (BN in eval mode) and train the classifier only")
-    data.add_data_args(p)  # --dataset --data-root --split --frames --stride --crop --workers --max-bad-fraction
+    p.add_argument("--ckpt", default=None,
+                   help="pretraining checkpoint (ckpt.pt) or backbone.pt; none = random init")
+    p.add_argument("--linear", action="store_true",
+                   help="freeze the backbone (BN in eval mode) and train the classifier only")
+    # --dataset --data-root --split --frames --stride --crop --workers --max-bad-fraction
+    data.add_data_args(p)
     p.add_argument("--arch", default="r2plus1d_10", choices=models.ARCHS,
                    help="encoder; a pretraining checkpoint's own arch by default (backbone.pt needs it)")
     p.add_argument("--input", default=None, choices=models.INPUTS,
-                   help="encoder input; the pretraining's by default (rgb for random init); a mismatch is refused")
-    p.add_argument("--epochs", type=int, default=10, help="epochs (paper: 10; linear probe default 30)")
+                   help="encoder input; the pretraining's by default (rgb for random init); a "
+                        "mismatch is refused")
+    p.add_argument("--epochs", type=int, default=10,
+                   help="epochs (paper: 10; linear probe default 30)")
     p.add_argument("--batch-size", type=int, default=32, help="global batch size (paper: 32)")
-    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate, cosine decay (paper: 0.05; also the linear probe default)")
+    p.add_argument("--lr", type=float, default=0.05,
+                   help="SGD learning rate, cosine decay (paper: 0.05; also the linear probe default)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--wd", type=float, default=5e-4, help="weight decay (linear probe default 0)")
-    p.add_argument("--amp", default=None, choices=("bf16", "fp16", "none"), help="autocast dtype (default: bf16 on CUDA, none on CPU)")
+    p.add_argument("--amp", default=None, choices=("bf16", "fp16", "none"),
+                   help="autocast dtype (default: bf16 on CUDA, none on CPU)")
     p.add_argument("--out", default="runs/finetune", help="output folder: ckpt.pt, log.jsonl")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--print-freq", type=int, default=20, help="steps between log lines")
@@ -65,7 +72,8 @@ def quick_test(model, loader, device, ctx):
         valid = batch["valid"].to(device)
         with ctx:
             pred = model(video[:, 0]).argmax(1)
-        correct += torch.stack([((pred == batch["label"].to(device)) & valid).sum(), valid.sum()]).float()
+        correct += torch.stack([((pred == batch["label"].to(device)) & valid).sum(),
+                                valid.sum()]).float()
     if dist.is_initialized():
         dist.all_reduce(correct)
     return (correct[0] / correct[1].clamp(min=1)).item()
@@ -76,11 +84,15 @@ def main(argv=None):
     source_arch, state, source = utils.backbone_from_checkpoint(args.ckpt) if args.ckpt else (None, None, None)
     if "arch" in given and source_arch and args.arch != source_arch:
         raise SystemExit(f"error: --arch {args.arch} but {args.ckpt} was pretrained with {source_arch}")
-    if source is not None:  # finetune with the pretraining's architecture and clip settings by default
-        given |= set(utils.apply_preset(args, given, {k: source["args"][k] for k in ("arch", "frames", "stride", "crop")}))
+    # finetune with the pretraining's architecture and clip settings by default
+    if source is not None:
+        given |= set(utils.apply_preset(args, given,
+                                        {k: source["args"][k] for k in ("arch", "frames",
+                                                                        "stride", "crop")}))
     source_input = source["args"].get("input", "rgb") if source is not None else None
     if args.input and source_input and args.input != source_input:
-        raise SystemExit(f"error: {args.ckpt} was pretrained on {source_input} input; --input {args.input} does not match")
+        raise SystemExit(f"error: {args.ckpt} was pretrained on {source_input} input; --input "
+                         f"{args.input} does not match")
     args.input = args.input or source_input or "rgb"
     preset = utils.apply_preset(args, given, DEMO_PRESET) if utils.is_demo(args) else {}
     if args.linear:
@@ -114,7 +126,8 @@ def main(argv=None):
     model = models.build_encoder(args.arch, len(classes), args.input)
     if state is not None:
         n = utils.transfer_weights(model, state, args.ckpt)
-        log(f"loaded {n} pretrained tensors from {args.ckpt} ({args.arch}); classifier head new, {len(classes)} classes")
+        log(f"loaded {n} pretrained tensors from {args.ckpt} ({args.arch}); classifier head new, "
+            f"{len(classes)} classes")
     else:
         log(f"random init of {args.arch} (no --ckpt): the baseline")
     if args.linear:
@@ -144,12 +157,14 @@ def main(argv=None):
         generator = None
         if source is not None and source.get("generator") is not None:
             generator = {"state": source["generator"], "hidden": source["args"]["g_hidden"],
-                         "width": source["args"]["g_width"], "drop_frames": source["args"]["drop_frames"],
+                         "width": source["args"]["g_width"],
+                         "drop_frames": source["args"]["drop_frames"],
                          "frames": source["args"]["frames"]}
         utils.save_atomic({
             "kind": "finetune", "model": model.state_dict(), "arch": args.arch, "input": args.input, "classes": classes,
             "linear": args.linear, "source": args.ckpt, "generator": generator,
-            "data": {k: getattr(args, k) for k in ("dataset", "data_root", "split", "frames", "stride", "crop")},
+            "data": {k: getattr(args, k) for k in ("dataset", "data_root", "split", "frames",
+                                                   "stride", "crop")},
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "epoch": epoch, "step": step, "test_top1_1clip": test_top1, "args": vars(args),
             "rng": utils.rng_state()}, ckpt_path)
@@ -178,11 +193,13 @@ def main(argv=None):
             step += 1
             progress.clips += args.batch_size
             if step % args.print_freq == 0 or epoch_step + 1 == steps_per_epoch:
-                shown = [("loss", loss.item(), ".4f"), ("lr", optimizer.param_groups[0]["lr"], ".4g")]
+                shown = [("loss", loss.item(), ".4f"),
+                         ("lr", optimizer.param_groups[0]["lr"], ".4g")]
                 progress.log(log, epoch, step, shown, f" bad {len(bad)}", bad_videos=len(bad))
         top1 = quick_test(model_ddp, test_loader, device, ctx)
         save(epoch + 1, top1)
-        log(f"epoch {epoch} done: test top-1 (1 centre clip) {top1:.3f}; {len(bad)} bad videos skipped; saved {ckpt_path}",
+        log(f"epoch {epoch} done: test top-1 (1 centre clip) {top1:.3f}; {len(bad)} bad videos "
+            f"skipped; saved {ckpt_path}",
             epoch=epoch, test_top1_1clip=top1)
     log(f"done. next: python evaluate.py --ckpt {ckpt_path}  (10-clip test protocol)")
     if dist.is_initialized():

@@ -108,7 +108,8 @@ class CVRL(nn.Module):
         super().__init__()
         self.T = T
         self.encoder_q = base_encoder(num_classes=hidden)
-        self.encoder_q.fc = projection_head(self.encoder_q.fc.in_features, hidden)  # see projection_head
+        # see projection_head
+        self.encoder_q.fc = projection_head(self.encoder_q.fc.in_features, hidden)
         self.head = nn.Sequential(
             nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden),
             nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
@@ -157,7 +158,8 @@ class VCLR(VideoMoCo):
                          shuffle_splits=shuffle_splits, mlp=mlp)
         self.segments, self.order_weight, self.clip_weight = segments, order_weight, clip_weight
         self.order_head = nn.Linear(2 * segments * dim, 4)
-        self.register_buffer("clip_queue", F.normalize(torch.randn(dim, K), dim=0))  # L_clip's negatives
+        # L_clip's negatives
+        self.register_buffer("clip_queue", F.normalize(torch.randn(dim, K), dim=0))
         self.register_buffer("clip_queue_ptr", torch.zeros(1, dtype=torch.long))
         self.register_buffer("clip_queue_age", torch.arange(K, 0, -1, dtype=torch.long))
 
@@ -180,7 +182,8 @@ class VCLR(VideoMoCo):
                              "(or clip_weight=0)")
         # the anchor's and the positive's clips go through encoder_q as separate batches, so no BN
         # statistic of the query side ever contains the clips its key is made from
-        clip_q = F.normalize(self.encode_query(anchor.flatten(0, 1)).float(), dim=1).view(n, s, -1)  # (N, S, dim)
+        # (N, S, dim)
+        clip_q = F.normalize(self.encode_query(anchor.flatten(0, 1)).float(), dim=1).view(n, s, -1)
         q = video_embedding(clip_q)  # (N, dim)
         with torch.no_grad():
             if self.training:
@@ -192,7 +195,8 @@ class VCLR(VideoMoCo):
                                            return_logits=True)
 
         # (N, 2*S*dim): the anchor's clips then the positive's, each in the order given (Eq 9)
-        clip_p = F.normalize(self.encode_query(positive.flatten(0, 1)).float(), dim=1).view(n, s, -1)  # (N, S, dim)
+        # (N, S, dim)
+        clip_p = F.normalize(self.encode_query(positive.flatten(0, 1)).float(), dim=1).view(n, s, -1)
         order_input = torch.cat([clip_q, clip_p], dim=1).reshape(n, -1)
         order_logits = self.order_head(order_input).float()  # (N, 4)
         loss_order = F.cross_entropy(order_logits, order)
@@ -200,7 +204,8 @@ class VCLR(VideoMoCo):
         loss_clip = None
         if self.clip_weight:
             # L_clip: the anchor's first clip against the positive tuple's clip of the same segment
-            where = (segments[:, 1] == segments[:, 0, :1]).float().argmax(dim=1)  # (N,) its position
+            # (N,) its position
+            where = (segments[:, 1] == segments[:, 0, :1]).float().argmax(dim=1)
             k_clip = clip_k.view(n, s, -1)[torch.arange(n, device=where.device), where]  # (N, dim)
             loss_clip = decayed_infonce(clip_q[:, 0], k_clip, self.clip_queue.clone().detach(),
                                         self.clip_queue_age, self.T, 1.0)
@@ -212,20 +217,24 @@ class VCLR(VideoMoCo):
             self.dequeue_and_enqueue(k)
             if self.clip_weight:
                 self.dequeue_and_enqueue(k_clip, "clip_queue")
-        return {"loss": loss, "loss_nce": loss_nce, "loss_order": loss_order, "loss_clip": loss_clip, "acc": acc,
+        return {"loss": loss, "loss_nce": loss_nce, "loss_order": loss_order,
+                "loss_clip": loss_clip, "acc": acc,
                 "order_acc": order_acc, "q": q, "k": k, "order_logits": order_logits}
 
 
-def contrastive_step(model, inputs, opt, autocast=contextlib.nullcontext(), scaler=None, agree=None):
+def contrastive_step(model, inputs, opt, autocast=contextlib.nullcontext(),
+                     scaler=None, agree=None):
     """One step of CVRL or VCLR: model(*inputs) (CVRL: two clips; VCLR: two tuples, the order label
     and the segments), then the update by its loss, if agree(finite) (as models.videomoco_step).
     Returns the model's dict with "loss_d" (its loss), "loss_g" (None) and "updated"."""
     with autocast:
         out = model(*inputs)
     finite = bool(torch.isfinite(out["loss"]))
-    out.update(loss_d=out["loss"], loss_g=None, updated=agree(finite) if agree is not None else finite)
+    out.update(loss_d=out["loss"], loss_g=None,
+               updated=agree(finite) if agree is not None else finite)
     if out["updated"]:
-        scaler = scaler if scaler is not None else torch.amp.GradScaler(out["loss"].device.type, enabled=False)
+        scaler = scaler if scaler is not None else torch.amp.GradScaler(out["loss"].device.type,
+                                                                        enabled=False)
         opt.zero_grad(set_to_none=True)
         scaler.scale(out["loss"]).backward()
         scaler.step(opt)

@@ -141,9 +141,11 @@ def build_encoder(arch, num_classes, input="rgb"):
     if arch in ("r3d_18", "r2plus1d_18", "mc3_18"):
         encoder = getattr(tv_video, arch)(weights=None, num_classes=num_classes)
     elif arch == "r3d_10":
-        encoder = VideoResNet(BasicBlock, [Conv3DSimple] * 4, [1, 1, 1, 1], BasicStem, num_classes=num_classes)
+        encoder = VideoResNet(BasicBlock, [Conv3DSimple] * 4, [1, 1, 1, 1], BasicStem,
+                              num_classes=num_classes)
     elif arch == "r2plus1d_10":
-        encoder = VideoResNet(BasicBlock, [Conv2Plus1D] * 4, [1, 1, 1, 1], R2Plus1dStem, num_classes=num_classes)
+        encoder = VideoResNet(BasicBlock, [Conv2Plus1D] * 4, [1, 1, 1, 1], R2Plus1dStem,
+                              num_classes=num_classes)
     elif arch == "c3d":
         encoder = C3D(num_classes)
     elif arch == "tiny":
@@ -376,7 +378,8 @@ class VideoMoCo(nn.Module):
         queue, queue_ptr, queue_age = (getattr(self, name + suffix) for suffix in ("", "_ptr", "_age"))
         keys = concat_all_gather(keys)  # (B, dim)
         if not torch.isfinite(keys).all():
-            return  # a diverged key encoder must not poison the queue; every rank sees the same keys
+            # a diverged key encoder must not poison the queue; every rank sees the same keys
+            return
         batch = keys.shape[0]
         kept = min(batch, self.K)
         ptr = int(queue_ptr)
@@ -472,7 +475,8 @@ def decayed_infonce(q, k, queue, age, tau, decay, return_logits=False):
             log_weight = age.to(q.dtype) * math.log(decay)  # (K,)
             # q.queue / tau + age * log t in one GEMM (the bias rides in addmm's epilogue), so the
             # decay costs no extra pass over the (N, K) logits
-            l_neg = torch.addmm(log_weight.expand(q.shape[0], -1), q, queue, alpha=1 / tau)  # (N, K)
+            # (N, K)
+            l_neg = torch.addmm(log_weight.expand(q.shape[0], -1), q, queue, alpha=1 / tau)
             logits = torch.cat([l_pos / tau, l_neg], dim=1)  # (N, 1 + K)
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         loss = F.cross_entropy(logits, labels)
@@ -502,8 +506,10 @@ def adversarial_backward(loss_d, loss_g, x_query, x_query_in, d_params, scale=No
     x_query.backward(grad_in)
 
 
-def videomoco_step(model, x, x_key, opt_d, generator=None, opt_g=None, k=8, temperature=1.0, decay=None,
-                   random_k=False, compare_random=False, autocast=contextlib.nullcontext(), scaler=None,
+def videomoco_step(model, x, x_key, opt_d, generator=None, opt_g=None, k=8, temperature=1.0,
+                   decay=None,
+                   random_k=False, compare_random=False, autocast=contextlib.nullcontext(),
+                   scaler=None,
                    agree=None):
     """One whole VideoMoCo step. x, x_key: (N, 3, T, H, W), two augmentations of the same clips.
 
@@ -528,7 +534,8 @@ def videomoco_step(model, x, x_key, opt_d, generator=None, opt_g=None, k=8, temp
             x_query, _ = random_drop(x, k)
         else:
             x_query = x
-        x_query_in = x_query.detach().requires_grad_(generator is not None)  # see adversarial_backward
+        # see adversarial_backward
+        x_query_in = x_query.detach().requires_grad_(generator is not None)
         out = model(x_query_in, x_key, x if generator is not None else None, decay)
         if generator is not None and compare_random:
             out["l1_random"] = getattr(model, "module", model).random_drop_distance(x, out["q_full"], k)

@@ -40,80 +40,112 @@ METHODS = ("videomoco", "moco", "cvrl", "vclr")
 
 def get_args_parser():
     p = argparse.ArgumentParser("VideoMoCo pretraining", add_help=True)
-    data.add_data_args(p)  # --dataset --data-root --split --frames --stride --crop --workers --max-bad-fraction
+    # --dataset --data-root --split --frames --stride --crop --workers --max-bad-fraction
+    data.add_data_args(p)
     # model
-    p.add_argument("--arch", default="r2plus1d_10", choices=models.ARCHS, help="encoder D (paper ablation: R(2+1)D-10)")
+    p.add_argument("--arch", default="r2plus1d_10", choices=models.ARCHS,
+                   help="encoder D (paper ablation: R(2+1)D-10)")
     p.add_argument("--moco-dim", type=int, default=128, help="feature dimension (MoCo: 128)")
     p.add_argument("--moco-k", type=int, default=65536, help="queue size K in keys (paper: 65536)")
-    p.add_argument("--moco-m", type=float, default=0.999, help="momentum m of the key encoder, Eq 2 (paper: 0.999)")
-    p.add_argument("--moco-t", type=float, default=0.07, help="softmax temperature tau, Eq 1 (paper: 0.07)")
-    p.add_argument("--decay", type=float, default=0.99999, help="temporal decay t of Eq 6; 1 = plain MoCo (paper: 0.99999)")
+    p.add_argument("--moco-m", type=float, default=0.999,
+                   help="momentum m of the key encoder, Eq 2 (paper: 0.999)")
+    p.add_argument("--moco-t", type=float, default=0.07,
+                   help="softmax temperature tau, Eq 1 (paper: 0.07)")
+    p.add_argument("--decay", type=float, default=0.99999,
+                   help="temporal decay t of Eq 6; 1 = plain MoCo (paper: 0.99999)")
     p.add_argument("--decay-start", type=int, default=0,
-                   help="epoch from which D's loss is Eq 6; before it, Eq 1 (default 0: the decay is part of D's loss throughout)")
+                   help="epoch from which D's loss is Eq 6; before it, Eq 1 (default 0: the decay "
+                        "is part of D's loss throughout)")
     p.add_argument("--decay-unit", default="key", choices=("key", "step"),
-                   help="age i of Eq 6 counted in keys (paper's t^65536 = 0.52) or in enqueue steps (authors' code)")
-    p.add_argument("--shuffle-splits", type=int, default=2, help="sub-batches of the shuffle-BN emulation in a world of one")
+                   help="age i of Eq 6 counted in keys (paper's t^65536 = 0.52) or in enqueue "
+                        "steps (authors' code)")
+    p.add_argument("--shuffle-splits", type=int, default=2,
+                   help="sub-batches of the shuffle-BN emulation in a world of one")
     p.add_argument("--mlp", action=argparse.BooleanOptionalAction, default=True,
-                   help="projection head: MoCo v2's MLP (default, measured in the README) or --no-mlp, MoCo v1's linear layer")
-    p.add_argument("--jitter", type=float, default=0.8, help="probability of colour jitter per clip (MoCo v2: 0.8)")
-    p.add_argument("--grayscale", type=float, default=0.2, help="probability of grayscale per clip (MoCo v2: 0.2)")
+                   help="projection head: MoCo v2's MLP (default, measured in the README) or "
+                        "--no-mlp, MoCo v1's linear layer")
+    p.add_argument("--jitter", type=float, default=0.8,
+                   help="probability of colour jitter per clip (MoCo v2: 0.8)")
+    p.add_argument("--grayscale", type=float, default=0.2,
+                   help="probability of grayscale per clip (MoCo v2: 0.2)")
     # method: VideoMoCo, its MoCo baseline, and the methods users compare it with, on the same code
     p.add_argument("--method", default="videomoco", choices=METHODS,
                    help="videomoco; moco (= --generator none --decay 1); cvrl (Qian et al.); vclr (Kuang et al.)")
-    p.add_argument("--cvrl-t", type=float, default=0.1, help="CVRL: temperature of the in-batch InfoNCE (CVRL: 0.1)")
-    p.add_argument("--cvrl-hidden", type=int, default=2048, help="CVRL: width of the 3-layer MLP head")
+    p.add_argument("--cvrl-t", type=float, default=0.1,
+                   help="CVRL: temperature of the in-batch InfoNCE (CVRL: 0.1)")
+    p.add_argument("--cvrl-hidden", type=int, default=2048,
+                   help="CVRL: width of the 3-layer MLP head")
     p.add_argument("--cvrl-interval", default="linear", choices=data.INTERVALS,
                    help="CVRL: distribution of the distance between the two clips (CVRL: linear, decreasing)")
-    p.add_argument("--segments", type=int, default=3, help="VCLR: segments per video, one clip each (VCLR: 3)")
-    p.add_argument("--order-weight", type=float, default=1.0, help="VCLR: weight of the temporal-order loss")
+    p.add_argument("--segments", type=int, default=3,
+                   help="VCLR: segments per video, one clip each (VCLR: 3)")
+    p.add_argument("--order-weight", type=float, default=1.0,
+                   help="VCLR: weight of the temporal-order loss")
     p.add_argument("--clip-weight", type=float, default=1.0,
-                   help="VCLR: weight of the clip-level InfoNCE (its 3-D variant; 0 = the 2-D recipe's losses)")
+                   help="VCLR: weight of the clip-level InfoNCE (its 3-D variant; 0 = the 2-D "
+                        "recipe's losses)")
     # against the static-appearance shortcut
     p.add_argument("--input", default="rgb", choices=models.INPUTS,
                    help="encoder input: rgb frames, or residual frames x[t+1] - x[t] (Tao et al. 2020)")
     p.add_argument("--background-erasing", type=float, default=0.0,
-                   help="probability of mixing a random frame of the query clip into all its frames (Wang et al. 2021)")
+                   help="probability of mixing a random frame of the query clip into all its "
+                        "frames (Wang et al. 2021)")
     p.add_argument("--be-weight", type=float, nargs=2, default=(0.1, 0.3), metavar=("LOW", "HIGH"),
                    help="range of the background-erasing weight lambda")
     # generator
     p.add_argument("--generator", default="convlstm", choices=("convlstm", "random", "none"),
-                   help="how frames are dropped: ConvLSTM G (adversarial), random (Table 1 ablation), none (MoCo baseline)")
-    p.add_argument("--drop-frames", type=int, default=None, help="k frames dropped of T, Eq 3 (default T/4: the paper's 8 of 32)")
+                   help="how frames are dropped: ConvLSTM G (adversarial), random (Table 1 "
+                        "ablation), none (MoCo baseline)")
+    p.add_argument("--drop-frames", type=int, default=None,
+                   help="k frames dropped of T, Eq 3 (default T/4: the paper's 8 of 32)")
     p.add_argument("--g-hidden", type=int, default=256, help="LSTM hidden units of G (paper: 256)")
     p.add_argument("--g-width", type=int, default=32, help="channels of G's first conv layer")
-    p.add_argument("--g-lr", type=float, default=0.02, help="G's SGD learning rate (paper: 0.02, momentum 0.9, no weight decay)")
-    p.add_argument("--g-temperature", type=float, default=1.0, help="temperature of the straight-through soft mask")
+    p.add_argument("--g-lr", type=float, default=0.02,
+                   help="G's SGD learning rate (paper: 0.02, momentum 0.9, no weight decay)")
+    p.add_argument("--g-temperature", type=float, default=1.0,
+                   help="temperature of the straight-through soft mask")
     p.add_argument("--g-ratio-every", type=int, default=10,
-                   help="adversarial steps between measurements of Eq 4 for G's drops / random drops (one extra "
+                   help="adversarial steps between measurements of Eq 4 for G's drops / random "
+                        "drops (one extra "
                         "forward of D without gradient; 1 = every step)")
-    p.add_argument("--adv-start", type=int, default=None, help="epoch the adversarial phase starts (default: half the epochs)")
+    p.add_argument("--adv-start", type=int, default=None,
+                   help="epoch the adversarial phase starts (default: half the epochs)")
     # optimisation
     p.add_argument("--epochs", type=int, default=200, help="training epochs (paper: 200)")
-    p.add_argument("--batch-size", type=int, default=128, help="global batch size, all processes (paper: 128)")
-    p.add_argument("--lr", type=float, default=0.02, help="D's SGD learning rate at batch-size, cosine decay (paper: 0.02)")
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="global batch size, all processes (paper: 128)")
+    p.add_argument("--lr", type=float, default=0.02,
+                   help="D's SGD learning rate at batch-size, cosine decay (paper: 0.02)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
     p.add_argument("--wd", type=float, default=1e-4, help="D's weight decay (MoCo: 1e-4)")
-    p.add_argument("--amp", default=None, choices=("bf16", "fp16", "none"), help="autocast dtype (default: bf16 on CUDA, none on CPU)")
+    p.add_argument("--amp", default=None, choices=("bf16", "fp16", "none"),
+                   help="autocast dtype (default: bf16 on CUDA, none on CPU)")
     # run
-    p.add_argument("--out", default="runs/pretrain", help="output folder: ckpt.pt, backbone.pt, log.jsonl")
+    p.add_argument("--out", default="runs/pretrain",
+                   help="output folder: ckpt.pt, backbone.pt, log.jsonl")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--print-freq", type=int, default=20, help="steps between log lines")
-    p.add_argument("--save-every-min", type=float, default=30, help="minutes between mid-epoch checkpoints")
-    p.add_argument("--max-nonfinite", type=int, default=20, help="abort after this many non-finite losses in a row")
+    p.add_argument("--save-every-min", type=float, default=30,
+                   help="minutes between mid-epoch checkpoints")
+    p.add_argument("--max-nonfinite", type=int, default=20,
+                   help="abort after this many non-finite losses in a row")
     p.add_argument("--knn-every", type=int, default=0,
-                   help="epochs between kNN top-1 measurements on the test split, epoch 0 (random init) included; 0 = off")
+                   help="epochs between kNN top-1 measurements on the test split, epoch 0 (random "
+                        "init) included; 0 = off")
     return p
 
 
-# The demo preset: what `python pretrain.py` runs when no --data-root is given, so that it finishes in
-# about 2.5 minutes on 2 CPU cores. Flags given on the command line win. K = 64 keys against 180
+# The demo preset: what `python pretrain.py` runs when no --data-root is given, so that it finishes
+# in about 2.5 minutes on 2 CPU cores. Flags given on the command line win. K = 64 keys against 180
 # training videos (K/N = 0.36; the paper's 65536 of Kinetics' 240k is 0.27): at K = 128 a clip's two
 # group-mates and often its own earlier key sit in the queue as negatives. t is chosen so that the
 # oldest key weighs 0.52 (0.9898^64), as the paper's 0.99999^65536 does. No colour jitter: at this
-# budget (150 steps) it keeps the loss at 0.75 of chance (README, "Does it learn?"); grayscale stays.
+# budget (150 steps) it keeps the loss at 0.75 of chance
+# (README, "Does it learn?"); grayscale stays.
 DEMO_PRESET = dict(**utils.DEMO_CLIPS, batch_size=32, epochs=30, workers=2,
                    moco_k=64, moco_m=0.99, decay=0.9898, g_hidden=64, g_width=16,
-                   lr=0.1, g_lr=0.05, jitter=0.0, knn_every=5, g_ratio_every=1, print_freq=10, out="runs/demo")
+                   lr=0.1, g_lr=0.05, jitter=0.0, knn_every=5, g_ratio_every=1, print_freq=10,
+                   out="runs/demo")
 # per method, on top of DEMO_PRESET: VCLR's three clips must fit in the demo's 32-48 frame videos
 METHOD_DEMO_PRESET = {"vclr": dict(frames=8, stride=1), "cvrl": dict(cvrl_hidden=256)}
 
@@ -158,9 +190,12 @@ def train_step(model, generator, video, order, phase, args, opt_d, opt_g, ctx, s
     if phase in ("cvrl", "vclr"):
         inputs = (x, x_key) if phase == "cvrl" else (x, x_key, *order)
         return methods.contrastive_step(model, inputs, opt_d, ctx, scaler, agree)
-    return models.videomoco_step(model, x, x_key, opt_d, generator if phase == "adversarial" else None, opt_g,
-                                 args.drop_frames, args.g_temperature, decay, random_k=phase == "random-drop",
-                                 compare_random=compare_random, autocast=ctx, scaler=scaler, agree=agree)
+    return models.videomoco_step(model, x, x_key, opt_d,
+                                 generator if phase == "adversarial" else None, opt_g,
+                                 args.drop_frames, args.g_temperature, decay,
+                                 random_k=phase == "random-drop",
+                                 compare_random=compare_random, autocast=ctx, scaler=scaler,
+                                 agree=agree)
 
 
 def settle_args(args, given, world):
@@ -191,7 +226,8 @@ def build_models(args, device, world, log):
         model = methods.CVRL(base_encoder, args.moco_dim, args.cvrl_hidden, args.cvrl_t)
     elif args.method == "vclr":
         model = methods.VCLR(base_encoder, args.moco_dim, args.moco_k, args.moco_m, args.moco_t,
-                             args.segments, args.order_weight, args.shuffle_splits, args.mlp, args.clip_weight)
+                             args.segments, args.order_weight, args.shuffle_splits, args.mlp,
+                             args.clip_weight)
     else:
         model = models.VideoMoCo(base_encoder, args.moco_dim, args.moco_k, args.moco_m, args.moco_t,
                                  args.decay, args.decay_unit, args.shuffle_splits, args.mlp)
@@ -222,7 +258,8 @@ def resume(path, args, model, generator, opt_d, opt_g, scaler, rank, log):
     if not os.path.exists(path):
         return 0, 0, 0
     ckpt = utils.load_checkpoint(path, kind="pretrain")
-    for key, default in (("method", "videomoco"), ("input", "rgb"), ("arch", None), ("moco_k", None)):
+    for key, default in (("method", "videomoco"), ("input", "rgb"), ("arch", None),
+                         ("moco_k", None)):
         if ckpt["args"].get(key, default) != getattr(args, key):
             flag = "--" + key.replace("_", "-")
             raise SystemExit(f"error: {path} is a {flag} {ckpt['args'].get(key, default)} run; "
@@ -234,7 +271,8 @@ def resume(path, args, model, generator, opt_d, opt_g, scaler, rank, log):
         opt_g.load_state_dict(ckpt["opt_g"])
     if ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])
-    changed = [k for k in ("epochs", "adv_start", "lr", "batch_size", "generator", "drop_frames", "decay")
+    changed = [k for k in ("epochs", "adv_start", "lr", "batch_size", "generator",
+                           "drop_frames", "decay")
                if ckpt["args"].get(k) != getattr(args, k)]
     if changed:
         log("warning: resuming with changed flags " + ", ".join(
@@ -246,7 +284,8 @@ def resume(path, args, model, generator, opt_d, opt_g, scaler, rank, log):
     return epoch, step, skip
 
 
-def save_checkpoint(path, args, model, generator, opt_d, opt_g, scaler, epoch, step, epoch_step, rank, world):
+def save_checkpoint(path, args, model, generator, opt_d, opt_g, scaler, epoch, step, epoch_step,
+                    rank, world):
     """ckpt.pt (everything a resume needs, every rank's RNG state included) and backbone.pt (the
     query encoder without its projection head, keyed as torchvision's model of the same arch), both
     written atomically by rank 0. Collective: every rank calls it."""
@@ -288,7 +327,8 @@ class Guard:
 
     def agree(self, finite):  # models.videomoco_step's `agree`: update or not
         due = time.time() - self.last_save > self.args.save_every_min * 60
-        self.stop, nonfinite, self.save_due = utils.all_ranks_any([self.signal.set, not finite, due], self.device)
+        flags = [self.signal.set, not finite, due]
+        self.stop, nonfinite, self.save_due = utils.all_ranks_any(flags, self.device)
         return not nonfinite
 
     def count(self, out, step):
@@ -316,23 +356,30 @@ def train_epoch(epoch, skip, step, loader, bad, model, generator, opt_d, opt_g, 
     sums = torch.zeros(6, device=device)
     for epoch_step, batch in enumerate(loader, start=skip):
         bad.update(batch["bad"])
-        video = batch["video"].to(device, non_blocking=True)  # (N, 2, 3, T, H, W); VCLR (N, 2, S, ...)
-        order = (batch["order"].to(device), batch["segments"].to(device)) if "order" in batch else None
-        out = train_step(model, generator, video, order, phase, args, opt_d, opt_g, ctx, scaler, guard.agree,
-                         decay, compare_random=epoch_step % args.g_ratio_every == 0)
+        # (N, 2, 3, T, H, W); VCLR (N, 2, S, ...)
+        video = batch["video"].to(device, non_blocking=True)
+        order = None
+        if "order" in batch:
+            order = (batch["order"].to(device), batch["segments"].to(device))
+        out = train_step(model, generator, video, order, phase, args, opt_d, opt_g, ctx, scaler,
+                         guard.agree, decay, compare_random=epoch_step % args.g_ratio_every == 0)
         guard.count(out, step)
         if out["updated"]:
             zero = torch.zeros((), device=device)
-            eq4 = (-out["loss_g"].detach().float(), out["l1_random"].float()) if "l1_random" in out else (zero, zero)
+            eq4 = (zero, zero)
+            if "l1_random" in out:
+                eq4 = (-out["loss_g"].detach().float(), out["l1_random"].float())
+            one = torch.ones((), device=device)
             sums += torch.stack([out.get("loss_nce", out["loss_d"]).detach().float(), out["acc"].float(),
-                                 utils.feature_spread(out["q"]), torch.ones((), device=device), *eq4])
+                                 utils.feature_spread(out["q"]), one, *eq4])
         step += 1
         progress.clips += args.batch_size
         if step % args.print_freq == 0 or epoch_step + 1 == len(loader):
             bad.flush()  # all ranks' bad videos (a collective, at the same step on every rank)
             loss_g = out["loss_g"].item() if out["loss_g"] is not None else float("nan")
             shown = [("loss_d", out["loss_d"].item(), ".4f"), ("loss_g", loss_g, ".4f"),
-                     ("acc", out["acc"].item(), ".3f"), ("spread", utils.feature_spread(out["q"]).item(), ".3f"),
+                     ("acc", out["acc"].item(), ".3f"),
+                     ("spread", utils.feature_spread(out["q"]).item(), ".3f"),
                      ("lr", opt_d.param_groups[0]["lr"], ".4g")]
             extra = {k: out[k].item() for k in ("loss_order", "order_acc", "loss_clip")
                      if out.get(k) is not None}  # VCLR's
@@ -367,7 +414,8 @@ def log_epoch(epoch, phase, sums, chance, path, bad, log):
     log(f"epoch {epoch} done: loss {loss:.4f} (chance {chance:.4f}) acc {acc:.3f} spread {spread:.3f}"
         + (f"; Eq 4 distance of G's drops / random drops {g_vs_random:.3f}" if g_vs_random else "")
         + f"; {bad} bad videos skipped so far; saved {path}",
-        curve=True, epoch=epoch + 1, loss=loss, acc=acc, spread=spread, chance=chance, g_vs_random=g_vs_random)
+        curve=True, epoch=epoch + 1, loss=loss, acc=acc, spread=spread, chance=chance,
+        g_vs_random=g_vs_random)
     return utils.collapse_warning(loss, spread, chance) if sums[3] > 0 else None
 
 
@@ -401,19 +449,25 @@ def main(argv=None):
         dataset, _, bad = data.build_dataset(args, train=True, views=2, temporal=temporal)
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
-    loader = data.build_loader(dataset, args.batch_size // world, args.workers, train=True, seed=args.seed)
+    loader = data.build_loader(dataset, args.batch_size // world, args.workers, train=True,
+                               seed=args.seed)
     if len(loader) == 0:
-        raise SystemExit(f"error: {len(dataset)} videos give no full batch of {args.batch_size // world} per process")
+        raise SystemExit(f"error: {len(dataset)} videos give no full batch of "
+                         f"{args.batch_size // world} per process")
 
     # model and optimizers: D's (encoder_q and any method head, never the momentum encoder) and G's
     # (no weight decay: it is a scorer, not a feature)
     model, generator, model_ddp, generator_ddp = build_models(args, device, world, log)
-    opt_d = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], args.lr, momentum=args.momentum,
+    opt_d = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], args.lr,
+                            momentum=args.momentum,
                             weight_decay=args.wd)
-    opt_g = torch.optim.SGD(generator.parameters(), args.g_lr, momentum=args.momentum) if generator else None
+    opt_g = torch.optim.SGD(generator.parameters(), args.g_lr,
+                            momentum=args.momentum) if generator else None
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    start_epoch, step, skip = resume(ckpt_path, args, model, generator, opt_d, opt_g, scaler, rank, log)
-    save = functools.partial(save_checkpoint, ckpt_path, args, model, generator, opt_d, opt_g, scaler,
+    start_epoch, step, skip = resume(ckpt_path, args, model, generator, opt_d, opt_g,
+                                     scaler, rank, log)
+    save = functools.partial(save_checkpoint, ckpt_path, args, model, generator, opt_d,
+                             opt_g, scaler,
                              rank=rank, world=world)
 
     # watching the run: the loss against its chance level, the feature spread, kNN on the test split
@@ -428,14 +482,16 @@ def main(argv=None):
     try:  # a DataError (too many bad videos) is raised on every rank at the same flush
         for epoch in range(start_epoch, args.epochs):
             step, phase, decay, sums, stopped = train_epoch(
-                epoch, skip, step, loader, bad, model_ddp, generator_ddp, opt_d, opt_g, ctx, scaler, args,
+                epoch, skip, step, loader, bad, model_ddp, generator_ddp, opt_d, opt_g, ctx,
+                scaler, args,
                 guard, progress, save, log, device, world)
             if stopped:
                 break
             skip = 0
             save(epoch + 1, step, 0)
             guard.last_save = time.time()
-            warning = log_epoch(epoch, phase, sums, chance_level(args, model, decay), ckpt_path, len(bad), log)
+            warning = log_epoch(epoch, phase, sums, chance_level(args, model, decay), ckpt_path,
+                                len(bad), log)
             if warning and not warned:
                 log(warning)
                 warned = True
@@ -451,7 +507,8 @@ def main(argv=None):
         knn_curve = [r["knn_top1"] for r in utils.read_epoch_log(log.path) if r.get("knn_top1") is not None] \
             if knn is not None and rank == 0 else []
         if len(knn_curve) > 1:
-            log(f"kNN top-1 on the test split went from {knn_curve[0]:.3f} at random init to {knn_curve[-1]:.3f} "
+            log(f"kNN top-1 on the test split went from {knn_curve[0]:.3f} at random init to "
+                f"{knn_curve[-1]:.3f} "
                 f"after {args.epochs} epochs (chance {1 / knn.num_classes:.3f})")
         log(f"done. curves: {curves}; backbone: {os.path.join(args.out, 'backbone.pt')}\n"
             f"next: python evaluate.py --ckpt {ckpt_path}  (kNN retrieval of the pretrained features)\n"

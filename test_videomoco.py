@@ -169,9 +169,11 @@ def test_hmdb51_split_parsing_official_format(tmp_path):
     root = tmp_path / "hmdb"
     lists = root / "testTrainMulti_7030_splits"
     lists.mkdir(parents=True)
-    names = {"brush_hair": ["April_09_brush_hair_u_nm_np1_ba_goo_0.avi", "Blonde_(!)_&_#1_brush_hair_f.avi",
+    names = {"brush_hair": ["April_09_brush_hair_u_nm_np1_ba_goo_0.avi",
+                            "Blonde_(!)_&_#1_brush_hair_f.avi",
                             "unused_brush_hair_0.avi"],
-             "cartwheel": ["(Rad)Schlag_die_Bank!_cartwheel_f_cm_np1_le_med_0.avi", "cart_#2_test.avi",
+             "cartwheel": ["(Rad)Schlag_die_Bank!_cartwheel_f_cm_np1_le_med_0.avi",
+                           "cart_#2_test.avi",
                            "cart_unused.avi"]}
     for c, videos in names.items():
         for v in videos:
@@ -181,8 +183,10 @@ def test_hmdb51_split_parsing_official_format(tmp_path):
     train, classes, _ = data.list_videos("hmdb51", str(root), 1, train=True)
     test, _, _ = data.list_videos("hmdb51", str(root), 1, train=False)
     assert classes == ["brush_hair", "cartwheel"]
-    assert [(os.path.basename(p), y) for p, y in train] == [(names["brush_hair"][0], 0), (names["cartwheel"][0], 1)]
-    assert [(os.path.basename(p), y) for p, y in test] == [(names["brush_hair"][1], 0), (names["cartwheel"][1], 1)]
+    assert [(os.path.basename(p), y) for p, y in train] == [(names["brush_hair"][0], 0),
+                                                            (names["cartwheel"][0], 1)]
+    assert [(os.path.basename(p), y) for p, y in test] == [(names["brush_hair"][1], 0),
+                                                           (names["cartwheel"][1], 1)]
     assert all(os.path.isfile(p) for p, _ in train + test)
 
 
@@ -212,7 +216,8 @@ def test_bad_dataset_arguments_give_one_clear_line(tmp_path):
     (lists / "trainlist01.txt").write_text("A/v_A_g01_c01.avi 1\n")
     with pytest.raises(data.DataError, match="names no existing video"):
         data.list_videos("ucf101", str(tmp_path), 1)
-    r = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "check", "--dataset", "ucf101",
+    r = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "check",
+                        "--dataset", "ucf101",
                         "--data-root", str(tmp_path / "missing")], capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and "error:" in r.stderr
     assert "Traceback" not in r.stderr
@@ -243,7 +248,8 @@ def test_bad_videos_are_skipped_logged_once_and_batches_stay_full(tmp_path, caps
     bad_paths = make_tree_with_bad_videos(str(tmp_path))
     samples, _, missing = data.list_videos("folder", str(tmp_path), 1)
     missing = [str(tmp_path / "good" / "listed_but_gone.avi")]  # as a split file would name it
-    dataset = data.VideoClips(samples, frames=8, stride=1, transform=data.TrainTransform(32), views=2)
+    dataset = data.VideoClips(samples, frames=8, stride=1,
+                              transform=data.TrainTransform(32), views=2)
     bad = data.BadVideos(samples, missing, max_fraction=0.5)
     loader = data.build_loader(dataset, batch_size=4, workers=2, train=True, seed=0)
     batches = 0
@@ -307,7 +313,8 @@ def naive_color(pixels, rng, jitter_p=0.8, grayscale_p=0.2):
                 b = rng.uniform(0.6, 1.4)
                 px = [[b * v for v in p] for p in px]
             elif op == 1:
-                level = sum(luma(p) for p in px) / len(px)  # mean grey level of the clip as it is now
+                # mean grey level of the clip as it is now
+                level = sum(luma(p) for p in px) / len(px)
                 c = rng.uniform(0.6, 1.4)
                 px = [[(v - level) * c + level for v in p] for p in px]
             elif op == 2:
@@ -332,7 +339,8 @@ def naive_color(pixels, rng, jitter_p=0.8, grayscale_p=0.2):
 @pytest.mark.parametrize("seed", range(8))
 def test_composed_color_matrix_equals_the_ops_applied_one_by_one(seed):
     pixels = np.random.default_rng(100 + seed).uniform(0, 255, (50, 3))
-    m = data.color_matrix(np.random.default_rng(seed), pixels.mean(0), jitter_p=0.9, grayscale_p=0.5)
+    m = data.color_matrix(np.random.default_rng(seed), pixels.mean(0), jitter_p=0.9,
+                          grayscale_p=0.5)
     expected = naive_color(pixels, np.random.default_rng(seed), jitter_p=0.9, grayscale_p=0.5)
     assert np.allclose(pixels @ m[:, :3].T + m[:, 3], expected, atol=1e-6)
     frames = pixels.astype(np.uint8).reshape(1, 5, 10, 3)
@@ -348,7 +356,8 @@ def _first_batches(dataset, seed, workers):
 
 def test_workers_draw_different_augmentations_and_seeded_runs_repeat(tmp_path):
     path = write_video(str(tmp_path / "same.avi"),
-                       [np.random.default_rng(1).integers(0, 255, (48, 64, 3), dtype=np.uint8)] * 12)
+                       [np.random.default_rng(1).integers(0, 255, (48, 64, 3),
+                                                          dtype=np.uint8)] * 12)
     dataset = data.VideoClips([(path, 0)] * 12, 8, 1, data.TrainTransform(32), views=1)
     a = _first_batches(dataset, seed=3, workers=2)
     b = _first_batches(dataset, seed=3, workers=2)
@@ -376,7 +385,8 @@ def test_demo_set_layout_and_split_by_group(demo_root):
     test, _, _ = data.list_videos("ucf101", demo_root, 1, train=False)
     groups, test_groups, clips = datatools.DEMO_GROUPS["demo"]
     assert len(classes) == 6 and len(train) == 6 * (groups - test_groups) * clips and len(test) == 6 * test_groups * clips
-    scene = lambda p: os.path.basename(p).rsplit("_c", 1)[0]  # v_<Class>_gGG: one scene of one class
+    # v_<Class>_gGG: one scene of one class
+    scene = lambda p: os.path.basename(p).rsplit("_c", 1)[0]
     assert not {scene(p) for p, _ in train} & {scene(p) for p, _ in test}  # test scenes are unseen
     assert {y for _, y in test} == set(range(len(classes)))
     with open(os.path.join(demo_root, "ucfTrainTestlist", "trainlist01.txt"), "rb") as f:
@@ -398,7 +408,8 @@ def _frame_features(path, index):
     return cv2.resize(frame, (16, 12), interpolation=cv2.INTER_AREA).ravel()
 
 
-def _motion_features(path):  # the sign of the vertical and horizontal brightness flow, summed: a crude motion cue
+# the sign of the vertical and horizontal brightness flow, summed: a crude motion cue
+def _motion_features(path):
     clip = read_clip(path, 0, 24, 1).astype(np.float32).mean(-1)
     d = np.diff(clip, axis=0)
     gy, gx = np.gradient(clip[:-1], axis=(1, 2))
@@ -428,11 +439,14 @@ def test_demo_frame_tells_the_scene_type_and_only_motion_tells_the_action(demo_r
         gy, gx = np.abs(np.gradient(gray, axis=(0, 1)))
         return np.array([gx.mean(), gy.mean()]) / (gx.mean() + gy.mean())
 
-    to_type = lambda samples: [(p, y // 2) for p, y in samples]  # classes 2j, 2j+1 share scene type j
+    # classes 2j, 2j+1 share scene type j
+    to_type = lambda samples: [(p, y // 2) for p, y in samples]
     assert _nearest_mean_accuracy(to_type(train), to_type(test), orientation, [0, 1, 2]) > 0.8
-    single = np.mean([_nearest_mean_accuracy(train, test, lambda p: _frame_features(p, 0), [2 * j, 2 * j + 1])
+    single = np.mean([_nearest_mean_accuracy(train, test, lambda p: _frame_features(p, 0),
+                                             [2 * j, 2 * j + 1])
                       for j in range(3)])
-    motion = np.mean([_nearest_mean_accuracy(train, test, _motion_features, [2 * j, 2 * j + 1]) for j in range(3)])
+    motion = np.mean([_nearest_mean_accuracy(train, test, _motion_features,
+                                             [2 * j, 2 * j + 1]) for j in range(3)])
     assert single < 0.5 + 0.15 and motion > single + 0.1, (single, motion)
 
 
@@ -442,9 +456,10 @@ def demo_motion_root(tmp_path_factory):
 
 
 def test_demo_motion_classes_cannot_be_told_apart_from_a_single_frame(demo_motion_root):
-    # "demo-motion": nearest class-mean on a single frame (downsampled colour image, where and how big
-    # objects are) must stay at chance, while the same classifier on a crude motion cue is far above
-    # it: the class lives in the motion only. A set that leaks the class into the appearance fails.
+    # "demo-motion": nearest class-mean on a single frame (downsampled colour image, where and how
+    # big objects are) must stay at chance, while the same classifier on a crude motion cue is far
+    # above it: the class lives in the motion only. A set that
+    # leaks the class into the appearance fails.
     train, classes, _ = data.list_videos("ucf101", demo_motion_root, 1, train=True)
     test, _, _ = data.list_videos("ucf101", demo_motion_root, 1, train=False)
     everything = list(range(len(classes)))
@@ -459,13 +474,15 @@ def test_demo_motion_classes_cannot_be_told_apart_from_a_single_frame(demo_motio
 def test_check_and_resize_tools(tmp_path):
     make_tree_with_bad_videos(str(tmp_path / "src"), n_good=2)
     (tmp_path / "src" / "notes.txt").write_text("split file stand-in\n")
-    r = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "check", "--dataset", "folder",
+    r = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "check",
+                        "--dataset", "folder",
                         "--data-root", str(tmp_path / "src"), "--frames", "8", "--workers", "2",
                         "--bad-list", str(tmp_path / "bad.txt")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "2 ok" in r.stdout and "3 unreadable" in r.stdout and "1 too short" in r.stdout
     assert len((tmp_path / "bad.txt").read_text().splitlines()) == 4
-    r = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "resize", str(tmp_path / "src"),
+    r = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "resize",
+                        str(tmp_path / "src"),
                         str(tmp_path / "dst"), "--short-side", "24", "--workers", "2"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -498,7 +515,8 @@ def test_epoch_sampler_shards_cover_the_data_once_and_repeat_per_epoch():
 
 def test_batches_do_not_depend_on_the_number_of_workers(tmp_path):
     rng = np.random.default_rng(2)
-    samples = [(write_video(str(tmp_path / f"v{i}.avi"), [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)] * 20), 0)
+    samples = [(write_video(str(tmp_path / f"v{i}.avi"),
+                            [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)] * 20), 0)
                for i in range(6)]
     dataset = data.VideoClips(samples, 8, 1, data.TrainTransform(32), views=2)
     a = _first_batches(dataset, seed=7, workers=0)
@@ -566,7 +584,8 @@ def test_decay_one_is_moco_infonce_exactly():
     assert torch.equal(loss, moco)
     l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
     l_neg = torch.einsum("nc,ck->nk", q, queue)
-    moco_einsum = F.cross_entropy(torch.cat([l_pos, l_neg], 1) / 0.07, torch.zeros(6, dtype=torch.long))
+    moco_einsum = F.cross_entropy(torch.cat([l_pos, l_neg], 1) / 0.07,
+                                  torch.zeros(6, dtype=torch.long))
     torch.testing.assert_close(loss, moco_einsum, atol=1e-7, rtol=0)
 
 
@@ -574,7 +593,8 @@ def test_chance_level_is_the_loss_of_equal_logits():
     age = torch.tensor([3, 1, 4, 2])
     for decay in (1.0, 0.9):
         q = F.normalize(torch.ones(2, 8), dim=1)
-        loss = models.decayed_infonce(q, q, q[:1].T.expand(8, 4), age, 0.07, decay)  # every logit 1 / tau
+        # every logit 1 / tau
+        loss = models.decayed_infonce(q, q, q[:1].T.expand(8, 4), age, 0.07, decay)
         assert models.infonce_chance(age, decay) == pytest.approx(loss.item(), rel=1e-5)
     assert models.infonce_chance(age, 1.0) == pytest.approx(math.log(5))
 
@@ -800,7 +820,8 @@ def test_models_py_alone_trains_videomoco_with_a_torchvision_encoder(tmp_path):
     # MoCo's base_encoder, it runs a MoCo step and an adversarial step through videomoco_step
     shutil.copy(os.path.join(HERE, "models.py"), tmp_path / "models.py")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, "-c", LIFTED], cwd=tmp_path, env=env, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", LIFTED], cwd=tmp_path, env=env,
+                       capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == f"lifted {tmp_path / 'models.py'}"
@@ -832,7 +853,8 @@ def test_adversarial_backward_routes_losses():
 
     for routed, reference in zip(routed_d, only_d):
         torch.testing.assert_close(routed, reference, rtol=1e-6, atol=1e-9)
-    assert any(not torch.allclose(a, b) for a, b in zip(leaked_d, only_d))  # the test would see a leak
+    # the test would see a leak
+    assert any(not torch.allclose(a, b) for a, b in zip(leaked_d, only_d))
     assert all(g is None for g in no_g)  # loss_d alone never reaches G
     assert all(p.grad is None for p in model.encoder_k.parameters())
     assert all(torch.isfinite(g).all() for g in routed_g)
@@ -898,9 +920,10 @@ def eq4_distance(model, x, x_query):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_generator_trained_against_a_fixed_d_drops_frames_that_move_d_more_than_random(seed):
-    # Table 1's claim, at the scale of a test: 15 steps of G on Eq 4 through models.adversarial_backward
-    # (the straight-through drop), D fixed. On fresh clips, G's k drops must move D at least 1.5x as
-    # far as k random drops (measured 2.0-2.3 on seeds 0-3; 0.35-1.9 before training).
+    # Table 1's claim, at the scale of a test: 15 steps of G on Eq 4 through
+    # models.adversarial_backward (the straight-through drop), D fixed. On fresh clips, G's k drops
+    # must move D at least 1.5x as far as k random drops (measured
+    # 2.0-2.3 on seeds 0-3; 0.35-1.9 before training).
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = models.VideoMoCo(TINY, dim=16, K=32)
@@ -912,12 +935,14 @@ def test_generator_trained_against_a_fixed_d_drops_frames_that_move_d_more_than_
         x = flash_clips(gen, 8)
         optimizer.zero_grad()
         out, x_query, x_query_in = adversarial_forward(model, generator, x, x, 4)
-        models.adversarial_backward(out["loss_d"], out["loss_g"], x_query, x_query_in, model.encoder_q.parameters())
+        models.adversarial_backward(out["loss_d"], out["loss_g"], x_query, x_query_in,
+                                    model.encoder_q.parameters())
         optimizer.step()
     x = flash_clips(torch.Generator().manual_seed(1000 + seed), 32)
     with torch.no_grad():
         by_g = eq4_distance(model, x, models.drop_frames(x, generator.eval()(x), 4)[0])
-    at_random = eq4_distance(model, x, models.random_drop(x, 4, torch.Generator().manual_seed(seed))[0])
+    at_random = eq4_distance(model, x,
+                             models.random_drop(x, 4, torch.Generator().manual_seed(seed))[0])
     assert by_g > 1.5 * at_random, (by_g, at_random)
 
 
@@ -925,7 +950,8 @@ def test_generator_loss_is_eq4_negated_against_a_loop():
     gen = torch.Generator().manual_seed(5)
     q, q_full = F.normalize(torch.randn(5, 7, generator=gen), dim=1), F.normalize(torch.randn(5, 7, generator=gen), dim=1)
     expected = sum(sum(abs(a - b) for a, b in zip(row, row_full)) for row, row_full in zip(q.tolist(), q_full.tolist())) / 5
-    assert models.generator_loss(q, q_full).item() == pytest.approx(-expected, rel=1e-6)  # G maximises Eq 4
+    # G maximises Eq 4
+    assert models.generator_loss(q, q_full).item() == pytest.approx(-expected, rel=1e-6)
     assert models.generator_loss(q, q).item() == 0
 
 
@@ -947,7 +973,8 @@ def test_encode_key_restores_order_in_eval_mode():
 def test_shuffle_bn_emulation_normalises_like_separate_processes_in_train_mode():
     # With --shuffle-splits S in a world of one, the queries are normalised in S contiguous
     # sub-batches, as S processes would normalise their own shards, and the keys in S sub-batches of
-    # a shuffled batch (MoCo's single-GPU demo, SplitBatchNorm). Train mode: BN uses batch statistics.
+    # a shuffled batch (MoCo's single-GPU demo, SplitBatchNorm).
+    # Train mode: BN uses batch statistics.
     torch.manual_seed(12)
     model = models.VideoMoCo(TINY, dim=8, K=16, shuffle_splits=2, m=0.5).train()
     x = torch.randn(6, 3, 4, 32, 32)
@@ -957,7 +984,8 @@ def test_shuffle_bn_emulation_normalises_like_separate_processes_in_train_mode()
         whole_batch = model.encoder_q(x)
     torch.testing.assert_close(q, per_process, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(q, whole_batch, atol=1e-3)
-    out = model(x, torch.randn(6, 3, 4, 32, 32))  # the training step's queries are the per-process ones
+    # the training step's queries are the per-process ones
+    out = model(x, torch.randn(6, 3, 4, 32, 32))
     torch.testing.assert_close(out["q"], F.normalize(per_process, dim=1), rtol=1e-5, atol=1e-6)
     model.eval()
     with torch.no_grad():  # eval mode: running statistics, no split needed
@@ -1005,12 +1033,14 @@ def test_distributed_shuffle_and_enqueue(tmp_path):
     torch.manual_seed(12)
     model = models.VideoMoCo(TINY, dim=4, K=7).eval()
     x, keys = torch.randn(6, 3, 4, 32, 32), torch.arange(6.0)[:, None].repeat(1, 4)
-    mp.spawn(_distributed_worker, args=(2, _free_port(), x, keys, model.state_dict(), str(tmp_path)),
+    mp.spawn(_distributed_worker,
+             args=(2, _free_port(), x, keys, model.state_dict(), str(tmp_path)),
              nprocs=2)
     results = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
     with torch.no_grad():
         expected = torch.cat([F.normalize(model.encoder_k(x[i:i + 1]), dim=1) for i in range(6)])
-    torch.testing.assert_close(torch.cat([r["keys"] for r in results]), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([r["keys"] for r in results]), expected,
+                               rtol=1e-5, atol=1e-6)
     model.dequeue_and_enqueue(keys)  # one process, the global batch in rank order
     for r in results:
         assert torch.equal(r["queue"], model.queue)
@@ -1049,9 +1079,11 @@ def test_encoder_state_dict_loads_into_torchvision(arch):
     if arch in TORCHVISION_ARCHS:
         reference = getattr(torchvision.models.video, arch)(num_classes=16)
     elif arch == "r3d_10":
-        reference = VideoResNet(BasicBlock, [Conv3DSimple] * 4, [1, 1, 1, 1], BasicStem, num_classes=16)
+        reference = VideoResNet(BasicBlock, [Conv3DSimple] * 4, [1, 1, 1, 1], BasicStem,
+                                num_classes=16)
     else:
-        reference = VideoResNet(BasicBlock, [Conv2Plus1D] * 4, [1, 1, 1, 1], R2Plus1dStem, num_classes=16)
+        reference = VideoResNet(BasicBlock, [Conv2Plus1D] * 4, [1, 1, 1, 1], R2Plus1dStem,
+                                num_classes=16)
     reference.load_state_dict(encoder.state_dict(), strict=True)
     assert models.count_parameters(reference) == models.count_parameters(encoder)
 
@@ -1084,7 +1116,8 @@ def test_autocast_bfloat16_forward():
     assert out["loss_d"].dtype == torch.float32 and torch.isfinite(out["loss_d"])
     assert out["loss_g"].dtype == torch.float32 and torch.isfinite(out["loss_g"])
     assert model.queue.dtype == torch.float32 and int(model.queue_ptr) == 4
-    models.adversarial_backward(out["loss_d"], out["loss_g"], x_query, x_query_in, model.encoder_q.parameters())
+    models.adversarial_backward(out["loss_d"], out["loss_g"], x_query, x_query_in,
+                                model.encoder_q.parameters())
     assert all(torch.isfinite(p.grad).all() for p in generator.parameters())
 
 
@@ -1105,9 +1138,12 @@ def small_tree(tmp_path_factory):
 
 
 def small_args(root, out, *extra):
-    return ["--dataset", "folder", "--data-root", root, "--out", str(out), "--arch", "tiny", "--frames", "4",
-            "--crop", "32", "--batch-size", "4", "--epochs", "2", "--adv-start", "1", "--moco-k", "12",
-            "--decay", "0.99", "--workers", "0", "--g-hidden", "8", "--g-width", "4", "--drop-frames", "1",
+    return ["--dataset", "folder", "--data-root", root, "--out", str(out), "--arch", "tiny",
+            "--frames", "4",
+            "--crop", "32", "--batch-size", "4", "--epochs", "2", "--adv-start", "1",
+            "--moco-k", "12",
+            "--decay", "0.99", "--workers", "0", "--g-hidden", "8", "--g-width", "4",
+            "--drop-frames", "1",
             "--print-freq", "1", "--lr", "0.05", *extra]
 
 
@@ -1148,7 +1184,8 @@ def test_pretrain_resume_is_exact(small_tree, tmp_path, monkeypatch):
 def test_checkpoint_loads_weights_only_and_backbone_into_torchvision(small_tree, tmp_path):
     import torchvision
     out = tmp_path / "r3d"
-    pretrain.main(small_args(small_tree, out, "--arch", "r3d_18", "--epochs", "1", "--moco-dim", "16"))
+    pretrain.main(small_args(small_tree, out, "--arch", "r3d_18", "--epochs", "1",
+                             "--moco-dim", "16"))
     ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
     assert ckpt["kind"] == "pretrain" and ckpt["epoch"] == 1 and ckpt["args"]["arch"] == "r3d_18"
     assert {"queue", "queue_ptr", "queue_age"} <= {k.split(".")[-1] for k in ckpt["model"]}
@@ -1180,7 +1217,8 @@ def test_demo_preset_fills_only_flags_not_given():
 
 def test_sigterm_saves_and_the_rerun_resumes_mid_epoch(small_tree, tmp_path):
     out = tmp_path / "pre"
-    cmd = [sys.executable, os.path.join(HERE, "pretrain.py"), *small_args(small_tree, out, "--epochs", "400")]
+    cmd = [sys.executable, os.path.join(HERE, "pretrain.py"),
+           *small_args(small_tree, out, "--epochs", "400")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         if "step 3/" in line:
@@ -1191,7 +1229,8 @@ def test_sigterm_saves_and_the_rerun_resumes_mid_epoch(small_tree, tmp_path):
     assert "signal received" in rest
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] >= 3
-    r = subprocess.run(cmd[:-2] + ["--epochs", str(ckpt["epoch"] + 1)], capture_output=True, text=True)
+    r = subprocess.run(cmd[:-2] + ["--epochs", str(ckpt["epoch"] + 1)],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert f"resuming from {out / 'ckpt.pt'}: epoch {ckpt['epoch']}, step {ckpt['step']}" in r.stdout
     steps = [r["step"] for r in read_log(out)]
@@ -1200,7 +1239,8 @@ def test_sigterm_saves_and_the_rerun_resumes_mid_epoch(small_tree, tmp_path):
 
 def test_nonfinite_losses_skip_steps_then_abort(small_tree, tmp_path):
     r = subprocess.run([sys.executable, os.path.join(HERE, "pretrain.py"),
-                        *small_args(small_tree, tmp_path / "nan", "--lr", "1e30", "--max-nonfinite", "2",
+                        *small_args(small_tree, tmp_path / "nan", "--lr", "1e30",
+                                    "--max-nonfinite", "2",
                                     "--epochs", "20")], capture_output=True, text=True)
     assert r.returncode != 0
     assert "non-finite loss" in r.stdout and "2 non-finite losses in a row" in r.stderr
@@ -1220,10 +1260,12 @@ def test_ddp_two_gloo_processes_keep_identical_queues_and_weights(small_tree, tm
     port = _free_port()
     argv = small_args(small_tree, tmp_path, "--adv-start", "0", "--epochs", "1", "--method", method,
                       "--cvrl-hidden", "16")
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, argv, str(tmp_path)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, argv, str(tmp_path)),
+                                nprocs=2, join=True)
     s0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     s1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    assert method == "cvrl" or int(s0["queue_ptr"]) == 8  # two steps of a global batch of 4 (2 per process)
+    # two steps of a global batch of 4 (2 per process)
+    assert method == "cvrl" or int(s0["queue_ptr"]) == 8
     for key in s0:
         if "running_" in key or "num_batches" in key:
             continue  # BN statistics are per process (DDP broadcast_buffers=False)
@@ -1261,10 +1303,14 @@ def learning_args(root, out, method, arch, epochs=30):
     BN batch (--shuffle-splits 1): this test is about the losses, heads and optimisation; BN over
     sub-batches of 8 is noisy enough to hold instance accuracy at 0.4-0.8 here (measured), and the
     emulation itself is tested in train mode below. Paper-size encoders at a smaller input."""
-    small = ["--frames", "4", "--crop", "16"] if arch != "tiny" else ["--frames", "8", "--crop", "32"]
-    return ["--dataset", "folder", "--data-root", root, "--out", str(out), "--method", method, "--arch", arch,
-            *small, "--batch-size", "16", "--moco-k", "16", "--moco-m", "0.99", "--shuffle-splits", "1",
-            "--lr", "0.05", "--jitter", "0", "--grayscale", "0", "--epochs", str(epochs), "--workers", "0",
+    small = ["--frames", "4", "--crop", "16"] if arch != "tiny" else ["--frames", "8",
+                                                                      "--crop", "32"]
+    return ["--dataset", "folder", "--data-root", root, "--out", str(out), "--method", method,
+            "--arch", arch,
+            *small, "--batch-size", "16", "--moco-k", "16", "--moco-m", "0.99",
+            "--shuffle-splits", "1",
+            "--lr", "0.05", "--jitter", "0", "--grayscale", "0", "--epochs", str(epochs),
+            "--workers", "0",
             "--print-freq", "1000", "--g-hidden", "16", "--g-width", "8", "--drop-frames", "2",
             "--cvrl-hidden", "128"]
 
@@ -1312,14 +1358,16 @@ def test_linear_head_learns_noise_patterns_where_the_classifier_init_collapses()
 
 def test_projection_head_has_nn_linear_default_init_not_the_classifier_init():
     # A head with torchvision's video classifier init, normal(0, 0.01), has 6-25x the effective
-    # learning rate of nn.Linear's default on an L2-normalised output, and collapses (projection_head)
+    # learning rate of nn.Linear's default on an L2-normalised
+    # output, and collapses (projection_head)
     torch.manual_seed(0)
     for mlp in (False, True):
         model = models.VideoMoCo(TINY, dim=128, K=16, mlp=mlp)
         linears = [m for m in model.encoder_q.fc.modules() if isinstance(m, nn.Linear)]
         assert len(linears) == (2 if mlp else 1)
         for layer in linears:
-            expected = 1 / math.sqrt(3 * layer.in_features)  # std of U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            # std of U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            expected = 1 / math.sqrt(3 * layer.in_features)
             assert layer.weight.std().item() == pytest.approx(expected, rel=0.1)
     cvrl_fc = methods.CVRL(TINY, dim=8, hidden=32).encoder_q.fc
     assert cvrl_fc.weight.std().item() == pytest.approx(1 / math.sqrt(3 * cvrl_fc.in_features), rel=0.1)
@@ -1335,17 +1383,22 @@ def test_feature_spread_matches_loop_and_reads_one_when_isotropic_zero_when_coll
         mean = sum(col) / len(col)
         stds.append(math.sqrt(sum((v - mean) ** 2 for v in col) / (len(col) - 1)))
     assert utils.feature_spread(z).item() == pytest.approx(sum(stds) / 16 * math.sqrt(16), rel=1e-5)
-    assert utils.feature_spread(torch.randn(4096, 32, generator=gen)).item() == pytest.approx(1.0, abs=0.05)
-    assert utils.feature_spread(torch.randn(1, 32, generator=gen).expand(8, 32)).item() == pytest.approx(0, abs=1e-6)
+    assert utils.feature_spread(torch.randn(4096, 32,
+                                            generator=gen)).item() == pytest.approx(1.0, abs=0.05)
+    assert utils.feature_spread(torch.randn(1, 32,
+                                            generator=gen).expand(8, 32)).item() == pytest.approx(0, abs=1e-6)
 
 
 def test_collapse_guard_warns_once_when_the_loss_sits_at_chance(small_tree, tmp_path, capsys):
-    # tau = 100 makes every logit ~0, so the loss is ln(K+1) to within 1 %: the guard must say so, once
-    pretrain.main(small_args(small_tree, tmp_path, "--moco-t", "100", "--epochs", "3", "--adv-start", "3"))
+    # tau = 100 makes every logit ~0, so the loss is ln(K+1) to
+    # within 1 %: the guard must say so, once
+    pretrain.main(small_args(small_tree, tmp_path, "--moco-t", "100", "--epochs", "3",
+                             "--adv-start", "3"))
     out = capsys.readouterr().out
     epochs = [r for r in read_log(tmp_path, "epoch") if "loss" in r]
     assert len(epochs) == 3 and all(r["loss"] > 0.98 * r["chance"] for r in epochs)
-    assert epochs[0]["chance"] == pytest.approx(math.log(1 + sum(0.99 ** i for i in range(1, 13))))  # Eq 6, t = 0.99
+    # Eq 6, t = 0.99
+    assert epochs[0]["chance"] == pytest.approx(math.log(1 + sum(0.99 ** i for i in range(1, 13))))
     assert out.count("warning: the contrastive loss") == 1
     assert utils.collapse_warning(loss=2.0, spread=0.8, chance=math.log(13)) is None
     assert "spread" in utils.collapse_warning(loss=2.0, spread=0.01, chance=math.log(13))
@@ -1380,12 +1433,14 @@ def naive_knn_top1(encoder, train, test, frames, stride, crop, k=20, temperature
 def test_knn_monitor_matches_a_naive_loop(small_tree):
     torch.manual_seed(0)
     encoder = models.build_encoder("tiny", 8).eval()
-    args = pretrain.get_args_parser().parse_args(["--dataset", "folder", "--data-root", small_tree, "--frames", "4",
+    args = pretrain.get_args_parser().parse_args(["--dataset", "folder", "--data-root", small_tree,
+                                                  "--frames", "4",
                                                   "--crop", "32"])
     monitor = utils.KNNMonitor(args, workers=0, k=3)
     samples, _, _ = data.list_videos("folder", small_tree)
     expected = naive_knn_top1(encoder, samples, samples, 4, 1, 32, k=3)
-    assert monitor(encoder, torch.device("cpu"), contextlib.nullcontext()) == pytest.approx(expected)
+    assert monitor(encoder, torch.device("cpu"),
+                   contextlib.nullcontext()) == pytest.approx(expected)
     assert not encoder.training  # the monitor leaves the mode it found
 
 
@@ -1394,7 +1449,8 @@ def test_pretrain_monitor_measures_random_init_first_then_logs_and_draws_curves(
     out = capsys.readouterr().out
     with open(tmp_path / "log.jsonl") as f:
         first = json.loads(f.readline())
-    assert first["curve"] and first["epoch"] == 0 and "knn_top1" in first and "loss" not in first  # before any step
+    # before any step
+    assert first["curve"] and first["epoch"] == 0 and "knn_top1" in first and "loss" not in first
     epochs = read_log(tmp_path, "epoch")
     assert [r["epoch"] for r in epochs if "knn_top1" in r] == [0, 1, 2]
     assert [r["epoch"] for r in epochs if "loss" in r] == [1, 2]
@@ -1407,12 +1463,16 @@ def test_pretrain_monitor_measures_random_init_first_then_logs_and_draws_curves(
 def test_curves_plot_what_the_log_says(tmp_path):
     log = tmp_path / "log.jsonl"
     with open(log, "w") as f:
-        f.write(json.dumps({"curve": True, "epoch": 0, "knn_top1": 0.2, "knn_chance": 1 / 6}) + "\n")
-        f.write(json.dumps({"epoch": 0, "step": 1, "loss_d": 9.0}) + "\n")  # step records are not plotted
+        f.write(json.dumps({"curve": True, "epoch": 0, "knn_top1": 0.2,
+                            "knn_chance": 1 / 6}) + "\n")
+        # step records are not plotted
+        f.write(json.dumps({"epoch": 0, "step": 1, "loss_d": 9.0}) + "\n")
         for e in range(1, 11):
-            f.write(json.dumps({"curve": True, "epoch": e, "loss": 5.0 - 0.4 * e, "chance": 5.0, "acc": 0.05 * e,
+            f.write(json.dumps({"curve": True, "epoch": e, "loss": 5.0 - 0.4 * e, "chance": 5.0,
+                                "acc": 0.05 * e,
                                 "spread": 0.5, "knn_top1": 0.2 + 0.04 * e, "knn_chance": 1 / 6}) + "\n")
-        f.write(json.dumps({"curve": True, "epoch": 10, "knn_top1": 0.7}) + "\n")  # a resumed run's later value
+        # a resumed run's later value
+        f.write(json.dumps({"curve": True, "epoch": 10, "knn_top1": 0.7}) + "\n")
     records = utils.read_epoch_log(str(log))
     assert [r["epoch"] for r in records] == list(range(11)) and records[-1]["knn_top1"] == 0.7
     img = utils.draw_curves(str(log), str(tmp_path / "curves.png"))
@@ -1425,7 +1485,8 @@ def test_curves_plot_what_the_log_says(tmp_path):
 
     loss_left, loss_right = curve_rows(img[:250, :400])
     knn_left, knn_right = curve_rows(img[250:, 400:])
-    assert loss_left < loss_right and knn_left > knn_right  # the loss falls, kNN rises (image rows grow downwards)
+    # the loss falls, kNN rises (image rows grow downwards)
+    assert loss_left < loss_right and knn_left > knn_right
 
 
 # -----------------------------------------------------------------------------
@@ -1471,7 +1532,8 @@ def test_motion_probes_and_relative_shift_match_their_definitions():
     gen = torch.Generator().manual_seed(2)
     feats, changed = torch.randn(7, 5, generator=gen), torch.randn(7, 5, generator=gen)
     moved = sum(math.dist(feats[i].tolist(), changed[i].tolist()) for i in range(7)) / 7
-    between = [math.dist(feats[i].tolist(), feats[j].tolist()) for i in range(7) for j in range(7) if i != j]
+    between = [math.dist(feats[i].tolist(),
+                         feats[j].tolist()) for i in range(7) for j in range(7) if i != j]
     assert evaluate.relative_shift(feats, changed) == pytest.approx(moved / (sum(between) / len(between)), rel=1e-5)
     assert evaluate.relative_shift(feats, feats) == 0
     x = torch.randn(3, 2, 6, 4, 4, generator=gen)
@@ -1481,7 +1543,8 @@ def test_motion_probes_and_relative_shift_match_their_definitions():
     shuffled = evaluate.shuffle_frames(x, gen)
     for n in range(3):  # each clip: a permutation of its own frames
         frames = [x[n, :, t] for t in range(6)]
-        used = [next(i for i, f in enumerate(frames) if torch.equal(f, shuffled[n, :, t])) for t in range(6)]
+        used = [next(i for i, f in enumerate(frames) if torch.equal(f,
+                                                                    shuffled[n, :, t])) for t in range(6)]
         assert sorted(used) == list(range(6))
     # an encoder that averages over time cannot see the order: shuffling moves nothing
     pool = lambda v: v.mean(dim=(2, 3, 4))  # noqa: E731
@@ -1500,7 +1563,8 @@ def test_grad_cam_matches_a_hand_computed_map():
     grad, = torch.autograd.grad(logits[0, pred], act)
     weights = [grad[0, c].mean().item() for c in range(act.shape[1])]
     raw = sum(w * act[0, c].detach() for c, w in enumerate(weights)).clamp(min=0)
-    expected = F.interpolate(raw[None, None], size=(8, 32, 32), mode="trilinear", align_corners=False)[0, 0]
+    expected = F.interpolate(raw[None, None], size=(8, 32, 32), mode="trilinear",
+                             align_corners=False)[0, 0]
     torch.testing.assert_close(cam, expected / expected.max(), rtol=1e-4, atol=1e-5)
 
 
@@ -1527,21 +1591,25 @@ def test_weight_transfer_changes_backbone_and_leaves_head_fresh(small_tree, tmp_
 def test_finetune_then_evaluate_end_to_end_json_keys(small_tree, tmp_path):
     pre, ft = tmp_path / "pre", tmp_path / "ft"
     pretrain.main(small_args(small_tree, pre, "--epochs", "1", "--adv-start", "0"))
-    finetune.main(["--ckpt", str(pre / "ckpt.pt"), "--dataset", "folder", "--data-root", small_tree, "--out", str(ft),
+    finetune.main(["--ckpt", str(pre / "ckpt.pt"), "--dataset", "folder", "--data-root", small_tree,
+                   "--out", str(ft),
                    "--epochs", "1", "--batch-size", "4", "--workers", "0", "--print-freq", "1"])
     ckpt = torch.load(ft / "ckpt.pt", weights_only=True)
     assert ckpt["kind"] == "finetune" and ckpt["arch"] == "tiny" and ckpt["classes"] == ["c0", "c1"]
     assert ckpt["data"]["frames"] == 4 and ckpt["generator"]["drop_frames"] == 1
     cams = tmp_path / "cams"
-    out = evaluate.main(["--ckpt", str(ft / "ckpt.pt"), "--clips", "3", "--workers", "0", "--occlusion",
+    out = evaluate.main(["--ckpt", str(ft / "ckpt.pt"), "--clips", "3", "--workers", "0",
+                         "--occlusion",
                          "--cam", "2", str(cams), "--json", str(tmp_path / "r.json")])
-    for key in ("top1", "top5", "n_videos", "n_skipped", "entropy_none", "entropy_random", "entropy_adversarial",
+    for key in ("top1", "top5", "n_videos", "n_skipped", "entropy_none", "entropy_random",
+                "entropy_adversarial",
                 "top1_none", "top1_random", "top1_adversarial"):
         assert out[key] is not None, key
     assert out["n_videos"] == 8 and 0 <= out["top1"] <= 1 and out["top1"] == out["top1_none"]
     assert json.load(open(tmp_path / "r.json")) == json.loads(json.dumps(out))
     assert len(os.listdir(cams)) == 2
-    knn = evaluate.main(["--ckpt", str(pre / "ckpt.pt"), "--clips", "2", "--workers", "0", "--motion"])
+    knn = evaluate.main(["--ckpt", str(pre / "ckpt.pt"), "--clips", "2", "--workers",
+                         "0", "--motion"])
     for key in ("R@1", "R@5", "R@10", "R@20", "knn_top1"):
         assert 0 <= knn[key] <= 1
     assert knn["R@20"] == 1.0  # the gallery holds both classes
@@ -1566,14 +1634,16 @@ def test_linear_probe_trains_only_the_head_and_finetune_resumes(small_tree, tmp_
     pre, lin = tmp_path / "pre", tmp_path / "lin"
     pretrain.main(small_args(small_tree, pre, "--epochs", "1"))
     argv = ["--ckpt", str(pre / "backbone.pt"), "--arch", "tiny", "--linear", "--dataset", "folder",
-            "--data-root", small_tree, "--frames", "4", "--crop", "32", "--out", str(lin), "--epochs", "1",
+            "--data-root", small_tree, "--frames", "4", "--crop", "32", "--out", str(lin),
+            "--epochs", "1",
             "--batch-size", "4", "--workers", "0"]
     model = finetune.main(argv)
     backbone = torch.load(pre / "backbone.pt", weights_only=True)
     for key, value in model.state_dict().items():
         if not key.startswith("fc."):
             assert torch.equal(value, backbone[key]), key  # frozen, BN statistics included
-    assert torch.load(lin / "ckpt.pt", weights_only=True)["args"]["lr"] == finetune.LINEAR_DEFAULTS["lr"]
+    assert torch.load(lin / "ckpt.pt",
+                      weights_only=True)["args"]["lr"] == finetune.LINEAR_DEFAULTS["lr"]
     norm, fc = model.fc  # the probe: standardised features, then a linear layer
     assert not norm.affine and norm.num_batches_tracked > 0 and norm.running_mean.abs().sum() > 0
     assert isinstance(fc, torch.nn.Linear)
@@ -1593,7 +1663,8 @@ def _bad_videos_worker(rank, world, port, out):
     counts = [len(bad)]
     bad.flush()
     counts.append(len(bad))
-    bad.update([(10 + rank, "x"), (12 + rank, "y")])  # 6 of 20 bad in all: over 25 %, but 3 per rank
+    # 6 of 20 bad in all: over 25 %, but 3 per rank
+    bad.update([(10 + rank, "x"), (12 + rank, "y")])
     try:
         bad.flush()
         counts.append("no stop")
@@ -1622,7 +1693,8 @@ def test_rng_state_round_trip_is_complete(tmp_path):
 def test_bad_drop_frames_fails_at_start_not_mid_run():
     for k in ("0", "4"):
         with pytest.raises(SystemExit, match="--drop-frames must be in 1..3"):
-            pretrain.main(["--frames", "4", "--drop-frames", k, "--out", "/nonexistent/never-written"])
+            pretrain.main(["--frames", "4", "--drop-frames", k, "--out",
+                           "/nonexistent/never-written"])
 
 
 def test_drop_frames_defaults_to_a_quarter_of_the_clip(small_tree, tmp_path):
@@ -1634,7 +1706,8 @@ def test_drop_frames_defaults_to_a_quarter_of_the_clip(small_tree, tmp_path):
 
 
 def test_two_phase_schedule_g_idle_then_trained_from_its_full_lr(small_tree, tmp_path, monkeypatch):
-    # D alone before --adv-start (G takes no step), then G from the paper's lr, cosine over its own phase
+    # D alone before --adv-start (G takes no step), then G from the
+    # paper's lr, cosine over its own phase
     saved, real_save = {}, utils.save_atomic
 
     def keep(obj, path):
@@ -1643,11 +1716,14 @@ def test_two_phase_schedule_g_idle_then_trained_from_its_full_lr(small_tree, tmp
             saved[obj["epoch"]] = copy.deepcopy(obj)
 
     monkeypatch.setattr(utils, "save_atomic", keep)
-    pretrain.main(small_args(small_tree, tmp_path, "--epochs", "3", "--adv-start", "1", "--g-lr", "0.02"))
+    pretrain.main(small_args(small_tree, tmp_path, "--epochs", "3", "--adv-start", "1",
+                             "--g-lr", "0.02"))
     assert saved[1]["opt_g"]["state"] == {} and saved[1]["opt_g"]["param_groups"][0]["lr"] == 0
     assert saved[2]["opt_g"]["state"] and saved[2]["opt_g"]["param_groups"][0]["lr"] == pytest.approx(0.02)
-    assert saved[3]["opt_g"]["param_groups"][0]["lr"] == pytest.approx(0.01)  # half-way through its phase
-    assert any(not torch.equal(a, b) for a, b in zip(saved[1]["generator"].values(), saved[2]["generator"].values()))
+    # half-way through its phase
+    assert saved[3]["opt_g"]["param_groups"][0]["lr"] == pytest.approx(0.01)
+    assert any(not torch.equal(a, b) for a, b in zip(saved[1]["generator"].values(),
+                                                     saved[2]["generator"].values()))
     epochs = [r for r in read_log(tmp_path, "epoch") if "loss" in r]
     assert epochs[0]["g_vs_random"] is None and all(r["g_vs_random"] > 0 for r in epochs[1:])
     assert pretrain.cosine(5, 5, 10) == 1 and pretrain.cosine(4, 5, 10) == 0
@@ -1657,17 +1733,21 @@ def test_two_phase_schedule_g_idle_then_trained_from_its_full_lr(small_tree, tmp
 def test_decay_start_uses_eq1_before_and_eq6_after(small_tree, tmp_path):
     pretrain.main(small_args(small_tree, tmp_path, "--decay-start", "1", "--adv-start", "2"))
     chance = [r["chance"] for r in read_log(tmp_path, "epoch") if "loss" in r]
-    assert chance == pytest.approx([math.log(13), math.log(1 + sum(0.99 ** i for i in range(1, 13)))])
+    assert chance == pytest.approx([math.log(13),
+                                    math.log(1 + sum(0.99 ** i for i in range(1, 13)))])
 
 
 def test_cvrl_normalises_over_the_global_batch_under_ddp_on_cuda_only():
     lines = []
     bn = lambda m: [type(x) for x in m.modules() if isinstance(x, nn.modules.batchnorm._BatchNorm)]
-    cvrl = pretrain.global_batchnorm(methods.CVRL(TINY, dim=8, hidden=16), "cvrl", torch.device("cuda"), 2, lines.append)
+    cvrl = pretrain.global_batchnorm(methods.CVRL(TINY, dim=8, hidden=16), "cvrl",
+                                     torch.device("cuda"), 2, lines.append)
     assert set(bn(cvrl)) == {nn.SyncBatchNorm}
-    for method, device, world in (("cvrl", "cpu", 2), ("cvrl", "cuda", 1), ("videomoco", "cuda", 2)):
+    for method, device, world in (("cvrl", "cpu", 2), ("cvrl", "cuda", 1),
+                                  ("videomoco", "cuda", 2)):
         model = methods.CVRL(TINY, dim=8, hidden=16) if method == "cvrl" else models.VideoMoCo(TINY, dim=8, K=16)
-        assert nn.SyncBatchNorm not in bn(pretrain.global_batchnorm(model, method, torch.device(device), world, lines.append))
+        assert nn.SyncBatchNorm not in bn(pretrain.global_batchnorm(model, method,
+                                                                    torch.device(device), world, lines.append))
     assert lines == ["cvrl on 2 CPU processes: BN statistics per process (SyncBatchNorm needs CUDA)"]
 
 
@@ -1686,7 +1766,8 @@ def test_cvrl_interval_distribution_matches_its_definition(shape):
         d.append(abs(b - a))
     counts = np.bincount(d, minlength=last + 1)
     # the definition, written out: weight of distance d
-    weight = np.array([{"linear": last + 1 - k, "quadratic": (last + 1 - k) ** 2, "uniform": 1}[shape]
+    weight = np.array([{"linear": last + 1 - k, "quadratic": (last + 1 - k) ** 2,
+                        "uniform": 1}[shape]
                        for k in range(last + 1)], dtype=float)
     expected = draws * weight / weight.sum()
     chi2 = ((counts - expected) ** 2 / expected).sum()
@@ -1719,7 +1800,8 @@ class _NoAugment:
 
 def test_vclr_tuples_have_one_clip_per_segment_and_order_labels_match_the_shuffle(tmp_path):
     path = write_index_video(str(tmp_path / "v.avi"), 120)
-    dataset = data.VideoClips([(path, 0)], frames=4, stride=1, transform=_NoAugment(), temporal="vclr", segments=3)
+    dataset = data.VideoClips([(path, 0)], frames=4, stride=1, transform=_NoAugment(),
+                              temporal="vclr", segments=3)
     labels = set()
     for seed in range(40):
         sample = dataset[(0, seed)]
@@ -1743,14 +1825,16 @@ def test_vclr_tuples_have_one_clip_per_segment_and_order_labels_match_the_shuffl
 
 def test_cvrl_pair_clips_come_from_two_positions(tmp_path):
     path = write_index_video(str(tmp_path / "v.avi"), 100)
-    dataset = data.VideoClips([(path, 0)], frames=4, stride=1, transform=_NoAugment(), temporal="cvrl")
+    dataset = data.VideoClips([(path, 0)], frames=4, stride=1, transform=_NoAugment(),
+                              temporal="cvrl")
     distances = []
     for seed in range(30):
         video = dataset[(0, seed)]["video"]  # (2, 3, T, H, W)
         first = [frame_index((data.denormalize(v[:, 0]).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
                  for v in video]
         distances.append(abs(first[0] - first[1]))
-    assert max(distances) > 0 and np.mean(distances) < (100 - 4) / 2  # decreasing: short distances dominate
+    # decreasing: short distances dominate
+    assert max(distances) > 0 and np.mean(distances) < (100 - 4) / 2
 
 
 def test_method_moco_is_videomoco_without_generator_and_decay(small_tree, tmp_path):
@@ -1766,9 +1850,11 @@ def test_method_moco_is_videomoco_without_generator_and_decay(small_tree, tmp_pa
 
 
 @pytest.mark.parametrize("method", ["cvrl", "vclr"])
-def test_other_methods_pretrain_and_feed_finetune_and_evaluate_unchanged(small_tree, tmp_path, method):
+def test_other_methods_pretrain_and_feed_finetune_and_evaluate_unchanged(small_tree,
+                                                                         tmp_path, method):
     pre, ft = tmp_path / "pre", tmp_path / "ft"
-    pretrain.main(small_args(small_tree, pre, "--method", method, "--cvrl-hidden", "16", "--epochs", "1"))
+    pretrain.main(small_args(small_tree, pre, "--method", method, "--cvrl-hidden", "16",
+                             "--epochs", "1"))
     log = read_log(pre)
     assert {r["phase"] for r in log} == {method} and all(np.isfinite(r["loss_d"]) for r in log)
     assert method != "vclr" or all(0 <= r["order_acc"] <= 1 and r["loss_order"] > 0 for r in log)
@@ -1777,7 +1863,8 @@ def test_other_methods_pretrain_and_feed_finetune_and_evaluate_unchanged(small_t
     backbone = torch.load(pre / "backbone.pt", weights_only=True)
     missing = models.build_encoder("tiny", 16).load_state_dict(backbone, strict=False).missing_keys
     assert missing == ["fc.weight", "fc.bias"]  # every head is left out
-    finetune.main(["--ckpt", str(pre / "ckpt.pt"), "--dataset", "folder", "--data-root", small_tree, "--out", str(ft),
+    finetune.main(["--ckpt", str(pre / "ckpt.pt"), "--dataset", "folder", "--data-root", small_tree,
+                   "--out", str(ft),
                    "--epochs", "1", "--batch-size", "4", "--workers", "0"])
     out = evaluate.main(["--ckpt", str(ft / "ckpt.pt"), "--clips", "2", "--workers", "0"])
     assert out["n_videos"] == 8 and 0 <= out["top1"] <= 1
@@ -1846,7 +1933,8 @@ def test_nt_xent_matches_loop(n, tau):
 def test_nt_xent_accuracy_matches_loop():
     torch.manual_seed(21)
     z1 = torch.randn(8, 4)
-    # half of the second views are near their first view, half random: accuracy strictly inside (0, 1)
+    # half of the second views are near their first view, half
+    # random: accuracy strictly inside (0, 1)
     z2 = torch.cat([z1[:4] + 0.05 * torch.randn(4, 4), torch.randn(4, 4)])
     loss, acc = methods.nt_xent(z1, z2, 0.2)
     expected_loss, expected_acc = naive_nt_xent(z1, z2, 0.2)
@@ -1901,7 +1989,8 @@ def test_nt_xent_distributed_matches_global_batch(tmp_path):
     torch.manual_seed(23)
     world, n, tau = 2, 3, 0.2
     z1 = torch.randn(world * n, 8)
-    z2 = torch.cat([z1[:2] + 0.1 * torch.randn(2, 8), torch.randn(4, 8)])  # some easy, some hard pairs
+    # some easy, some hard pairs
+    z2 = torch.cat([z1[:2] + 0.1 * torch.randn(2, 8), torch.randn(4, 8)])
     mp.spawn(_nt_xent_worker, args=(world, _free_port(), z1, z2, tau, str(tmp_path)), nprocs=world)
     results = [torch.load(tmp_path / f"{rank}.pt") for rank in range(world)]
 
@@ -1914,9 +2003,10 @@ def test_nt_xent_distributed_matches_global_batch(tmp_path):
     global_loss = methods.nt_xent(z1, z2, tau)[0]
     assert (sum(r["loss"] for r in results) / world).item() == pytest.approx(global_loss.item(), rel=1e-5)
 
-    # Gradient: each rank backpropagates its own loss L_r, and gather_with_grad sums the gradients of
-    # all ranks' losses into the owner's rows, so grad_r = d(sum_r L_r)/dz_r = world * dL/dz_r with L
-    # the global mean. DDP then averages the parameter gradients over ranks: the result is dL/dtheta.
+    # Gradient: each rank backpropagates its own loss L_r, and gather_with_grad sums the gradients
+    # of all ranks' losses into the owner's rows, so grad_r = d(sum_r L_r)/dz_r = world * dL/dz_r
+    # with L the global mean. DDP then averages the parameter
+    # gradients over ranks: the result is dL/dtheta.
     g1, g2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
     methods.nt_xent(g1, g2, tau)[0].backward()
     for rank, r in enumerate(results):
@@ -1949,7 +2039,8 @@ def test_cvrl_structure_and_gradients():
     out = model(torch.randn(4, 3, 4, 16, 16), torch.randn(4, 3, 4, 16, 16))
     assert torch.isfinite(out["loss"]) and not out["acc"].requires_grad
     out["loss"].backward()
-    for name, param in [("conv", model.encoder_q.features[0].weight), ("fc", model.encoder_q.fc.weight),
+    for name, param in [("conv", model.encoder_q.features[0].weight),
+                        ("fc", model.encoder_q.fc.weight),
                         ("hidden", model.head[2].weight), ("last", model.head[5].weight)]:
         assert param.grad is not None and param.grad.abs().sum() > 0, name
     assert_exports_a_plain_backbone(model.encoder_q)  # as VideoMoCo's
@@ -2032,20 +2123,26 @@ def test_vclr_eval_forward_matches_loops():
             key_p = [clip_embedding(model.encoder_k, positive[i, j]) for j in range(s)]
             q.append(F.normalize(sum(emb_a) / s, dim=0))
             k.append(F.normalize(sum(key_p) / s, dim=0))
-            order_logits.append(model.order_head(torch.cat(emb_a + emb_p)))  # anchor clips, then positive
+            # anchor clips, then positive
+            order_logits.append(model.order_head(torch.cat(emb_a + emb_p)))
     q, k, order_logits = torch.stack(q), torch.stack(k), torch.stack(order_logits)
     torch.testing.assert_close(out["q"], q, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out["k"], k, rtol=1e-4, atol=1e-5)
     assert out["order_logits"].shape == (n, 4)
     torch.testing.assert_close(out["order_logits"], order_logits, rtol=1e-4, atol=1e-5)
 
-    assert out["loss_nce"].item() == pytest.approx(naive_decayed_infonce(q, k, model.queue, model.queue_age, model.T, 1.0), rel=1e-4)
+    assert out["loss_nce"].item() == pytest.approx(naive_decayed_infonce(q, k, model.queue,
+                                                                         model.queue_age, model.T, 1.0), rel=1e-4)
     assert out["loss_order"].item() == pytest.approx(naive_cross_entropy(order_logits, order), rel=1e-4)
-    # L_clip: the anchor's first clip (segment 2, then 1) against the positive's clip of that segment
+    # L_clip: the anchor's first clip (segment 2, then 1) against
+    # the positive's clip of that segment
     with torch.no_grad():
-        q_clip = torch.stack([clip_embedding(model.encoder_q, anchor[0, 0]), clip_embedding(model.encoder_q, anchor[1, 0])])
-        k_clip = torch.stack([clip_embedding(model.encoder_k, positive[0, 2]), clip_embedding(model.encoder_k, positive[1, 1])])
-    assert out["loss_clip"].item() == pytest.approx(naive_decayed_infonce(q_clip, k_clip, model.clip_queue, model.clip_queue_age, model.T, 1.0), rel=1e-4)
+        q_clip = torch.stack([clip_embedding(model.encoder_q, anchor[0, 0]),
+                              clip_embedding(model.encoder_q, anchor[1, 0])])
+        k_clip = torch.stack([clip_embedding(model.encoder_k, positive[0, 2]),
+                              clip_embedding(model.encoder_k, positive[1, 1])])
+    assert out["loss_clip"].item() == pytest.approx(naive_decayed_infonce(q_clip, k_clip,
+                                                                          model.clip_queue, model.clip_queue_age, model.T, 1.0), rel=1e-4)
     assert out["loss"].item() == pytest.approx(
         0.7 * out["loss_clip"].item() + out["loss_nce"].item() + 0.5 * out["loss_order"].item(), rel=1e-6)
     logits = torch.cat([(q * k).sum(1, keepdim=True), q @ model.queue], dim=1)
@@ -2081,7 +2178,8 @@ def test_vclr_positive_tuple_reaches_encoder_q_only_through_the_order_head():
         assert grad_order.abs().sum() > 0
         # q depends on the anchor only (its own BN batch) and the keys have no gradient
         for loss in ("loss_nce", "loss_clip"):
-            grad, = torch.autograd.grad(out[loss], positive, allow_unused=True, materialize_grads=True,
+            grad, = torch.autograd.grad(out[loss], positive, allow_unused=True,
+                                        materialize_grads=True,
                                         retain_graph=True)
             assert grad.abs().sum() == 0, (loss, train)
 
@@ -2095,27 +2193,33 @@ def test_vclr_training_step_enqueues_and_routes_gradients():
         model.encoder_q.fc[0].weight.add_(0.1)  # so that the momentum update moves encoder_k
     n = 3
     segments = torch.tensor([[0, 1, 2], [0, 1, 2]]).repeat(n, 1, 1)
-    out = model(torch.randn(n, 3, 3, 4, 16, 16), torch.randn(n, 3, 3, 4, 16, 16), torch.tensor([0, 0, 0]), segments)
+    out = model(torch.randn(n, 3, 3, 4, 16, 16), torch.randn(n, 3, 3, 4, 16, 16),
+                torch.tensor([0, 0, 0]), segments)
     assert int(model.queue_ptr) == n and int(model.clip_queue_ptr) == n
     torch.testing.assert_close(model.queue[:, :n], out["k"].T)
-    assert not torch.allclose(model.clip_queue[:, :n], out["k"].T)  # clip-level keys, not video-level
+    # clip-level keys, not video-level
+    assert not torch.allclose(model.clip_queue[:, :n], out["k"].T)
     assert not torch.equal(model.encoder_k.fc[0].weight, key_before)
     out["loss"].backward()
-    for name, param in [("order_head", model.order_head.weight), ("conv", model.encoder_q.features[0].weight),
+    for name, param in [("order_head", model.order_head.weight),
+                        ("conv", model.encoder_q.features[0].weight),
                         ("fc", model.encoder_q.fc[0].weight)]:
         assert param.grad is not None and param.grad.abs().sum() > 0, name
     assert all(p.grad is None for p in model.encoder_k.parameters())
-    model(torch.randn(n, 3, 3, 4, 16, 16), torch.randn(n, 3, 3, 4, 16, 16), torch.tensor([0, 0, 0]), segments)
+    model(torch.randn(n, 3, 3, 4, 16, 16), torch.randn(n, 3, 3, 4, 16, 16),
+          torch.tensor([0, 0, 0]), segments)
     assert int(model.queue_ptr) == 2 * n
     with pytest.raises(ValueError, match="segments"):
-        model(torch.randn(n, 3, 3, 4, 16, 16), torch.randn(n, 3, 3, 4, 16, 16), torch.tensor([0, 0, 0]))
+        model(torch.randn(n, 3, 3, 4, 16, 16), torch.randn(n, 3, 3, 4, 16, 16),
+              torch.tensor([0, 0, 0]))
     assert_exports_a_plain_backbone(model.encoder_q)
 
 
 def test_vclr_rejects_a_wrong_number_of_segments():
     model = methods.VCLR(TINY, dim=4, K=8, segments=3)
     with pytest.raises(ValueError, match="3"):
-        model(torch.randn(2, 2, 3, 4, 16, 16), torch.randn(2, 2, 3, 4, 16, 16), torch.tensor([0, 1]))
+        model(torch.randn(2, 2, 3, 4, 16, 16), torch.randn(2, 2, 3, 4, 16, 16),
+              torch.tensor([0, 1]))
 
 
 # -----------------------------------------------------------------------------
@@ -2139,7 +2243,8 @@ def test_cvrl_and_vclr_autocast_bfloat16():
     vclr = methods.VCLR(TINY, dim=8, K=16, segments=2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out_cvrl = cvrl(torch.randn(4, 3, 4, 16, 16), torch.randn(4, 3, 4, 16, 16))
-        out_vclr = vclr(torch.randn(2, 2, 3, 4, 16, 16), torch.randn(2, 2, 3, 4, 16, 16), torch.tensor([0, 3]),
+        out_vclr = vclr(torch.randn(2, 2, 3, 4, 16, 16), torch.randn(2, 2, 3, 4, 16, 16),
+                        torch.tensor([0, 3]),
                         torch.tensor([[[0, 1], [0, 1]], [[1, 0], [1, 0]]]))
     assert out_cvrl["loss"].dtype == torch.float32 and torch.isfinite(out_cvrl["loss"])
     for key in ("loss", "loss_nce", "loss_order", "loss_clip"):
@@ -2159,7 +2264,8 @@ def test_residual_frames_are_differences_of_the_augmented_frames():
     assert d.shape == x.shape
     for n in range(2):
         for t in range(5):
-            expected = x[n, :, t + 1] - x[n, :, t] if t < 4 else x[n, :, 4] - x[n, :, 3]  # last: repeated
+            # last: repeated
+            expected = x[n, :, t + 1] - x[n, :, t] if t < 4 else x[n, :, 4] - x[n, :, 3]
             assert torch.equal(d[n, :, t], expected)
     torch.manual_seed(0)
     rgb = models.build_encoder("tiny", 8).eval()
@@ -2184,19 +2290,22 @@ def test_background_erasing_adds_a_static_frame_with_the_drawn_weight():
     for n in range(64):
         added = out[n] - (1 - lam[n]) * x[n]  # (C, T, H, W): what erasing added
         for t in range(6):
-            torch.testing.assert_close(added[:, t], lam[n] * x[n, :, r[n]], rtol=1e-5, atol=1e-6)  # constant in t
+            # constant in t
+            torch.testing.assert_close(added[:, t], lam[n] * x[n, :, r[n]], rtol=1e-5, atol=1e-6)
         if not applied[n]:
             assert torch.equal(out[n], x[n])
 
 
 def test_input_mode_is_recorded_and_a_mismatching_override_refused(small_tree, tmp_path):
     pre, ft = tmp_path / "pre", tmp_path / "ft"
-    pretrain.main(small_args(small_tree, pre, "--input", "residual", "--background-erasing", "0.5", "--epochs", "1",
+    pretrain.main(small_args(small_tree, pre, "--input", "residual", "--background-erasing", "0.5",
+                             "--epochs", "1",
                              "--adv-start", "0"))
     assert all(np.isfinite(r["loss_d"]) and np.isfinite(r["loss_g"]) for r in read_log(pre))
     with pytest.raises(SystemExit, match="pretrained on residual input"):
         finetune.main(["--ckpt", str(pre / "ckpt.pt"), "--input", "rgb", "--out", str(ft)])
-    model = finetune.main(["--ckpt", str(pre / "ckpt.pt"), "--dataset", "folder", "--data-root", small_tree,
+    model = finetune.main(["--ckpt", str(pre / "ckpt.pt"), "--dataset", "folder", "--data-root",
+                           small_tree,
                            "--out", str(ft), "--epochs", "1", "--batch-size", "4", "--workers", "0"])
     assert model.input_mode == "residual"
     assert torch.load(ft / "ckpt.pt", weights_only=True)["input"] == "residual"

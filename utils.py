@@ -167,7 +167,8 @@ def _panel(records, key, title, ref_key, size=(400, 250)):
     points = [(r["epoch"], r[key]) for r in records if r.get(key) is not None and math.isfinite(r[key])]
     refs = [r[ref_key] for r in records if ref_key and r.get(ref_key) is not None]
     if not points:
-        cv2.putText(img, "no data", (w // 2 - 30, h // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (128, 128, 128), 1)
+        cv2.putText(img, "no data", (w // 2 - 30, h // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
+                    (128, 128, 128), 1)
         return img
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     x_max = max(max(xs), 1)
@@ -178,9 +179,11 @@ def _panel(records, key, title, ref_key, size=(400, 250)):
     cv2.rectangle(img, (left, top), (w - right, h - bottom), (0, 0, 0), 1)
     for frac in (0, 0.5, 1):
         y = lo + frac * (hi - lo)
-        cv2.putText(img, f"{y:.2f}", (2, to_px(0, y)[1] + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(img, f"{y:.2f}", (2, to_px(0, y)[1] + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.38,
+                    (0, 0, 0), 1, cv2.LINE_AA)
     for x in sorted({0, x_max // 2, x_max}):
-        cv2.putText(img, str(x), (to_px(x, lo)[0] - 4, h - bottom + 14), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (0, 0, 0), 1)
+        cv2.putText(img, str(x), (to_px(x, lo)[0] - 4, h - bottom + 14), cv2.FONT_HERSHEY_SIMPLEX,
+                    0.38, (0, 0, 0), 1)
     cv2.putText(img, "epoch", (w // 2 - 18, h - 3), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (0, 0, 0), 1)
     if refs:  # the chance level, dashed grey
         y = to_px(0, refs[-1])[1]
@@ -295,7 +298,8 @@ def load_checkpoint(path, kind=None):
     except FileNotFoundError:
         raise SystemExit(f"error: checkpoint not found: {path}")
     except Exception as e:  # unpickling errors come in many types
-        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120]})")
     if not isinstance(ckpt, dict) or (kind is not None and ckpt.get("kind") != kind):
         found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise SystemExit(f"error: {path} is a {found} checkpoint, expected {kind}")
@@ -340,8 +344,10 @@ class Progress:
         rate = self.clips / max(now - self.t_log, 1e-9)
         eta = (now - self.t_start) / max(step - self.first_step, 1) * (self.total - step)
         text = " ".join(f"{name} {value:{spec}}" for name, value, spec in shown)
-        log(f"epoch {epoch} step {step}/{self.total} {text} {rate:.1f} clips/s eta {format_eta(eta)}{tail}",
-            epoch=epoch, step=step, **{name: value for name, value, _ in shown}, clips_per_s=rate, eta_s=eta,
+        log(f"epoch {epoch} step {step}/{self.total} {text} {rate:.1f} clips/s eta "
+            f"{format_eta(eta)}{tail}",
+            epoch=epoch, step=step, **{name: value for name, value, _ in shown},
+            clips_per_s=rate, eta_s=eta,
             **fields)
         self.restart()
 
@@ -387,7 +393,8 @@ def backbone_from_checkpoint(path):
     if "kind" in ckpt:
         raise SystemExit(f"error: {path} is a {ckpt['kind']} checkpoint; finetuning starts from a pretraining "
                          "checkpoint or a backbone.pt")
-    return None, {k: v for k, v in ckpt.items() if not k.startswith("fc.")}, None  # backbone.pt: a bare state dict
+    # backbone.pt: a bare state dict
+    return None, {k: v for k, v in ckpt.items() if not k.startswith("fc.")}, None
 
 
 def transfer_weights(model, state, source):
@@ -397,7 +404,8 @@ def transfer_weights(model, state, source):
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
         first = [line.strip() for line in str(e).splitlines() if "size mismatch" in line][:1]
-        raise SystemExit(f"error: {source} does not fit --arch: {first[0] if first else str(e)[:200]}")
+        raise SystemExit(f"error: {source} does not fit --arch: "
+                         f"{first[0] if first else str(e)[:200]}")
     missing = [k for k in result.missing_keys if not k.startswith("fc.")]
     if missing or result.unexpected_keys:
         if len(missing) > len(state) // 2:
