@@ -78,7 +78,7 @@ def get_args_parser():
     p.add_argument("--cam", nargs=2, metavar=("N", "DIR"), default=None,
                    help="write Grad-CAM strips of N test clips to DIR")
     p.add_argument("--batch-size", type=int, default=8, help="videos per batch")
-    p.add_argument("--workers", type=int, default=4, help="DataLoader workers")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
     p.add_argument("--amp", default=None, choices=("bf16", "fp16", "none"),
                    help="autocast dtype (default: bf16 on CUDA)")
     p.add_argument("--seed", type=int, default=0,
