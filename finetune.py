@@ -14,7 +14,6 @@ and an architecture mismatch stops with one line. The classifier head is always 
 """
 
 import argparse
-import math
 import os
 import random
 
@@ -174,7 +173,7 @@ def main(argv=None):
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         for group in optimizer.param_groups:
-            group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))
+            group["lr"] = args.lr * utils.cosine(epoch, 0, args.epochs)
         model_ddp.train()
         if args.linear:
             model.eval()  # frozen backbone: BN uses its pretrained statistics

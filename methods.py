@@ -240,3 +240,15 @@ def contrastive_step(model, inputs, opt, autocast=contextlib.nullcontext(),
         scaler.step(opt)
         scaler.update()
     return out
+
+
+def global_batchnorm(model, method, device, world, log):
+    """CVRL normalises over the global batch (SyncBatchNorm, Qian et al. Sec 4.1). PyTorch's
+    SyncBatchNorm runs on GPUs only: on CPU (gloo) each process keeps normalising its own batch, and
+    the run says so. MoCo-style methods keep per-process BN: shuffle-BN needs it."""
+    if method != "cvrl" or world == 1:
+        return model
+    if device.type != "cuda":
+        log(f"cvrl on {world} CPU processes: BN statistics per process (SyncBatchNorm needs CUDA)")
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -26,7 +26,6 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
@@ -153,25 +152,6 @@ METHOD_DEMO_PRESET = {"vclr": dict(frames=8, stride=1), "cvrl": dict(cvrl_hidden
 # -----------------------------------------------------------------------------
 # the pieces of a run
 
-def cosine(epoch, start, end):
-    """The factor of a half-cosine learning-rate schedule that starts at 1 in epoch `start` and ends
-    near 0 in epoch `end` - 1 (MoCo v2, per epoch); 0 before `start`."""
-    if epoch < start:
-        return 0.0
-    return 0.5 * (1 + math.cos(math.pi * (epoch - start) / max(end - start, 1)))
-
-
-def global_batchnorm(model, method, device, world, log):
-    """CVRL normalises over the global batch (SyncBatchNorm, Qian et al. Sec 4.1). PyTorch's
-    SyncBatchNorm runs on GPUs only: on CPU (gloo) each process keeps normalising its own batch, and
-    the run says so. MoCo-style methods keep per-process BN: shuffle-BN needs it."""
-    if method != "cvrl" or world == 1:
-        return model
-    if device.type != "cuda":
-        log(f"cvrl on {world} CPU processes: BN statistics per process (SyncBatchNorm needs CUDA)")
-        return model
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-
 
 # -----------------------------------------------------------------------------
 # one step of the chosen method
@@ -231,7 +211,7 @@ def build_models(args, device, world, log):
     else:
         model = models.VideoMoCo(base_encoder, args.moco_dim, args.moco_k, args.moco_m, args.moco_t,
                                  args.decay, args.decay_unit, args.shuffle_splits, args.mlp)
-    model = global_batchnorm(model, args.method, device, world, log).to(device)
+    model = methods.global_batchnorm(model, args.method, device, world, log).to(device)
     # G exists only where it is used: --method videomoco with --generator convlstm
     generator = None
     if args.generator == "convlstm":
@@ -307,39 +287,13 @@ def save_checkpoint(path, args, model, generator, opt_d, opt_g, scaler, epoch, s
 def epoch_schedule(args, epoch, opt_d, opt_g):
     """Set both learning rates for `epoch`; returns (phase, t of Eq 6 for this epoch)."""
     for group in opt_d.param_groups:  # cosine, per epoch (MoCo v2)
-        group["lr"] = args.lr * cosine(epoch, 0, args.epochs)
+        group["lr"] = args.lr * utils.cosine(epoch, 0, args.epochs)
     for group in opt_g.param_groups if opt_g else []:  # G's own cosine over its own phase
-        group["lr"] = args.g_lr * cosine(epoch, args.adv_start, args.epochs)
+        group["lr"] = args.g_lr * utils.cosine(epoch, args.adv_start, args.epochs)
     phase = args.method if args.method in ("cvrl", "vclr") else "moco"
     if epoch >= args.adv_start and args.generator != "none":
         phase = "adversarial" if args.generator == "convlstm" else "random-drop"
     return phase, (args.decay if epoch >= args.decay_start else 1.0)
-
-
-class Guard:
-    """What every rank must decide alike at each step, in one all-reduce: skip a non-finite step
-    (and stop after --max-nonfinite in a row), stop on a signal, save a mid-epoch checkpoint."""
-
-    def __init__(self, args, device, log):
-        self.args, self.device, self.log = args, device, log
-        self.signal, self.nonfinite, self.last_save = utils.StopFlag(), 0, time.time()
-        self.stop = self.save_due = False
-
-    def agree(self, finite):  # models.videomoco_step's `agree`: update or not
-        due = time.time() - self.last_save > self.args.save_every_min * 60
-        flags = [self.signal.set, not finite, due]
-        self.stop, nonfinite, self.save_due = utils.all_ranks_any(flags, self.device)
-        return not nonfinite
-
-    def count(self, out, step):
-        if out["updated"]:
-            self.nonfinite = 0
-            return
-        self.nonfinite += 1
-        self.log(f"non-finite loss at step {step} (loss_d {out['loss_d'].item()}, {self.nonfinite} in a row): "
-                 "step skipped")
-        if self.nonfinite >= self.args.max_nonfinite:
-            raise SystemExit(f"error: {self.nonfinite} non-finite losses in a row; lower --lr or try --amp none")
 
 
 def train_epoch(epoch, skip, step, loader, bad, model, generator, opt_d, opt_g, ctx, scaler, args,
@@ -477,7 +431,7 @@ def main(argv=None):
         measure_knn(knn, model, 0, device, ctx, log)  # the random-init anchor
 
     # loop
-    guard, progress = Guard(args, device, log), utils.Progress(step, args.epochs * len(loader))
+    guard, progress = utils.Guard(args, device, log), utils.Progress(step, args.epochs * len(loader))
     stopped = warned = False
     try:  # a DataError (too many bad videos) is raised on every rank at the same flush
         for epoch in range(start_epoch, args.epochs):

@@ -1726,8 +1726,8 @@ def test_two_phase_schedule_g_idle_then_trained_from_its_full_lr(small_tree, tmp
                                                      saved[2]["generator"].values()))
     epochs = [r for r in read_log(tmp_path, "epoch") if "loss" in r]
     assert epochs[0]["g_vs_random"] is None and all(r["g_vs_random"] > 0 for r in epochs[1:])
-    assert pretrain.cosine(5, 5, 10) == 1 and pretrain.cosine(4, 5, 10) == 0
-    assert pretrain.cosine(7, 5, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 2 / 5)))
+    assert utils.cosine(5, 5, 10) == 1 and utils.cosine(4, 5, 10) == 0
+    assert utils.cosine(7, 5, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 2 / 5)))
 
 
 def test_decay_start_uses_eq1_before_and_eq6_after(small_tree, tmp_path):
@@ -1740,13 +1740,13 @@ def test_decay_start_uses_eq1_before_and_eq6_after(small_tree, tmp_path):
 def test_cvrl_normalises_over_the_global_batch_under_ddp_on_cuda_only():
     lines = []
     bn = lambda m: [type(x) for x in m.modules() if isinstance(x, nn.modules.batchnorm._BatchNorm)]
-    cvrl = pretrain.global_batchnorm(methods.CVRL(TINY, dim=8, hidden=16), "cvrl",
+    cvrl = methods.global_batchnorm(methods.CVRL(TINY, dim=8, hidden=16), "cvrl",
                                      torch.device("cuda"), 2, lines.append)
     assert set(bn(cvrl)) == {nn.SyncBatchNorm}
     for method, device, world in (("cvrl", "cpu", 2), ("cvrl", "cuda", 1),
                                   ("videomoco", "cuda", 2)):
         model = methods.CVRL(TINY, dim=8, hidden=16) if method == "cvrl" else models.VideoMoCo(TINY, dim=8, K=16)
-        assert nn.SyncBatchNorm not in bn(pretrain.global_batchnorm(model, method,
+        assert nn.SyncBatchNorm not in bn(methods.global_batchnorm(model, method,
                                                                     torch.device(device), world, lines.append))
     assert lines == ["cvrl on 2 CPU processes: BN statistics per process (SyncBatchNorm needs CUDA)"]
 

@@ -352,6 +352,14 @@ class Progress:
         self.restart()
 
 
+def cosine(epoch, start, end):
+    """The factor of a half-cosine learning-rate schedule that starts at 1 in epoch `start` and ends
+    near 0 in epoch `end` - 1 (MoCo v2, per epoch); 0 before `start`."""
+    if epoch < start:
+        return 0.0
+    return 0.5 * (1 + math.cos(math.pi * (epoch - start) / max(end - start, 1)))
+
+
 class StopFlag:
     """Set by SIGTERM / SIGUSR1 (cluster pre-emption); all ranks agree on it at each step."""
 
@@ -370,6 +378,32 @@ def all_ranks_any(flags, device):
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
+
+
+class Guard:
+    """What every rank must decide alike at each step, in one all-reduce: skip a non-finite step
+    (and stop after --max-nonfinite in a row), stop on a signal, save a mid-epoch checkpoint."""
+
+    def __init__(self, args, device, log):
+        self.args, self.device, self.log = args, device, log
+        self.signal, self.nonfinite, self.last_save = StopFlag(), 0, time.time()
+        self.stop = self.save_due = False
+
+    def agree(self, finite):  # models.videomoco_step's `agree`: update or not
+        due = time.time() - self.last_save > self.args.save_every_min * 60
+        flags = [self.signal.set, not finite, due]
+        self.stop, nonfinite, self.save_due = all_ranks_any(flags, self.device)
+        return not nonfinite
+
+    def count(self, out, step):
+        if out["updated"]:
+            self.nonfinite = 0
+            return
+        self.nonfinite += 1
+        self.log(f"non-finite loss at step {step} (loss_d {out['loss_d'].item()}, {self.nonfinite} in a row): "
+                 "step skipped")
+        if self.nonfinite >= self.args.max_nonfinite:
+            raise SystemExit(f"error: {self.nonfinite} non-finite losses in a row; lower --lr or try --amp none")
 
 
 # -----------------------------------------------------------------------------
