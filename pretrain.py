@@ -1,9 +1,9 @@
 """
 Self-supervised pretraining: VideoMoCo (Pan et al., CVPR 2021).
 
-    python pretrain.py                                   # demo preset: built-in data, CPU, a few minutes
-    torchrun --nproc_per_node=8 pretrain.py --dataset kinetics --data-root /data/k400 --out runs/k400
-    torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 pretrain.py ...
+    python pretrain.py                  # demo preset: built-in data, CPU, a few minutes
+    torchrun --nproc_per_node=8 pretrain.py --dataset kinetics --data-root /data/k400 --out k400
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT pretrain.py
 
 The step, in paper terms. x is a clip, x_key another augmentation of the same clip. Before
 --adv-start, D is trained alone with MoCo's InfoNCE (Eq 1, with the decay of Eq 6). From --adv-start
@@ -39,98 +39,76 @@ METHODS = ("videomoco", "moco", "cvrl", "vclr")
 
 def get_args_parser():
     p = argparse.ArgumentParser("VideoMoCo pretraining", add_help=True)
-    # --dataset --data-root --split --frames --stride --crop --workers --max-bad-fraction
-    data.add_data_args(p)
+    data.add_data_args(p)  # --dataset --data-root --split --frames --stride --crop --workers ...
     # model
-    p.add_argument("--arch", default="r2plus1d_10", choices=models.ARCHS,
-                   help="encoder D (paper ablation: R(2+1)D-10)")
+    p.add_argument("--arch", default="r2plus1d_10", choices=models.ARCHS, help="encoder D")
     p.add_argument("--moco-dim", type=int, default=128, help="feature dimension (MoCo: 128)")
     p.add_argument("--moco-k", type=int, default=65536, help="queue size K in keys (paper: 65536)")
-    p.add_argument("--moco-m", type=float, default=0.999,
-                   help="momentum m of the key encoder, Eq 2 (paper: 0.999)")
-    p.add_argument("--moco-t", type=float, default=0.07,
-                   help="softmax temperature tau, Eq 1 (paper: 0.07)")
+    p.add_argument("--moco-m", type=float, default=0.999, help="momentum m, Eq 2 (paper: 0.999)")
+    p.add_argument("--moco-t", type=float, default=0.07, help="temperature tau, Eq 1 (paper: 0.07)")
     p.add_argument("--decay", type=float, default=0.99999,
-                   help="temporal decay t of Eq 6; 1 = plain MoCo (paper: 0.99999)")
+                   help="t of Eq 6; 1 = MoCo (paper: 0.99999)")
     p.add_argument("--decay-start", type=int, default=0,
-                   help="epoch from which D's loss is Eq 6; before it, Eq 1 (default 0: the decay "
-                        "is part of D's loss throughout)")
+                   help="epoch from which D's loss is Eq 6, not Eq 1")
     p.add_argument("--decay-unit", default="key", choices=("key", "step"),
-                   help="age i of Eq 6 counted in keys (paper's t^65536 = 0.52) or in enqueue "
-                        "steps (authors' code)")
+                   help="age i of Eq 6 in keys (paper) or in enqueue steps (authors' code)")
     p.add_argument("--shuffle-splits", type=int, default=2,
-                   help="sub-batches of the shuffle-BN emulation in a world of one")
+                   help="shuffle-BN processes emulated in one")
     p.add_argument("--mlp", action=argparse.BooleanOptionalAction, default=True,
-                   help="projection head: MoCo v2's MLP (default, measured in the README) or "
-                        "--no-mlp, MoCo v1's linear layer")
+                   help="MoCo v2's MLP projection head (default) or --no-mlp, MoCo v1's linear one")
     p.add_argument("--jitter", type=float, default=0.8,
-                   help="probability of colour jitter per clip (MoCo v2: 0.8)")
+                   help="P(colour jitter) per clip (MoCo v2: 0.8)")
     p.add_argument("--grayscale", type=float, default=0.2,
-                   help="probability of grayscale per clip (MoCo v2: 0.2)")
-    # method: VideoMoCo, its MoCo baseline, and the methods users compare it with, on the same code
+                   help="P(grayscale) per clip (MoCo v2: 0.2)")
+    # method: VideoMoCo, its MoCo baseline, and the methods users compare it with (methods.py)
     p.add_argument("--method", default="videomoco", choices=METHODS,
-                   help="videomoco; moco (= --generator none --decay 1); cvrl (Qian et al.); vclr (Kuang et al.)")
+                   help="videomoco; moco (= --generator none --decay 1); cvrl; vclr")
     p.add_argument("--cvrl-t", type=float, default=0.1,
-                   help="CVRL: temperature of the in-batch InfoNCE (CVRL: 0.1)")
-    p.add_argument("--cvrl-hidden", type=int, default=2048,
-                   help="CVRL: width of the 3-layer MLP head")
+                   help="CVRL: InfoNCE temperature (CVRL: 0.1)")
+    p.add_argument("--cvrl-hidden", type=int, default=2048, help="CVRL: width of its MLP head")
     p.add_argument("--cvrl-interval", default="linear", choices=data.INTERVALS,
-                   help="CVRL: distribution of the distance between the two clips (CVRL: linear, decreasing)")
-    p.add_argument("--segments", type=int, default=3,
-                   help="VCLR: segments per video, one clip each (VCLR: 3)")
-    p.add_argument("--order-weight", type=float, default=1.0,
-                   help="VCLR: weight of the temporal-order loss")
+                   help="CVRL: distribution of the distance between its two clips")
+    p.add_argument("--segments", type=int, default=3, help="VCLR: segments per video (VCLR: 3)")
+    p.add_argument("--order-weight", type=float, default=1.0, help="VCLR: weight of L_o")
     p.add_argument("--clip-weight", type=float, default=1.0,
-                   help="VCLR: weight of the clip-level InfoNCE (its 3-D variant; 0 = the 2-D "
-                        "recipe's losses)")
+                   help="VCLR: weight of L_clip (0: 2-D recipe)")
     # against the static-appearance shortcut
-    p.add_argument("--input", default="rgb", choices=models.INPUTS,
-                   help="encoder input: rgb frames, or residual frames x[t+1] - x[t] (Tao et al. 2020)")
+    p.add_argument("--input", default="rgb", choices=models.INPUTS, help="rgb or residual frames")
     p.add_argument("--background-erasing", type=float, default=0.0,
-                   help="probability of mixing a random frame of the query clip into all its "
-                        "frames (Wang et al. 2021)")
+                   help="P(a random frame of the query clip is mixed into all its frames)")
     p.add_argument("--be-weight", type=float, nargs=2, default=(0.1, 0.3), metavar=("LOW", "HIGH"),
-                   help="range of the background-erasing weight lambda")
-    # generator
+                   help="range of the background-erasing weight")
+    # generator G
     p.add_argument("--generator", default="convlstm", choices=("convlstm", "random", "none"),
-                   help="how frames are dropped: ConvLSTM G (adversarial), random (Table 1 "
-                        "ablation), none (MoCo baseline)")
-    p.add_argument("--drop-frames", type=int, default=None,
-                   help="k frames dropped of T, Eq 3 (default T/4: the paper's 8 of 32)")
+                   help="frames dropped by G (adversarial), at random (Table 1), or none (MoCo)")
+    p.add_argument("--drop-frames", type=int, default=None, help="k of Eq 3 (default T/4: 8 of 32)")
     p.add_argument("--g-hidden", type=int, default=256, help="LSTM hidden units of G (paper: 256)")
     p.add_argument("--g-width", type=int, default=32, help="channels of G's first conv layer")
-    p.add_argument("--g-lr", type=float, default=0.02,
-                   help="G's SGD learning rate (paper: 0.02, momentum 0.9, no weight decay)")
+    p.add_argument("--g-lr", type=float, default=0.02, help="G's SGD learning rate (paper: 0.02)")
     p.add_argument("--g-temperature", type=float, default=1.0,
-                   help="temperature of the straight-through soft mask")
+                   help="of the straight-through soft mask")
     p.add_argument("--g-ratio-every", type=int, default=10,
-                   help="adversarial steps between measurements of Eq 4 for G's drops / random "
-                        "drops (one extra "
-                        "forward of D without gradient; 1 = every step)")
+                   help="adversarial steps between measurements of G's drops against random ones")
     p.add_argument("--adv-start", type=int, default=None,
-                   help="epoch the adversarial phase starts (default: half the epochs)")
+                   help="first adversarial epoch (default: half)")
     # optimisation
     p.add_argument("--epochs", type=int, default=200, help="training epochs (paper: 200)")
-    p.add_argument("--batch-size", type=int, default=128,
-                   help="global batch size, all processes (paper: 128)")
-    p.add_argument("--lr", type=float, default=0.02,
-                   help="D's SGD learning rate at batch-size, cosine decay (paper: 0.02)")
+    p.add_argument("--batch-size", type=int, default=128, help="global batch size (paper: 128)")
+    p.add_argument("--lr", type=float, default=0.02, help="D's SGD lr, cosine decay (paper: 0.02)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
     p.add_argument("--wd", type=float, default=1e-4, help="D's weight decay (MoCo: 1e-4)")
     p.add_argument("--amp", default=None, choices=("bf16", "fp16", "none"),
                    help="autocast dtype (default: bf16 on CUDA, none on CPU)")
     # run
     p.add_argument("--out", default="runs/pretrain",
-                   help="output folder: ckpt.pt, backbone.pt, log.jsonl")
+                   help="ckpt.pt, backbone.pt, log.jsonl, curves.png")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--print-freq", type=int, default=20, help="steps between log lines")
     p.add_argument("--save-every-min", type=float, default=30,
-                   help="minutes between mid-epoch checkpoints")
+                   help="minutes between mid-epoch saves")
     p.add_argument("--max-nonfinite", type=int, default=20,
-                   help="abort after this many non-finite losses in a row")
-    p.add_argument("--knn-every", type=int, default=0,
-                   help="epochs between kNN top-1 measurements on the test split, epoch 0 (random "
-                        "init) included; 0 = off")
+                   help="non-finite losses in a row that stop")
+    p.add_argument("--knn-every", type=int, default=0, help="epochs between kNN monitors; 0 = off")
     return p
 
 
@@ -181,9 +159,11 @@ def train_step(model, generator, video, order, phase, args, opt_d, opt_g, ctx, s
 def settle_args(args, given, world):
     """Defaults that depend on other flags, and one-line errors for flags that do not fit."""
     if args.batch_size % world:
-        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
+        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} "
+                         "processes")
     if args.method == "moco":  # the paper's baseline row: no generator, no decay
-        if ("generator" in given and args.generator != "none") or ("decay" in given and args.decay != 1):
+        changed_g = "generator" in given and args.generator != "none"
+        if changed_g or ("decay" in given and args.decay != 1):
             raise SystemExit("error: --method moco means --generator none --decay 1")
         args.generator, args.decay = "none", 1.0
     if args.method in ("cvrl", "vclr"):
@@ -193,7 +173,8 @@ def settle_args(args, given, world):
     if args.drop_frames is None:
         args.drop_frames = max(args.frames // 4, 1)  # the paper's ratio, 8 of 32 (Sec 3.1: 25 %)
     if args.generator != "none" and not 0 < args.drop_frames < args.frames:
-        raise SystemExit(f"error: --drop-frames must be in 1..{args.frames - 1} for --frames {args.frames} "
+        raise SystemExit(f"error: --drop-frames must be in 1..{args.frames - 1} for --frames "
+                         f"{args.frames} "
                          "(no dropping is --generator none)")
     if args.g_ratio_every < 1:
         raise SystemExit(f"error: --g-ratio-every must be at least 1, got {args.g_ratio_every}")
@@ -223,14 +204,17 @@ def build_models(args, device, world, log):
     if world == 1:
         return model, generator, model, generator
     # every process starts from the same weights and queue (MoCo relies on identical queues)
-    for t in list(model.state_dict().values()) + list(generator.state_dict().values() if generator else []):
+    states = [model.state_dict()] + ([generator.state_dict()] if generator else [])
+    for t in [t for state in states for t in state.values()]:
         dist.broadcast(t, src=0)
     # no buffer sync: the queue is updated identically on every rank from gathered keys, so
     # re-broadcasting it (dim x K floats) every step, as DDP's default would, is pure traffic
     # (torch >= 2.14 renamed the switch broadcast_buffers to forward_sync_buffers)
-    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+    renamed = "forward_sync_buffers" in inspect.signature(DDP).parameters
+    no_sync = ({"forward_sync_buffers": False} if renamed
                else {"broadcast_buffers": False})
-    return model, generator, DDP(model, **no_sync), (DDP(generator) if generator is not None else None)
+    generator_ddp = DDP(generator) if generator is not None else None
+    return model, generator, DDP(model, **no_sync), generator_ddp
 
 
 def resume(path, args, model, generator, opt_d, opt_g, scaler, rank, log):
@@ -278,9 +262,10 @@ def save_checkpoint(path, args, model, generator, opt_d, opt_g, scaler, epoch, s
     utils.save_atomic({"kind": "pretrain", "method": args.method, "model": model.state_dict(),
                        "generator": generator.state_dict() if generator else None,
                        "opt_d": opt_d.state_dict(), "opt_g": opt_g.state_dict() if opt_g else None,
-                       "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "epoch_step": epoch_step,
-                       "args": vars(args), "rng": states}, path)
-    utils.save_atomic({k: v for k, v in model.encoder_q.state_dict().items() if not k.startswith("fc.")},
+                       "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
+                       "epoch_step": epoch_step, "args": vars(args), "rng": states}, path)
+    backbone = {k: v for k, v in model.encoder_q.state_dict().items() if not k.startswith("fc.")}
+    utils.save_atomic(backbone,
                       os.path.join(os.path.dirname(path), "backbone.pt"))
 
 
@@ -298,9 +283,10 @@ def epoch_schedule(args, epoch, opt_d, opt_g):
 
 def train_epoch(epoch, skip, step, loader, bad, model, generator, opt_d, opt_g, ctx, scaler, args,
                 guard, progress, save, log, device, world):
-    """One epoch, from its step `skip` on. Returns (step, phase, decay, sums, stopped): sums (6,) over
-    the updated steps: the contrastive loss, the instance accuracy, the feature spread, 1, and Eq 4's
-    distance for G's drops and for random ones (on the steps that measure it); stopped: by a signal."""
+    """One epoch, from its step `skip` on. Returns (step, phase, decay, sums, stopped): sums (6,)
+    over the updated steps: the contrastive loss, the instance accuracy, the feature spread, 1, and
+    Eq 4's distance for G's drops and for random ones (on the steps that measure it); stopped: by a
+    signal."""
     phase, decay = epoch_schedule(args, epoch, opt_d, opt_g)
     loader.sampler.set_epoch(epoch, skip * (args.batch_size // world))
     model.train()
@@ -324,7 +310,8 @@ def train_epoch(epoch, skip, step, loader, bad, model, generator, opt_d, opt_g, 
             if "l1_random" in out:
                 eq4 = (-out["loss_g"].detach().float(), out["l1_random"].float())
             one = torch.ones((), device=device)
-            sums += torch.stack([out.get("loss_nce", out["loss_d"]).detach().float(), out["acc"].float(),
+            sums += torch.stack([out.get("loss_nce", out["loss_d"]).detach().float(),
+                                 out["acc"].float(),
                                  utils.feature_spread(out["q"]), one, *eq4])
         step += 1
         progress.clips += args.batch_size
@@ -365,7 +352,8 @@ def log_epoch(epoch, phase, sums, chance, path, bad, log):
     loss, acc, spread = (sums[:3] / sums[3].clamp(min=1)).tolist()
     # G's drops against random drops of as many frames, Eq 4's distance on the same clips (Table 1)
     g_vs_random = (sums[4] / sums[5]).item() if phase == "adversarial" and sums[5] > 0 else None
-    log(f"epoch {epoch} done: loss {loss:.4f} (chance {chance:.4f}) acc {acc:.3f} spread {spread:.3f}"
+    log(f"epoch {epoch} done: loss {loss:.4f} (chance {chance:.4f}) acc {acc:.3f} "
+        f"spread {spread:.3f}"
         + (f"; Eq 4 distance of G's drops / random drops {g_vs_random:.3f}" if g_vs_random else "")
         + f"; {bad} bad videos skipped so far; saved {path}",
         curve=True, epoch=epoch + 1, loss=loss, acc=acc, spread=spread, chance=chance,
@@ -431,7 +419,8 @@ def main(argv=None):
         measure_knn(knn, model, 0, device, ctx, log)  # the random-init anchor
 
     # loop
-    guard, progress = utils.Guard(args, device, log), utils.Progress(step, args.epochs * len(loader))
+    guard, progress = utils.Guard(args, device, log), utils.Progress(step,
+                                                                     args.epochs * len(loader))
     stopped = warned = False
     try:  # a DataError (too many bad videos) is raised on every rank at the same flush
         for epoch in range(start_epoch, args.epochs):
@@ -458,14 +447,14 @@ def main(argv=None):
     if not stopped:
         if len(bad) and rank == 0:
             bad.write(os.path.join(args.out, "bad_videos.txt"))
-        knn_curve = [r["knn_top1"] for r in utils.read_epoch_log(log.path) if r.get("knn_top1") is not None] \
-            if knn is not None and rank == 0 else []
+        records = utils.read_epoch_log(log.path) if knn is not None and rank == 0 else []
+        knn_curve = [r["knn_top1"] for r in records if r.get("knn_top1") is not None]
         if len(knn_curve) > 1:
             log(f"kNN top-1 on the test split went from {knn_curve[0]:.3f} at random init to "
                 f"{knn_curve[-1]:.3f} "
                 f"after {args.epochs} epochs (chance {1 / knn.num_classes:.3f})")
         log(f"done. curves: {curves}; backbone: {os.path.join(args.out, 'backbone.pt')}\n"
-            f"next: python evaluate.py --ckpt {ckpt_path}  (kNN retrieval of the pretrained features)\n"
+            f"next: python evaluate.py --ckpt {ckpt_path}  (kNN retrieval of the features)\n"
             f"      python finetune.py --ckpt {ckpt_path} --out {args.out}-finetune")
     if dist.is_initialized():
         dist.destroy_process_group()
