@@ -3,8 +3,9 @@ Speed and memory targets, measured as ratios within one run (absolute times on s
 noise; ratios taken back to back are not).
 
     python bench.py            # both of the below
-    python bench.py --loader   # data pipeline vs the decoding limit and vs naive whole-video decoding
-    python bench.py --step     # VideoMoCo's adversarial step vs a plain MoCo step; Eq 6 vs Eq 1
+    python bench.py --loader   # data pipeline vs the decoding limit and vs naive whole-video
+    decoding python bench.py --step     # VideoMoCo's adversarial
+    step vs a plain MoCo step; Eq 6 vs Eq 1
 
 Targets: pipeline / limit >= 0.8, pipeline / naive >= 3, resident memory growth over 2,000
 iterations < 5 %; adversarial step / MoCo step <= 1.75; decayed / plain InfoNCE <= 1.05.
@@ -110,7 +111,8 @@ def bench_loader(args):
     root = os.path.join(os.path.expanduser("~"), ".cache", "videomoco", "bench-videos-v1")
     t0 = time.time()
     paths = make_bench_videos(root)
-    print(f"{len(paths)} videos, 320x240 XVID, 10 s each, in {root} ({time.time() - t0:.1f} s to prepare)")
+    print(f"{len(paths)} videos, 320x240 XVID, 10 s each, in {root} "
+          f"({time.time() - t0:.1f} s to prepare)")
     frames, workers, count = args.frames, args.workers, args.clips
     jobs = _jobs(paths, count, frames)
     samples = [(p, 0) for p in paths] * 50  # long epochs: no restart stalls inside a measurement
@@ -226,7 +228,8 @@ def bench_step(args):
         for decay in times:
             times[decay].append(_time(lambda: loss(decay), args.repeats * 4, device))
     plain, decayed = min(times[1.0]), min(times[0.99999])
-    print(f"InfoNCE (Eq 1) {plain * 1e3:.2f} ms, decayed InfoNCE (Eq 6) {decayed * 1e3:.2f} ms at N {n}, K {k}")
+    print(f"InfoNCE (Eq 1) {plain * 1e3:.2f} ms, decayed InfoNCE (Eq 6) {decayed * 1e3:.2f} ms "
+          f"at N {n}, K {k}")
     print(f"ratio decayed / plain InfoNCE = {decayed / plain:.3f}  (target <= 1.05)")
 
 

@@ -3,8 +3,9 @@ Video data for VideoMoCo: OpenCV clip reading, the official dataset layouts and 
 consistent augmentation. The built-in demo sets and the data tools are in datatools.py:
 
     python data.py demo [DIR] [--name demo-motion]       # write a built-in demo set (UCF101 layout)
-    python data.py check --dataset ucf101 --data-root R  # decode every listed video, report the bad ones
-    python data.py resize SRC DST --short-side 128       # re-encode a dataset tree for faster loading
+    python data.py check --dataset ucf101 --data-root R  # decode every listed video, report the bad
+    ones python data.py resize SRC DST --short-side 128       #
+    re-encode a dataset tree for faster loading
 
 Everything a stage script needs is here: `list_videos` (layouts), `VideoClips` (a Dataset returning
 normalised float clips (C, T, H, W)), `build_loader` (DataLoader with per-worker RNG streams and the
@@ -113,7 +114,8 @@ class VideoReader:
         self.pos = math.inf
 
     def count_frames(self):
-        """Decode-count the frames (grab only: no colour conversion). Leaves the reader at the end."""
+        """Decode-count the frames (grab only: no colour conversion). Leaves the reader at the
+        end."""
         self._reopen()
         n = 0
         while self.cap.grab():
@@ -123,7 +125,8 @@ class VideoReader:
         return n
 
     def frames(self, indices):
-        """Decode the frames at sorted unique `indices`; returns {index: frame} for those that exist."""
+        """Decode the frames at sorted unique `indices`; returns {index: frame} for those that
+        exist."""
         out = {}
         for index in indices:
             if self.real_frames is not None and index >= self.real_frames:
@@ -161,11 +164,12 @@ class VideoReader:
         if length == 0:
             raise VideoError("no decodable frames")
         if length < min_frames:
-            raise VideoError(f"too short: {length} frames decode, a clip needs at least {min_frames}")
+            raise VideoError(f"too short: {length} frames decode, a clip needs at least "
+                             f"{min_frames}")
         if length >= span:
             if rng is not None:
-                starts = [int(rng.integers(0,
-                                           length - span + 1)) if s + span > length else s for s in starts]
+                last = length - span
+                starts = [int(rng.integers(0, last + 1)) if s > last else s for s in starts]
             wanted = [min(s, length - span) + stride * np.arange(num_frames) for s in starts]
         else:
             wanted = [(stride * np.arange(num_frames)) % length for _ in starts]
@@ -179,7 +183,8 @@ class VideoReader:
 
 
 def min_clip_frames(frames):
-    """A video with fewer decodable frames than this is bad; a longer one shorter than a clip loops."""
+    """A video with fewer decodable frames than this is bad; a longer one shorter than a clip
+    loops."""
     return max(1, frames // 2)
 
 
@@ -425,7 +430,8 @@ class TrainTransform:
     Every parameter is drawn once per clip from `rng` and applied to all frames (CVRL Sec 3.1)."""
 
     def __init__(self, crop=112, scale=(0.2, 1.0), flip=0.5, jitter=0.8, grayscale=0.2):
-        self.crop, self.scale, self.flip, self.jitter, self.grayscale = crop, scale, flip, jitter, grayscale
+        self.crop, self.scale, self.flip = crop, scale, flip
+        self.jitter, self.grayscale = jitter, grayscale
 
     def __call__(self, frames, rng):  # uint8 (T, H, W, 3) -> float (3, T, crop, crop)
         y, x, h, w = random_resized_box(frames.shape[1], frames.shape[2], rng, self.scale)
@@ -480,8 +486,8 @@ def interval_probs(max_distance, shape="linear"):
 
 
 def cvrl_starts(rng, num_frames_video, span, shape="linear"):
-    """Start frames of CVRL's two clips of `span` frames: distance d ~ interval_probs, the pair placed
-    uniformly in the video, which clip comes first random."""
+    """Start frames of CVRL's two clips of `span` frames: distance d ~ interval_probs, the pair
+    placed uniformly in the video, which clip comes first random."""
     last = max(num_frames_video - span, 0)
     d = int(rng.choice(last + 1, p=interval_probs(last, shape)))
     first = int(rng.integers(0, last - d + 1))
@@ -490,9 +496,9 @@ def cvrl_starts(rng, num_frames_video, span, shape="linear"):
 
 
 def segment_starts(rng, num_frames_video, span, segments):
-    """VCLR's tuple (Kuang et al., Sec 3.2 and 5.3): the video is cut into `segments` equal parts and
-    one clip start is drawn uniformly in each, so the clip lies inside its segment when the segment
-    is long enough for it (else the clip starts in its segment and runs on)."""
+    """VCLR's tuple (Kuang et al., Sec 3.2 and 5.3): the video is cut into `segments` equal parts
+    and one clip start is drawn uniformly in each, so the clip lies inside its segment when the
+    segment is long enough for it (else the clip starts in its segment and runs on)."""
     bounds = np.linspace(0, num_frames_video, segments + 1)
     starts = []
     for j in range(segments):
@@ -573,11 +579,12 @@ class VideoClips(torch.utils.data.Dataset):
             elif self.temporal == "cvrl":
                 starts = cvrl_starts(rng, n, span, self.interval)
             elif self.temporal == "vclr":
-                starts = segment_starts(rng, n, span, self.segments) + segment_starts(rng, n, span, self.segments)
+                starts = [s for _ in range(2) for s in segment_starts(rng, n, span, self.segments)]
             else:
                 starts = [int(rng.integers(0, max(n - span, 0) + 1))]
+            move_rng = rng if self.mode == "train" and self.temporal == "same" else None
             clips = reader.clips(starts, self.frames, self.stride, min_frames=self.min_frames,
-                                 rng=rng if self.mode == "train" and self.temporal == "same" else None)
+                                 rng=move_rng)
         if self.mode == "test":
             video = torch.cat([self.transform(c, rng) for c in clips])
         elif self.temporal == "cvrl":
@@ -626,19 +633,21 @@ class VideoClips(torch.utils.data.Dataset):
 def collate(batch):
     """default_collate, except `bad` lists are concatenated rather than stacked."""
     bad = [b for sample in batch for b in sample["bad"]]
-    out = torch.utils.data.default_collate([{k: v for k, v in s.items() if k != "bad"} for s in batch])
+    out = torch.utils.data.default_collate([{k: v for k, v in s.items() if k != "bad"}
+                                            for s in batch])
     out["bad"] = bad
     return out
 
 
 class BadVideos:
     """Main-process record of skipped videos: logs each once (path and reason), counts them, and
-    stops the run (DataError) when more than `max_fraction` of the dataset is bad instead of training
-    on garbage. Listed-but-missing files count from the start.
+    stops the run (DataError) when more than `max_fraction` of the dataset is bad instead of
+    training on garbage. Listed-but-missing files count from the start.
 
     Under torch.distributed each rank meets the bad videos of its own shard: `update` only collects
-    them, and `flush` (a collective: every rank calls it at the same step) merges all ranks' reports,
-    so the count, the log and the decision to stop are global and the same on every rank."""
+    them, and `flush` (a collective: every rank calls it at the same step) merges all ranks'
+    reports, so the count, the log and the decision to stop are
+    global and the same on every rank."""
 
     def __init__(self, samples, missing=(), max_fraction=0.1, log=True):
         self.samples, self.max_fraction, self.log = samples, max_fraction, log
@@ -675,8 +684,8 @@ class BadVideos:
     def check(self):
         if len(self.paths) > self.max_fraction * self.total:
             raise DataError(f"{len(self.paths)} of {self.total} videos are unreadable or missing "
-                            f"(more than {self.max_fraction:.0%}); fix the data (python data.py check) "
-                            f"or raise --max-bad-fraction")
+                            f"(more than {self.max_fraction:.0%}); fix the data "
+                            "(python data.py check) or raise --max-bad-fraction")
 
     def write(self, path):
         with open(path, "w") as f:
@@ -750,7 +759,8 @@ def build_loader(dataset, batch_size, workers, train, seed=0):
 
 
 def add_data_args(p):
-    """The data flags every training script shares (paper defaults: 32 consecutive frames, crop 112)."""
+    """The data flags every training script shares (paper defaults: 32 consecutive frames, crop
+    112)."""
     p.add_argument("--dataset", default="demo", choices=DATASETS,
                    help="dataset layout (demo: the built-in set)")
     p.add_argument("--data-root", default=None,

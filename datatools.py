@@ -1,9 +1,11 @@
 """
-The built-in demo sets and the data tools of VideoMoCo; `python data.py demo|check|resize` runs main().
+The built-in demo sets and the data tools of VideoMoCo; `python
+data.py demo|check|resize` runs main().
 
     python data.py demo [DIR] [--name demo-motion]       # write a built-in demo set (UCF101 layout)
-    python data.py check --dataset ucf101 --data-root R  # decode every listed video, report the bad ones
-    python data.py resize SRC DST --short-side 128       # re-encode a dataset tree for faster loading
+    python data.py check --dataset ucf101 --data-root R  # decode every listed video, report the bad
+    ones python data.py resize SRC DST --short-side 128       #
+    re-encode a dataset tree for faster loading
 """
 
 import argparse
@@ -85,8 +87,8 @@ def _scene_background(rng, texture):
 
 def _demo_objects(rng, colors):
     return [dict(x=rng.uniform(0, DEMO_SIZE[0]), y=rng.uniform(0, DEMO_SIZE[1]),
-                 phase=rng.uniform(0, 1),
-                 size=rng.uniform(8, 20), speed=rng.uniform(2.0, 3.5), shape=int(rng.integers(0, 3)),
+                 phase=rng.uniform(0, 1), size=rng.uniform(8, 20), speed=rng.uniform(2.0, 3.5),
+                 shape=int(rng.integers(0, 3)),
                  color=colors[int(rng.integers(0, len(colors)))] + rng.normal(0, 20, 3))
             for _ in range(int(rng.integers(2, 4)))]
 
@@ -235,9 +237,11 @@ def _check_one(job):
     if real == 0:
         return path, "unreadable", "no decodable frames", claimed, real
     if real < min_frames:
-        return path, "too short", f"{real} frames, a clip needs at least {min_frames} to loop", claimed, real
+        why = f"{real} frames, a clip needs at least {min_frames} to loop"
+        return path, "too short", why, claimed, real
     if claimed != real:
-        return path, "frame-count mismatch", f"container claims {claimed}, {real} decode", claimed, real
+        why = f"container claims {claimed}, {real} decode"
+        return path, "frame-count mismatch", why, claimed, real
     return path, "ok", "", claimed, real
 
 

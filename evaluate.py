@@ -3,20 +3,22 @@ Evaluate a checkpoint: prints a short table, then one JSON object as the last li
 
     python evaluate.py --ckpt runs/demo-finetune/ckpt.pt              # 10-clip test: top1, top5
     python evaluate.py --ckpt runs/demo/ckpt.pt                       # pretraining: kNN retrieval
-    python evaluate.py --ckpt runs/demo-finetune/ckpt.pt --occlusion  # entropy / top-1 with frames dropped
-    python evaluate.py --ckpt runs/demo-finetune/ckpt.pt --cam 4 cams/ # Grad-CAM strips as PNG
-    python evaluate.py --ckpt runs/demo/ckpt.pt --motion              # does the encoder look at motion?
+    python evaluate.py --ckpt runs/demo-finetune/ckpt.pt --occlusion  # entropy / top-1 with frames
+    dropped python evaluate.py --ckpt runs/demo-finetune/ckpt.pt --cam 4 cams/ # Grad-CAM strips as
+    PNG python evaluate.py --ckpt runs/demo/ckpt.pt --motion        
+         # does the encoder look at motion?
 
 Finetuned checkpoint (finetune.py): `--clips` uniformly spaced clips per test video (x `--crops`),
-softmax averaged (the paper's protocol, Sec 4.2). Pretraining checkpoint, backbone.pt (with --arch) or
+softmax averaged (the paper's protocol, Sec 4.2). Pretraining
+checkpoint, backbone.pt (with --arch) or
 --knn: pooled backbone features of the train split (gallery) and test split (queries), L2-normalised
 per clip and averaged over clips; retrieval R@k is a hit when any of the k nearest train videos has
 the query's class (VCOP / CoCLR protocol); knn_top1 is a weighted k-NN vote (k = --knn-k, weights
-exp(cos / 0.07), as DINO). --occlusion (paper Sec 3.4): mean prediction entropy and top-1 with k of T
-frames dropped, none / random / chosen by the pretraining's generator G. --motion: how much the
-pooled features move when a clip's motion is removed (every frame = the middle one) or its frames are
-shuffled, relative to the distance between two different test clips (0 = the encoder ignores motion).
-Dataset and clip settings default to the checkpoint's; flags override them.
+exp(cos / 0.07), as DINO). --occlusion (paper Sec 3.4): mean prediction entropy and top-1 with k of
+T frames dropped, none / random / chosen by the pretraining's generator G. --motion: how much the
+pooled features move when a clip's motion is removed (every frame = the middle one) or its frames
+are shuffled, relative to the distance between two different test clips (0 = the encoder ignores
+motion). Dataset and clip settings default to the checkpoint's; flags override them.
 """
 
 import argparse
@@ -78,7 +80,8 @@ def get_args_parser():
     p.add_argument("--cam", nargs=2, metavar=("N", "DIR"), default=None,
                    help="write Grad-CAM strips of N test clips to DIR")
     p.add_argument("--batch-size", type=int, default=8, help="videos per batch")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="DataLoader workers")
     p.add_argument("--amp", default=None, choices=("bf16", "fp16", "none"),
                    help="autocast dtype (default: bf16 on CUDA)")
     p.add_argument("--seed", type=int, default=0,
@@ -118,7 +121,8 @@ def relative_shift(feats, changed):
 
 
 def freeze_motion(x):
-    """Every frame of the clips (N, C, T, H, W) replaced by the middle one: appearance kept, motion gone."""
+    """Every frame of the clips (N, C, T, H, W) replaced by the middle one: appearance kept, motion
+    gone."""
     return x[:, :, x.shape[2] // 2:x.shape[2] // 2 + 1].expand_as(x).contiguous()
 
 
@@ -130,8 +134,8 @@ def shuffle_frames(x, rng):
 
 
 def load_model(args):
-    """(kind, model, ckpt): a finetuned classifier, a pretrained encoder or a random-init one, with the
-    checkpoint's data settings filled into the flags not given."""
+    """(kind, model, ckpt): a finetuned classifier, a pretrained encoder or a random-init one, with
+    the checkpoint's data settings filled into the flags not given."""
     if args.ckpt is None:
         if args.arch is None:
             raise SystemExit("error: pass --ckpt, or --arch for a randomly initialised encoder "
@@ -140,7 +144,9 @@ def load_model(args):
     else:
         ckpt = utils.load_checkpoint(args.ckpt)
         kind = ckpt.get("kind", "backbone")
-        recorded = ckpt.get("input") or ckpt.get("args", {}).get("input") if kind != "backbone" else None
+        recorded = None
+        if kind != "backbone":
+            recorded = ckpt.get("input") or ckpt.get("args", {}).get("input")
     if args.input and recorded and args.input != recorded:
         raise SystemExit(f"error: {args.ckpt} was trained on {recorded} input; --input "
                          f"{args.input} does not match")
@@ -164,10 +170,10 @@ def load_model(args):
     elif kind == "backbone":
         if args.arch is None:
             raise SystemExit(f"error: {args.ckpt} is a bare backbone; pass --arch")
-        model = models.build_encoder(args.arch,
-                                     ckpt["fc.weight"].shape[0] if "fc.weight" in ckpt else 1, args.input)
-        utils.transfer_weights(model,
-                               {k: v for k, v in ckpt.items() if not k.startswith("fc.")}, args.ckpt)
+        dim = ckpt["fc.weight"].shape[0] if "fc.weight" in ckpt else 1
+        model = models.build_encoder(args.arch, dim, args.input)
+        backbone = {k: v for k, v in ckpt.items() if not k.startswith("fc.")}
+        utils.transfer_weights(model, backbone, args.ckpt)
         settings = DEMO_SETTINGS
     else:
         raise SystemExit(f"error: {args.ckpt} is a {kind} checkpoint; evaluate takes finetune or "
@@ -192,7 +198,9 @@ def occlusion_generator(args, ckpt, device):
                 "drop_frames": a["drop_frames"], "frames": a["frames"]}
     elif ckpt.get("generator"):
         spec = ckpt["generator"]
-    k = args.drop_frames or (round(spec["drop_frames"] * args.frames / spec["frames"]) if spec else args.frames // 4)
+    k = args.drop_frames
+    if not k:  # G's k scaled to these clips, else T/4
+        k = round(spec["drop_frames"] * args.frames / spec["frames"]) if spec else args.frames // 4
     if spec is None:
         return None, k
     generator = models.ConvLSTMGenerator(3, spec["hidden"], spec["width"])
@@ -227,7 +235,8 @@ def grad_cam(model, clip):
 
 def write_cam_strip(path, clip, cam, title, max_frames=8):
     """PNG strip: up to `max_frames` evenly spaced frames with the map overlaid, a title above."""
-    frames = (data.denormalize(clip[0].float().cpu()).clamp(0, 1).permute(1, 2, 3, 0).numpy() * 255).astype(np.uint8)
+    frames = data.denormalize(clip[0].float().cpu()).clamp(0, 1).permute(1, 2, 3, 0).numpy()
+    frames = (frames * 255).astype(np.uint8)  # (T, H, W, 3)
     cam = cam.cpu().numpy()
     picks = np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().astype(int)
     tiles = []
@@ -246,7 +255,8 @@ def write_cam_strip(path, clip, cam, title, max_frames=8):
 # -----------------------------------------------------------------------------
 
 def clip_average(outputs):
-    """{video index: (clips, D)} from per_video -> (sorted video indices (V,), (V, D) mean over clips)."""
+    """{video index: (clips, D)} from per_video -> (sorted video indices (V,), (V, D) mean over
+    clips)."""
     index = torch.tensor(sorted(outputs))
     return index, torch.stack([outputs[i].mean(0) for i in index.tolist()])
 
@@ -258,8 +268,9 @@ def classify(model, test_loader, labels, args, device, ctx):
     result = dict(top1=topk_accuracy(p, labels[index], 1),
                   top5=topk_accuracy(p, labels[index], min(5, p.shape[1])),
                   n_skipped=len(skipped), n_videos=len(index))
-    return result, (f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  ({len(index)} videos, "
-                    f"{args.clips} clips x {args.crops} crops, {len(skipped)} skipped)")
+    return result, (f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  "
+                    f"({len(index)} videos, {args.clips} clips x {args.crops} crops, "
+                    f"{len(skipped)} skipped)")
 
 
 def retrieval(model, test_loader, gallery_loader, labels, num_classes, args, device, ctx):
@@ -273,12 +284,13 @@ def retrieval(model, test_loader, gallery_loader, labels, num_classes, args, dev
                   n_skipped=len(q_skipped) + len(g_skipped), n_videos=len(q_index),
                   n_gallery=len(g_index))
     return result, ("retrieval " + "  ".join(f"{k} {v:.4f}" for k, v in recall.items())
-                    + f"  kNN top-1 {result['knn_top1']:.4f} (k={args.knn_k}; {len(q_index)} queries, "
-                    f"{len(g_index)} train videos)")
+                    + f"  kNN top-1 {result['knn_top1']:.4f} (k={args.knn_k}; "
+                    f"{len(q_index)} queries, {len(g_index)} train videos)")
 
 
 def occlusion(model, test_loader, labels, ckpt, args, device, ctx):
-    """Entropy and top-1 of a classifier with k frames dropped: none, at random, by the pretraining's G."""
+    """Entropy and top-1 of a classifier with k frames dropped: none, at random, by the
+    pretraining's G."""
     g_net, k = occlusion_generator(args, ckpt, device)
     drops = {"none": lambda x: x, "random": lambda x: models.random_drop(x, k)[0]}
     if g_net is not None:
@@ -292,15 +304,19 @@ def occlusion(model, test_loader, labels, ckpt, args, device, ctx):
         result[f"top1_{mode}"] = topk_accuracy(p, labels[index], 1)
     return result, (f"occlusion, {k} of {args.frames} frames dropped: " + "  ".join(
         f"{m}: entropy {result[f'entropy_{m}']:.3f} top-1 {result[f'top1_{m}']:.3f}" for m in drops)
-        + ("" if g_net is not None else "  (no generator: pass --gen-ckpt for the adversarial row)"))
+        + ("" if g_net is not None else
+           "  (no generator: pass --gen-ckpt for the adversarial row)"))
 
 
 def motion(model, test_loader, args, device, ctx):
     """How far pooled features move when a clip's motion is frozen or its frames are shuffled."""
     rng = torch.Generator().manual_seed(args.seed)
     with pooled_features(model):
-        feats, _ = per_video(lambda x: torch.cat([model(x), model(freeze_motion(x)),
-                                                  model(shuffle_frames(x, rng))], dim=1), test_loader, device, ctx)
+        def three(x):  # the clip, its motion frozen, its frames shuffled
+            return torch.cat([model(x), model(freeze_motion(x)), model(shuffle_frames(x, rng))],
+                             dim=1)
+
+        feats, _ = per_video(three, test_loader, device, ctx)
     # (V*C, D) each
     f, f_static, f_shuffled = torch.cat([feats[i] for i in sorted(feats)]).chunk(3, dim=1)
     if len(f) < 2:

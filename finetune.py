@@ -1,10 +1,11 @@
 """
 Supervised finetuning (or a linear probe) of a pretrained encoder on an action-recognition dataset.
 
-    python finetune.py --ckpt runs/demo/ckpt.pt                 # demo set, the pretraining's clip settings
-    python finetune.py                                          # demo set, random init (the baseline)
-    torchrun --nproc_per_node=8 finetune.py --ckpt runs/k400/ckpt.pt --dataset ucf101 --data-root /data/ucf101
-    python finetune.py --ckpt runs/k400/backbone.pt --arch r2plus1d_10 --linear ...   # linear probe
+    python finetune.py --ckpt runs/demo/ckpt.pt                 # demo set, the pretraining's clip
+    settings python finetune.py                                          # demo set, random init
+    (the baseline) torchrun --nproc_per_node=8 finetune.py --ckpt runs/k400/ckpt.pt --dataset ucf101
+    --data-root /data/ucf101 python finetune.py --ckpt runs/k400/backbone.pt
+    --arch r2plus1d_10 --linear ...   # linear probe
 
 The paper's protocol (Sec 4.2): 10 epochs, batch 32, lr 0.05, 32 frames, 112 crop, UCF101/HMDB51
 split 1; testing averages 10 uniformly spaced clips (python evaluate.py --ckpt OUT/ckpt.pt).
@@ -37,7 +38,7 @@ def get_args_parser():
     # --dataset --data-root --split --frames --stride --crop --workers --max-bad-fraction
     data.add_data_args(p)
     p.add_argument("--arch", default="r2plus1d_10", choices=models.ARCHS,
-                   help="encoder; a pretraining checkpoint's own arch by default (backbone.pt needs it)")
+                   help="encoder; the pretraining checkpoint's by default (backbone.pt needs it)")
     p.add_argument("--input", default=None, choices=models.INPUTS,
                    help="encoder input; the pretraining's by default (rgb for random init); a "
                         "mismatch is refused")
@@ -45,7 +46,7 @@ def get_args_parser():
                    help="epochs (paper: 10; linear probe default 30)")
     p.add_argument("--batch-size", type=int, default=32, help="global batch size (paper: 32)")
     p.add_argument("--lr", type=float, default=0.05,
-                   help="SGD learning rate, cosine decay (paper: 0.05; also the linear probe default)")
+                   help="SGD lr, cosine decay (paper: 0.05; also the linear probe's)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--wd", type=float, default=5e-4, help="weight decay (linear probe default 0)")
     p.add_argument("--amp", default=None, choices=("bf16", "fp16", "none"),
@@ -80,9 +81,12 @@ def quick_test(model, loader, device, ctx):
 
 def main(argv=None):
     args, given = utils.parse_args(get_args_parser(), argv)
-    source_arch, state, source = utils.backbone_from_checkpoint(args.ckpt) if args.ckpt else (None, None, None)
+    source_arch, state, source = None, None, None
+    if args.ckpt:
+        source_arch, state, source = utils.backbone_from_checkpoint(args.ckpt)
     if "arch" in given and source_arch and args.arch != source_arch:
-        raise SystemExit(f"error: --arch {args.arch} but {args.ckpt} was pretrained with {source_arch}")
+        raise SystemExit(f"error: --arch {args.arch} but {args.ckpt} was pretrained with "
+                         f"{source_arch}")
     # finetune with the pretraining's architecture and clip settings by default
     if source is not None:
         given |= set(utils.apply_preset(args, given,
@@ -98,7 +102,8 @@ def main(argv=None):
         utils.apply_preset(args, given, LINEAR_DEFAULTS)
     rank, world, device = utils.init_distributed()
     if args.batch_size % world:
-        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
+        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} "
+                         "processes")
     os.makedirs(args.out, exist_ok=True)
     log = utils.Logger(args.out, rank)
     if preset:
@@ -119,7 +124,8 @@ def main(argv=None):
     loader = data.build_loader(train_set, per_rank, args.workers, train=True, seed=args.seed)
     test_loader = data.build_loader(test_set, per_rank, args.workers, train=False, seed=args.seed)
     if len(loader) == 0:
-        raise SystemExit(f"error: {len(train_set)} videos give no full batch of {per_rank} per process")
+        raise SystemExit(f"error: {len(train_set)} videos give no full batch of {per_rank} "
+                         "per process")
 
     # model: pretrained backbone, new classifier head
     model = models.build_encoder(args.arch, len(classes), args.input)
@@ -160,7 +166,8 @@ def main(argv=None):
                          "drop_frames": source["args"]["drop_frames"],
                          "frames": source["args"]["frames"]}
         utils.save_atomic({
-            "kind": "finetune", "model": model.state_dict(), "arch": args.arch, "input": args.input, "classes": classes,
+            "kind": "finetune", "model": model.state_dict(), "arch": args.arch, "input": args.input,
+            "classes": classes,
             "linear": args.linear, "source": args.ckpt, "generator": generator,
             "data": {k: getattr(args, k) for k in ("dataset", "data_root", "split", "frames",
                                                    "stride", "crop")},

@@ -2,10 +2,12 @@
 (`pretrain.py --method cvrl|vclr`), and background erasing, a switch against the static-appearance
 shortcut. models.py holds VideoMoCo itself.
 
-    CVRL (Qian et al., CVPR 2021): temporally consistent spatial augmentation, two clips of a video at
+    CVRL (Qian et al., CVPR 2021): temporally consistent spatial
+    augmentation, two clips of a video at
         a distance drawn from a decreasing distribution, SimCLR's InfoNCE over the global batch.
     VCLR (Kuang et al., ICCV 2021): segment-level positives (tuples of one clip per segment), a
-        video-level MoCo loss, temporal-order regularisation and, in its 3-D variant, a clip-level loss.
+        video-level MoCo loss, temporal-order regularisation and,
+        in its 3-D variant, a clip-level loss.
 """
 import contextlib
 
@@ -20,8 +22,8 @@ from models import VideoMoCo, decayed_infonce, is_distributed, projection_head
 def background_erasing(x, p, weight=(0.1, 0.3), generator=None):
     """Background erasing (Wang et al., CVPR 2021, "Removing the background by adding the
     background"): with probability p per clip, a randomly chosen frame r of the same clip is mixed
-    into every frame, x'_t = (1 - lam) x_t + lam x_r, lam ~ U(weight). The added component lam x_r is
-    constant over time, so static appearance stops being a reliable cue for telling clips apart.
+    into every frame, x'_t = (1 - lam) x_t + lam x_r, lam ~ U(weight). The added component lam x_r
+    is constant over time, so static appearance stops being a reliable cue for telling clips apart.
     x: (N, C, T, H, W). Returns (x', lam (N,), r (N,)); lam = 0 where the clip was left alone."""
     n, t = x.shape[0], x.shape[2]
     applied = torch.rand(n, generator=generator) < p
@@ -69,9 +71,10 @@ def nt_xent(z1, z2, tau):
 
     z1, z2: (N, dim) projections of the two clips, normalised here. Every process must pass the same
     N (drop_last), since local row n is global row rank * N + n. Each process's loss is its share of
-    the global mean: with gather_with_grad the gradient w.r.t. the local z is world_size times that of
-    the global mean loss, and DistributedDataParallel's averaging divides it back, so the parameters
-    get exactly the gradient of the global-batch loss. Computed in float32 even under autocast.
+    the global mean: with gather_with_grad the gradient w.r.t. the local z is world_size times that
+    of the global mean loss, and DistributedDataParallel's averaging divides it back, so the
+    parameters get exactly the gradient of the global-batch loss.
+    Computed in float32 even under autocast.
     """
     with torch.autocast(device_type=z1.device.type, enabled=False):
         n = z1.shape[0]
@@ -100,8 +103,8 @@ class CVRL(nn.Module):
     Linear, then BN, ReLU, Linear(hidden, hidden), BN, ReLU, Linear(hidden, dim). Downstream code
     keeps encoder_q without `fc`, as for VideoMoCo; `head` is dropped with everything else.
     Both clips go through the encoder in one batch (SimCLR concatenates its views the same way), so
-    BN statistics span both views; pretrain.py converts to SyncBatchNorm under DDP on CUDA, for CVRL's
-    BN over the global batch.
+    BN statistics span both views; pretrain.py converts to SyncBatchNorm under DDP on CUDA, for
+    CVRL's BN over the global batch.
     """
 
     def __init__(self, base_encoder, dim=128, hidden=2048, T=0.1):
@@ -122,8 +125,8 @@ class CVRL(nn.Module):
 
 
 def video_embedding(clip_embeddings):
-    """VCLR Eq 4/5 with the average as consensus: (N, S, dim) L2-normalised embeddings of the S clips
-    of a tuple -> (N, dim) L2-normalised video-level embedding."""
+    """VCLR Eq 4/5 with the average as consensus: (N, S, dim) L2-normalised embeddings of the S
+    clips of a tuple -> (N, dim) L2-normalised video-level embedding."""
     return F.normalize(clip_embeddings.mean(dim=1), dim=1)
 
 
@@ -136,12 +139,13 @@ class VCLR(VideoMoCo):
     8: the clip-level InfoNCE of its baseline plus the two losses of Sec 3):
       L_clip, clip-level InfoNCE in MoCo form: q is the embedding of the anchor's first clip (as
         the tuple is given, possibly shuffled) from encoder_q, k that of the positive tuple's clip
-        from the same segment from the momentum encoder; negatives from a queue of clip-level keys of
-        its own (`clip_queue`). The pair is two clips of one segment, each with its tuple's
+        from the same segment from the momentum encoder; negatives from a queue of clip-level keys
+        of its own (`clip_queue`). The pair is two clips of one segment, each with its tuple's
         augmentation. clip_weight 0 gives the 2-D recipe's L_v + order_weight * L_o.
       L_v, the video-level contrastive loss (Sec 3.2, Eq 4-6) in MoCo form: q is the video embedding
-        (`video_embedding`) of the anchor tuple from encoder_q, k that of the positive tuple from the
-        momentum encoder with shuffle-BN; negatives from the queue (Eq 5 of VideoMoCo, no decay).
+        (`video_embedding`) of the anchor tuple from encoder_q, k that of the positive tuple from
+        the momentum encoder with shuffle-BN; negatives from the
+        queue (Eq 5 of VideoMoCo, no decay).
       L_o, the temporal order regularisation (Sec 3.3, Eq 7-10): the normalised per-clip embeddings
         of both tuples, concatenated in tuple order and in the clip order given, -> `order_head`
         (a linear classifier) -> 4 classes: 0 both tuples in order, 1 the first shuffled, 2 the
@@ -170,13 +174,13 @@ class VCLR(VideoMoCo):
         given (needed for L_clip; the data loader's "segments").
 
         Returns {"loss", "loss_nce" (L_v), "loss_order" (L_o), "loss_clip" (L_clip, or None),
-        "acc" (top-1 of the positive key), "order_acc", "q", "k" (N, dim), "order_logits" (N, 4)}. As in VideoMoCo.forward, the momentum
-        update and the enqueue happen only in training mode.
+        "acc" (top-1 of the positive key), "order_acc", "q", "k" (N, dim), "order_logits" (N, 4)}.
+        As in VideoMoCo.forward, the momentum update and the enqueue happen only in training mode.
         """
         n, s = anchor.shape[:2]
         if s != self.segments or positive.shape[:2] != anchor.shape[:2]:
-            raise ValueError(f"VCLR needs anchor, positive of shape (N, {self.segments}, 3, T, H, W), "
-                             f"got {tuple(anchor.shape)} and {tuple(positive.shape)}")
+            raise ValueError(f"VCLR needs anchor, positive of shape (N, {self.segments}, 3, T, H, "
+                             f"W), got {tuple(anchor.shape)} and {tuple(positive.shape)}")
         if self.clip_weight and (segments is None or tuple(segments.shape) != (n, 2, s)):
             raise ValueError(f"VCLR's clip-level loss needs segments of shape ({n}, 2, {s}) "
                              "(or clip_weight=0)")
@@ -196,7 +200,8 @@ class VCLR(VideoMoCo):
 
         # (N, 2*S*dim): the anchor's clips then the positive's, each in the order given (Eq 9)
         # (N, S, dim)
-        clip_p = F.normalize(self.encode_query(positive.flatten(0, 1)).float(), dim=1).view(n, s, -1)
+        clip_p = F.normalize(self.encode_query(positive.flatten(0, 1)).float(), dim=1)
+        clip_p = clip_p.view(n, s, -1)
         order_input = torch.cat([clip_q, clip_p], dim=1).reshape(n, -1)
         order_logits = self.order_head(order_input).float()  # (N, 4)
         loss_order = F.cross_entropy(order_logits, order)

@@ -136,7 +136,8 @@ def build_encoder(arch, num_classes, input="rgb"):
     VideoResNet with one BasicBlock per stage (the 14.4M-parameter nets of VCOP and the paper), so
     their state dicts load strictly into torchvision's classes. input="residual" makes the encoder
     turn every clip it is given into residual frames first (a forward pre-hook: no parameters, the
-    state dict and its torchvision compatibility are unchanged; the mode is recorded in checkpoints).
+    state dict and its torchvision compatibility are unchanged;
+    the mode is recorded in checkpoints).
     """
     if arch in ("r3d_18", "r2plus1d_18", "mc3_18"):
         encoder = getattr(tv_video, arch)(weights=None, num_classes=num_classes)
@@ -172,14 +173,14 @@ def projection_head(in_features, dim, mlp=False):
     MoCo v2's MLP (Linear, ReLU, Linear; --mlp). (in_features,) -> (dim,).
 
     Initialised with nn.Linear's own default (uniform, std 1/sqrt(3 * fan_in)), as MoCo's builder
-    gets from torchvision's image ResNet, and *not* with the normal(0, 0.01) that torchvision's video
-    ResNets (and `_init_weights`) give a classifier. The embedding is L2-normalised, so the forward
-    ignores the head's scale, but SGD does not: the gradient w.r.t. W scales as 1/|W|, so a step
-    changes W's direction in proportion to lr / |W|^2, 6x (R(2+1)D/R3D, 512 -> 128) to 25x (tiny,
-    128 -> 128) more than with the default init. Pooled post-ReLU features share a large mean mu, so a
-    large step dW ~ g mu^T adds the same vector to every output: the embeddings collapse onto one
-    direction, where InfoNCE's gradient (proportional to their spread) vanishes and the loss sits at
-    ln(K+1). Measured in the README's "Why the pretraining did not learn"."""
+    gets from torchvision's image ResNet, and *not* with the normal(0, 0.01) that torchvision's
+    video ResNets (and `_init_weights`) give a classifier. The embedding is L2-normalised, so the
+    forward ignores the head's scale, but SGD does not: the gradient w.r.t. W scales as 1/|W|, so a
+    step changes W's direction in proportion to lr / |W|^2, 6x (R(2+1)D/R3D, 512 -> 128) to 25x
+    (tiny, 128 -> 128) more than with the default init. Pooled post-ReLU features share a large mean
+    mu, so a large step dW ~ g mu^T adds the same vector to every output: the embeddings collapse
+    onto one direction, where InfoNCE's gradient (proportional to their spread) vanishes and the
+    loss sits at ln(K+1). Measured in RESULTS.md, "Why the pretraining did not learn"."""
     if mlp:
         return nn.Sequential(nn.Linear(in_features, in_features), nn.ReLU(inplace=True),
                              nn.Linear(in_features, dim))
@@ -233,12 +234,13 @@ def drop_frames(x, importance, k, temperature=1.0):
     The selection is discrete, so G gets a straight-through gradient: the forward value is the hard
     top-k mask, the backward is that of soft = sigmoid((importance - thr) / temperature), thr the
     midpoint between the k-th and (k+1)-th largest importance (no gradient through thr). We write
-    mask = hard + (soft - soft.detach()): the bracket is exactly zero, so the forward mask is exactly
-    0 or 1 (hard + soft - soft.detach() could round 1 to 1 - 2^-24) and kept frames are bit-identical.
-    Trained this way against a fixed D, G learns to drop the frames whose removal moves D most (see
+    mask = hard + (soft - soft.detach()): the bracket is exactly zero, so the forward mask is
+    exactly 0 or 1 (hard + soft - soft.detach() could round 1 to 1 - 2^-24) and kept frames are
+    bit-identical. Trained this way against a fixed D, G learns to drop the frames whose removal
+    moves D most (see
     test_generator_trained_against_a_fixed_d_drops_frames_that_move_d_more_than_random); the
-    estimate is only informative once D responds sensibly to clips, which is why the paper first
-    trains D alone.
+    estimate is only informative once D responds sensibly to clips,
+    which is why the paper first trains D alone.
     """
     n, t = importance.shape
     if not 0 <= k < t:
@@ -256,7 +258,8 @@ def drop_frames(x, importance, k, temperature=1.0):
 
 def random_drop(x, k, generator=None):
     """The paper's "random dropout" ablation (Table 1): k uniformly random frames per clip are
-    dropped as in `drop_frames` (zeros), no gradient. Returns (x_query, mask (N, T), 1 = dropped)."""
+    dropped as in `drop_frames` (zeros), no gradient. Returns
+    (x_query, mask (N, T), 1 = dropped)."""
     n, t = x.shape[0], x.shape[2]
     if not 0 <= k < t:
         raise ValueError(f"random_drop needs 0 <= k < T, got k={k}, T={t}")
@@ -275,7 +278,7 @@ def is_distributed():
 
 @torch.no_grad()
 def concat_all_gather(t):
-    """Concatenate `t` from all processes along dim 0 (no gradient); `t` itself in a world of one."""
+    """Concatenate `t` from all processes along dim 0 (no gradient); `t` in a world of one."""
     if not is_distributed():
         return t
     gathered = [torch.empty_like(t) for _ in range(dist.get_world_size())]
@@ -329,15 +332,17 @@ class VideoMoCo(nn.Module):
     @torch.no_grad()
     def momentum_update(self):
         """Eq 2 on the parameters, as MoCo: encoder_k's BN running statistics are its own (keys are
-        encoded in train mode, so they are never read during pretraining; only encoder_q is exported)."""
+        encoded in train mode, so they are never read during
+        pretraining; only encoder_q is exported)."""
         momentum_update_(self.encoder_k.parameters(), self.encoder_q.parameters(), self.m)
 
     def encode_query(self, x_query):
         """encoder_q on the queries (N, dim), not normalised. MoCo normalises each process's queries
-        with that process's BN statistics; in a world of one, `shuffle_splits` processes are emulated
-        (as MoCo's single-GPU CIFAR demo does with SplitBatchNorm): the queries are normalised in that
-        many contiguous sub-batches, and `encode_key` gives the keys shuffled sub-batches of the same
-        size, so a query and its key share BN statistics no more than across S real processes."""
+        with that process's BN statistics; in a world of one, `shuffle_splits` processes are
+        emulated (as MoCo's single-GPU CIFAR demo does with SplitBatchNorm): the queries are
+        normalised in that many contiguous sub-batches, and `encode_key` gives the keys shuffled
+        sub-batches of the same size, so a query and its key share BN
+        statistics no more than across S real processes."""
         if is_distributed() or not self.training or self.shuffle_splits <= 1:
             return self.encoder_q(x_query)
         chunks = torch.tensor_split(x_query, min(self.shuffle_splits, x_query.shape[0]))
@@ -375,7 +380,7 @@ class VideoMoCo(nn.Module):
         around the end; any K and batch size. Equivalent to enqueueing the keys one at a time: a
         batch larger than K leaves its newest K keys. Ages as in the class docstring. `name`: the
         buffers NAME, NAME_ptr and NAME_age (VCLR keeps a second queue of clip-level keys)."""
-        queue, queue_ptr, queue_age = (getattr(self, name + suffix) for suffix in ("", "_ptr", "_age"))
+        queue, queue_ptr, queue_age = (getattr(self, name + end) for end in ("", "_ptr", "_age"))
         keys = concat_all_gather(keys)  # (B, dim)
         if not torch.isfinite(keys).all():
             # a diverged key encoder must not poison the queue; every rank sees the same keys
@@ -403,7 +408,8 @@ class VideoMoCo(nn.Module):
                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
         stats = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in bns]
         for m, (mean, var, count) in zip(bns, stats):
-            m.running_mean, m.running_var, m.num_batches_tracked = mean.clone(), var.clone(), count.clone()
+            m.running_mean, m.running_var = mean.clone(), var.clone()
+            m.num_batches_tracked = count.clone()
         try:
             q = F.normalize(self.encode_query(random_drop(x, k)[0]), dim=1)
         finally:
@@ -452,7 +458,8 @@ def decay_weights(age, decay):
 
 def infonce_chance(age, decay):
     """The value of Eq 6 when every logit is the same (collapsed features, or a model that has
-    learned nothing): ln(1 + sum_i t^age_i) over the queue's ages; ln(K + 1) for Eq 1 (decay == 1)."""
+    learned nothing): ln(1 + sum_i t^age_i) over the queue's
+    ages; ln(K + 1) for Eq 1 (decay == 1)."""
     return math.log1p(decay_weights(age, decay).sum().item())
 
 
@@ -538,7 +545,8 @@ def videomoco_step(model, x, x_key, opt_d, generator=None, opt_g=None, k=8, temp
         x_query_in = x_query.detach().requires_grad_(generator is not None)
         out = model(x_query_in, x_key, x if generator is not None else None, decay)
         if generator is not None and compare_random:
-            out["l1_random"] = getattr(model, "module", model).random_drop_distance(x, out["q_full"], k)
+            videomoco = getattr(model, "module", model)  # under DistributedDataParallel
+            out["l1_random"] = videomoco.random_drop_distance(x, out["q_full"], k)
     loss_d, loss_g = out["loss_d"], out["loss_g"]
     finite = bool(torch.isfinite(loss_d)) and (loss_g is None or bool(torch.isfinite(loss_g)))
     out.update(x_query=x_query, updated=agree(finite) if agree is not None else finite)

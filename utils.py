@@ -53,7 +53,8 @@ def pooled_features(model):
 @torch.no_grad()
 def per_video(fn, loader, device, ctx):
     """fn(clips (V*C, 3, T, H, W)) -> (V*C, D) per clip; returns {index: (C, D) cpu float}, skipped
-    indices, over all ranks. Each batch holds V videos of C clips; invalid (bad) videos are skipped."""
+    indices, over all ranks. Each batch holds V videos of C
+    clips; invalid (bad) videos are skipped."""
     results, skipped = [], []
     for batch in loader:
         video = batch["video"].to(device, non_blocking=True)  # (V, C, 3, T, H, W)
@@ -69,12 +70,14 @@ def per_video(fn, loader, device, ctx):
 
 
 def video_features(model, loader, device, ctx):
-    """(features (V, D), video indices (V,), skipped): the pooled features of each clip, L2-normalised,
-    averaged over the video's clips and normalised again; the model is used as it is (eval mode)."""
+    """(features (V, D), video indices (V,), skipped): the pooled features of each clip,
+    L2-normalised, averaged over the video's clips and normalised again;
+    the model is used as it is (eval mode)."""
     with pooled_features(model):
         feats, skipped = per_video(lambda x: F.normalize(model(x), dim=1), loader, device, ctx)
     index = torch.tensor(sorted(feats), dtype=torch.long)
-    return F.normalize(torch.stack([feats[i].mean(0) for i in index.tolist()]), dim=1), index, skipped
+    pooled = torch.stack([feats[i].mean(0) for i in index.tolist()])
+    return F.normalize(pooled, dim=1), index, skipped
 
 
 def knn_predict(query, gallery, gallery_labels, num_classes, k=20, temperature=0.07):
@@ -88,7 +91,8 @@ def knn_predict(query, gallery, gallery_labels, num_classes, k=20, temperature=0
 class KNNMonitor:
     """Weighted 20-NN top-1 of an encoder's pooled features during pretraining (MoCo's CIFAR demo,
     solo-learn's online kNN): the train split is the gallery, the test split the queries, one centre
-    clip per video (evaluate.py uses 10). The clips are decoded on every call, so nothing is cached."""
+    clip per video (evaluate.py uses 10). The clips are decoded
+    on every call, so nothing is cached."""
 
     def __init__(self, args, workers, k=20):
         self.k = k
@@ -131,7 +135,8 @@ def collapse_warning(loss, spread, chance):
     """One line for an epoch whose mean contrastive loss stayed within 2 % of its chance level or
     whose mean feature spread stayed near 0, else None."""
     if loss >= COLLAPSE_LOSS_FRACTION * chance:
-        why = f"the contrastive loss ({loss:.3f}) stayed within 2% of its chance level {chance:.3f},"
+        why = (f"the contrastive loss ({loss:.3f}) stayed within 2% of its chance level "
+               f"{chance:.3f},")
     elif spread < COLLAPSE_SPREAD:
         why = f"the feature spread ({spread:.3f}) stayed near 0 (collapse),"
     else:
@@ -164,7 +169,8 @@ def _panel(records, key, title, ref_key, size=(400, 250)):
     img = np.full((h, w, 3), 255, np.uint8)
     left, right, top, bottom = 52, 12, 26, 30
     cv2.putText(img, title, (left, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-    points = [(r["epoch"], r[key]) for r in records if r.get(key) is not None and math.isfinite(r[key])]
+    points = [(r["epoch"], r[key]) for r in records
+              if r.get(key) is not None and math.isfinite(r[key])]
     refs = [r[ref_key] for r in records if ref_key and r.get(ref_key) is not None]
     if not points:
         cv2.putText(img, "no data", (w // 2 - 30, h // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
@@ -292,7 +298,7 @@ def save_atomic(obj, path):
 
 
 def load_checkpoint(path, kind=None):
-    """torch.load(weights_only=True) with one clear line for a missing, corrupt or wrong-kind file."""
+    """torch.load(weights_only=True), one clear line for a missing, corrupt or wrong-kind file."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -328,8 +334,8 @@ def format_eta(seconds):
 
 class Progress:
     """The progress line of a training loop: "epoch E step S/TOTAL <shown> R clips/s eta H:MM:SS
-    <tail>", logged with the same fields. Count trained clips in `clips`; `restart()` at the start of
-    an epoch, so that evaluation between epochs does not count as training time."""
+    <tail>", logged with the same fields. Count trained clips in `clips`; `restart()` at the start
+    of an epoch, so that evaluation between epochs does not count as training time."""
 
     def __init__(self, step, total_steps):
         self.first_step, self.total, self.t_start = step, total_steps, time.time()
@@ -400,10 +406,11 @@ class Guard:
             self.nonfinite = 0
             return
         self.nonfinite += 1
-        self.log(f"non-finite loss at step {step} (loss_d {out['loss_d'].item()}, {self.nonfinite} in a row): "
-                 "step skipped")
+        self.log(f"non-finite loss at step {step} (loss_d {out['loss_d'].item()}, "
+                 f"{self.nonfinite} in a row): step skipped")
         if self.nonfinite >= self.args.max_nonfinite:
-            raise SystemExit(f"error: {self.nonfinite} non-finite losses in a row; lower --lr or try --amp none")
+            raise SystemExit(f"error: {self.nonfinite} non-finite losses in a row; "
+                             "lower --lr or try --amp none")
 
 
 # -----------------------------------------------------------------------------
@@ -413,7 +420,8 @@ def backbone_state(ckpt):
     """(arch, query-encoder state dict without the projection head `fc`) of a loaded pretraining
     checkpoint, whatever its method (all of them keep the encoder under `encoder_q.`)."""
     prefix = "encoder_q."
-    state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix) and not k.startswith(prefix + "fc.")}
+    state = {k[len(prefix):]: v for k, v in ckpt["model"].items()
+             if k.startswith(prefix) and not k.startswith(prefix + "fc.")}
     return ckpt["args"]["arch"], state
 
 
@@ -425,8 +433,8 @@ def backbone_from_checkpoint(path):
         arch, state = backbone_state(ckpt)
         return arch, state, ckpt
     if "kind" in ckpt:
-        raise SystemExit(f"error: {path} is a {ckpt['kind']} checkpoint; finetuning starts from a pretraining "
-                         "checkpoint or a backbone.pt")
+        raise SystemExit(f"error: {path} is a {ckpt['kind']} checkpoint; finetuning starts from a "
+                         "pretraining checkpoint or a backbone.pt")
     # backbone.pt: a bare state dict
     return None, {k: v for k, v in ckpt.items() if not k.startswith("fc.")}, None
 
@@ -443,8 +451,8 @@ def transfer_weights(model, state, source):
     missing = [k for k in result.missing_keys if not k.startswith("fc.")]
     if missing or result.unexpected_keys:
         if len(missing) > len(state) // 2:
-            raise SystemExit(f"error: {source} does not match the architecture: {len(missing)} missing keys, "
-                             f"e.g. {missing[0]}; pass the right --arch")
+            raise SystemExit(f"error: {source} does not match the architecture: {len(missing)} "
+                             f"missing keys, e.g. {missing[0]}; pass the right --arch")
         print(f"weight transfer from {source}: {len(missing)} missing keys {missing[:3]}, "
               f"{len(result.unexpected_keys)} unexpected {result.unexpected_keys[:3]}")
     return len(state) - len(result.unexpected_keys)
@@ -452,10 +460,10 @@ def transfer_weights(model, state, source):
 
 def add_probe_norm(model):
     """The linear probe's classifier: a BatchNorm without affine parameters standardises each frozen
-    feature before `fc` (as MAE's linear probe does); it is still a linear classifier. Without it the
-    probe's learning rate means something different for every encoder: here a random-init encoder's
-    pooled features have norm ~0.5 and a pretrained one's ~6, so one lr underfits the first and
-    overshoots the second. The head becomes fc = Sequential(BatchNorm1d, Linear)."""
+    feature before `fc` (as MAE's linear probe does); it is still a linear classifier. Without it
+    the probe's learning rate means something different for every encoder: here a random-init
+    encoder's pooled features have norm ~0.5 and a pretrained one's ~6, so one lr underfits the
+    first and overshoots the second. The head becomes fc = Sequential(BatchNorm1d, Linear)."""
     model.fc = nn.Sequential(nn.BatchNorm1d(model.fc.in_features, affine=False), model.fc)
     return model
 
