@@ -1,7 +1,7 @@
 """
-Tests for VideoMoCo. Small shapes, CPU, seconds each; every video is a real file encoded by OpenCV in a
-temporary folder, so the decoding path is always exercised. Every equation is compared with a naive
-loop. Run: python -m pytest -q test_videomoco.py
+Tests for VideoMoCo. Small shapes, CPU, seconds each; every video is a real file encoded by OpenCV
+in a temporary folder, so the decoding path is always exercised. Every equation is compared with a
+naive loop. Run: python -m pytest -q test_videomoco.py
 """
 
 import contextlib
@@ -40,7 +40,7 @@ TINY = models.encoder_builder("tiny")  # base_encoder of the small models in the
 
 
 def read_clip(path, start, num_frames, stride=1):
-    """`num_frames` uint8 RGB frames (T, H, W, 3) at `stride` from frame `start`, through VideoReader."""
+    """`num_frames` uint8 RGB frames (T, H, W, 3) at `stride` from frame `start` (VideoReader)."""
     with data.VideoReader(path) as reader:
         return reader.clips([start], num_frames, stride)[0]
 
@@ -147,7 +147,8 @@ def test_ucf101_split_parsing_official_format(tmp_path):
     classes = ["YoYo", "ApplyEyeMakeup", "Basketball"]  # classInd order, deliberately not sorted
     lists = root / "ucfTrainTestlist"
     lists.mkdir(parents=True)
-    (lists / "classInd.txt").write_bytes("".join(f"{i + 1} {c}\r\n" for i, c in enumerate(classes)).encode())
+    class_ind = "".join(f"{i + 1} {c}\r\n" for i, c in enumerate(classes))
+    (lists / "classInd.txt").write_bytes(class_ind.encode())
     train, test = [], []
     for i, c in enumerate(classes):
         for g in (1, 2):
@@ -281,7 +282,8 @@ def test_test_mode_marks_bad_videos_invalid_instead_of_swapping(tmp_path):
     samples, _, _ = data.list_videos("folder", str(tmp_path), 1)
     dataset = data.VideoClips(samples, 8, 1, data.EvalTransform(32, crops=3), mode="test", clips=4)
     out = [dataset[i] for i in range(len(samples))]
-    assert [o["valid"] for o in out] == [os.path.basename(os.path.dirname(p)) == "good" for p, _ in samples]
+    good = [os.path.basename(os.path.dirname(p)) == "good" for p, _ in samples]
+    assert [o["valid"] for o in out] == good
     assert all(o["video"].shape == (12, 3, 8, 32, 32) for o in out)
 
 
@@ -324,8 +326,9 @@ def naive_color(pixels, rng, jitter_p=0.8, grayscale_p=0.2):
                 a = 2 * np.pi * rng.uniform(-0.1, 0.1)
                 out = []
                 for r, g, b in px:  # RGB -> YIQ, rotate I/Q by a, back
-                    y, i, q = 0.299 * r + 0.587 * g + 0.114 * b, 0.596 * r - 0.274 * g - 0.322 * b, \
-                        0.211 * r - 0.523 * g + 0.312 * b
+                    y = 0.299 * r + 0.587 * g + 0.114 * b
+                    i = 0.596 * r - 0.274 * g - 0.322 * b
+                    q = 0.211 * r - 0.523 * g + 0.312 * b
                     i, q = i * np.cos(a) - q * np.sin(a), i * np.sin(a) + q * np.cos(a)
                     inv = np.linalg.inv(np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],
                                                   [0.211, -0.523, 0.312]]))
@@ -384,7 +387,9 @@ def test_demo_set_layout_and_split_by_group(demo_root):
     train, classes, _ = data.list_videos("ucf101", demo_root, 1, train=True)
     test, _, _ = data.list_videos("ucf101", demo_root, 1, train=False)
     groups, test_groups, clips = datatools.DEMO_GROUPS["demo"]
-    assert len(classes) == 6 and len(train) == 6 * (groups - test_groups) * clips and len(test) == 6 * test_groups * clips
+    assert len(classes) == 6
+    assert len(train) == 6 * (groups - test_groups) * clips
+    assert len(test) == 6 * test_groups * clips
     # v_<Class>_gGG: one scene of one class
     scene = lambda p: os.path.basename(p).rsplit("_c", 1)[0]
     assert not {scene(p) for p, _ in train} & {scene(p) for p, _ in test}  # test scenes are unseen
@@ -419,7 +424,8 @@ def _motion_features(path):
 def _nearest_mean_accuracy(train, test, feature, classes):
     """Nearest class-mean classifier on `feature(path)`, trained on `train`, accuracy on `test`,
     both restricted to `classes`."""
-    train, test = [(p, y) for p, y in train if y in classes], [(p, y) for p, y in test if y in classes]
+    train = [(p, y) for p, y in train if y in classes]
+    test = [(p, y) for p, y in test if y in classes]
     x, y = np.stack([feature(p) for p, _ in train]), np.array([y for _, y in train])
     means = np.stack([x[y == c].mean(0) for c in classes])
     xt, yt = np.stack([feature(p) for p, _ in test]), np.array([y for _, y in test])
@@ -604,12 +610,14 @@ def test_decay_weights_and_oldest_key_of_full_queue():
     weights = models.decay_weights(age, 0.99999)
     for a, w in zip(age.tolist(), weights.tolist()):
         assert w == pytest.approx(0.99999 ** a, rel=1e-12)
-    assert models.decay_weights(torch.tensor([8000]), 0.999).item() == pytest.approx(0.000334, rel=1e-2)
+    weight = models.decay_weights(torch.tensor([8000]), 0.999).item()
+    assert weight == pytest.approx(0.000334, rel=1e-2)
     model = models.VideoMoCo(TINY, dim=4, K=65536)
     model.dequeue_and_enqueue(random_unit(256, 4, dim=1))
     oldest = int(model.queue_age.max())
     assert oldest == 65536
-    assert models.decay_weights(torch.tensor([oldest]), 0.99999).item() == pytest.approx(0.52, abs=0.005)
+    weight = models.decay_weights(torch.tensor([oldest]), 0.99999).item()
+    assert weight == pytest.approx(0.52, abs=0.005)
     assert sorted(model.queue_age.tolist()) == list(range(1, 65537))
 
 
@@ -644,7 +652,8 @@ def queue_fifo(model):
     """The keys' ids in FIFO order, oldest first (the slot at queue_ptr holds the oldest)."""
     ptr, K = int(model.queue_ptr), model.K
     slots = [(ptr + i) % K for i in range(K)]
-    return [round(model.queue[0, j].item()) for j in slots], [int(model.queue_age[j]) for j in slots]
+    keys = [round(model.queue[0, j].item()) for j in slots]
+    return keys, [int(model.queue_age[j]) for j in slots]
 
 
 @pytest.mark.parametrize("decay_unit", ["key", "step"])
@@ -948,8 +957,10 @@ def test_generator_trained_against_a_fixed_d_drops_frames_that_move_d_more_than_
 
 def test_generator_loss_is_eq4_negated_against_a_loop():
     gen = torch.Generator().manual_seed(5)
-    q, q_full = F.normalize(torch.randn(5, 7, generator=gen), dim=1), F.normalize(torch.randn(5, 7, generator=gen), dim=1)
-    expected = sum(sum(abs(a - b) for a, b in zip(row, row_full)) for row, row_full in zip(q.tolist(), q_full.tolist())) / 5
+    q = F.normalize(torch.randn(5, 7, generator=gen), dim=1)
+    q_full = F.normalize(torch.randn(5, 7, generator=gen), dim=1)
+    expected = sum(sum(abs(a - b) for a, b in zip(row, row_full))
+                   for row, row_full in zip(q.tolist(), q_full.tolist())) / 5
     # G maximises Eq 4
     assert models.generator_loss(q, q_full).item() == pytest.approx(-expected, rel=1e-6)
     assert models.generator_loss(q, q).item() == 0
@@ -1148,7 +1159,7 @@ def small_args(root, out, *extra):
 
 
 def read_log(out, kind="step"):
-    """The per-step records of OUT/log.jsonl, or with kind="epoch" the per-epoch ones (curve: true)."""
+    """The per-step records of OUT/log.jsonl, or with kind="epoch" the per-epoch ones."""
     with open(os.path.join(out, "log.jsonl")) as f:
         records = [json.loads(line) for line in f]
     return [r for r in records if bool(r.get("curve")) == (kind == "epoch")]
@@ -1210,7 +1221,10 @@ def test_demo_preset_fills_only_flags_not_given():
     args, given = utils.parse_args(parser, ["--epochs", "3", "--moco-k=4096"])
     assert given == {"epochs", "moco_k"} and utils.is_demo(args)
     applied = utils.apply_preset(args, given, pretrain.DEMO_PRESET)
-    assert args.epochs == 3 and args.moco_k == 4096 and args.arch == "tiny" and "epochs" not in applied
+    assert args.epochs == 3
+    assert args.moco_k == 4096
+    assert args.arch == "tiny"
+    assert "epochs" not in applied
     args, given = utils.parse_args(parser, ["--data-root", "/x", "--dataset", "folder"])
     assert not utils.is_demo(args) and args.arch == "r2plus1d_10" and args.moco_k == 65536
 
@@ -1232,7 +1246,8 @@ def test_sigterm_saves_and_the_rerun_resumes_mid_epoch(small_tree, tmp_path):
     r = subprocess.run(cmd[:-2] + ["--epochs", str(ckpt["epoch"] + 1)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert f"resuming from {out / 'ckpt.pt'}: epoch {ckpt['epoch']}, step {ckpt['step']}" in r.stdout
+    resumed = f"resuming from {out / 'ckpt.pt'}: epoch {ckpt['epoch']}, step {ckpt['step']}"
+    assert resumed in r.stdout
     steps = [r["step"] for r in read_log(out)]
     assert steps == list(range(1, steps[-1] + 1))  # no step repeated or lost across the restart
 
@@ -1285,7 +1300,8 @@ def test_ddp_two_gloo_processes_keep_identical_queues_and_weights(small_tree, tm
 @pytest.fixture(scope="session")
 def distinct_tree(tmp_path_factory):
     """48 videos (4 class folders) that two augmented views of a clip still match: each a random
-    binary texture in two colours of its own, drifting a pixel or two per frame; 24 frames, 48x48."""
+    binary texture in two colours of its own, drifting a pixel
+    or two per frame; 24 frames, 48x48."""
     root = tmp_path_factory.mktemp("distinct")
     rng = np.random.default_rng(0)
     for i in range(48):
@@ -1323,7 +1339,8 @@ def test_pretext_task_memorises_a_small_set(distinct_tree, tmp_path, method, arc
     pretrain.main(learning_args(distinct_tree, tmp_path, method, arch))
     epochs = [r for r in read_log(tmp_path, "epoch") if "loss" in r]
     last = epochs[-1]
-    assert len(epochs) == 30 and last["chance"] == pytest.approx(math.log(31 if method == "cvrl" else 17), rel=1e-3)
+    assert len(epochs) == 30
+    assert last["chance"] == pytest.approx(math.log(31 if method == "cvrl" else 17), rel=1e-3)
     assert last["loss"] < 0.5 * last["chance"], [round(r["loss"], 2) for r in epochs]
     assert last["acc"] >= 0.8, [round(r["acc"], 2) for r in epochs]
     assert last["spread"] > 0.3
@@ -1370,7 +1387,8 @@ def test_projection_head_has_nn_linear_default_init_not_the_classifier_init():
             expected = 1 / math.sqrt(3 * layer.in_features)
             assert layer.weight.std().item() == pytest.approx(expected, rel=0.1)
     cvrl_fc = methods.CVRL(TINY, dim=8, hidden=32).encoder_q.fc
-    assert cvrl_fc.weight.std().item() == pytest.approx(1 / math.sqrt(3 * cvrl_fc.in_features), rel=0.1)
+    default_std = 1 / math.sqrt(3 * cvrl_fc.in_features)
+    assert cvrl_fc.weight.std().item() == pytest.approx(default_std, rel=0.1)
 
 
 def test_feature_spread_matches_loop_and_reads_one_when_isotropic_zero_when_collapsed():
@@ -1385,8 +1403,8 @@ def test_feature_spread_matches_loop_and_reads_one_when_isotropic_zero_when_coll
     assert utils.feature_spread(z).item() == pytest.approx(sum(stds) / 16 * math.sqrt(16), rel=1e-5)
     assert utils.feature_spread(torch.randn(4096, 32,
                                             generator=gen)).item() == pytest.approx(1.0, abs=0.05)
-    assert utils.feature_spread(torch.randn(1, 32,
-                                            generator=gen).expand(8, 32)).item() == pytest.approx(0, abs=1e-6)
+    collapsed = torch.randn(1, 32, generator=gen).expand(8, 32)
+    assert utils.feature_spread(collapsed).item() == pytest.approx(0, abs=1e-6)
 
 
 def test_collapse_guard_warns_once_when_the_loss_sits_at_chance(small_tree, tmp_path, capsys):
@@ -1405,8 +1423,8 @@ def test_collapse_guard_warns_once_when_the_loss_sits_at_chance(small_tree, tmp_
 
 
 def naive_knn_top1(encoder, train, test, frames, stride, crop, k=20, temperature=0.07):
-    """kNN top-1 by hand: decode each video's centre clip, pooled features one clip at a time, cosine,
-    a Python loop for the weighted vote."""
+    """kNN top-1 by hand: decode each video's centre clip, pooled features one clip at a time,
+    cosine, a Python loop for the weighted vote."""
     transform = data.EvalTransform(crop)
 
     def feature(path):
@@ -1444,7 +1462,8 @@ def test_knn_monitor_matches_a_naive_loop(small_tree):
     assert not encoder.training  # the monitor leaves the mode it found
 
 
-def test_pretrain_monitor_measures_random_init_first_then_logs_and_draws_curves(small_tree, tmp_path, capsys):
+def test_pretrain_monitor_measures_random_init_first_then_logs_and_draws_curves(
+        small_tree, tmp_path, capsys):
     pretrain.main(small_args(small_tree, tmp_path, "--knn-every", "1", "--epochs", "2"))
     out = capsys.readouterr().out
     with open(tmp_path / "log.jsonl") as f:
@@ -1454,7 +1473,8 @@ def test_pretrain_monitor_measures_random_init_first_then_logs_and_draws_curves(
     epochs = read_log(tmp_path, "epoch")
     assert [r["epoch"] for r in epochs if "knn_top1" in r] == [0, 1, 2]
     assert [r["epoch"] for r in epochs if "loss" in r] == [1, 2]
-    assert all(0 <= r["knn_top1"] <= 1 and r["knn_chance"] == 0.5 for r in epochs if "knn_top1" in r)
+    knn = [r for r in epochs if "knn_top1" in r]
+    assert all(0 <= r["knn_top1"] <= 1 and r["knn_chance"] == 0.5 for r in knn)
     assert "kNN top-1 on the test split went from" in out
     img = cv2.imread(str(tmp_path / "curves.png"))
     assert img is not None and img.shape == (500, 800, 3)
@@ -1469,8 +1489,8 @@ def test_curves_plot_what_the_log_says(tmp_path):
         f.write(json.dumps({"epoch": 0, "step": 1, "loss_d": 9.0}) + "\n")
         for e in range(1, 11):
             f.write(json.dumps({"curve": True, "epoch": e, "loss": 5.0 - 0.4 * e, "chance": 5.0,
-                                "acc": 0.05 * e,
-                                "spread": 0.5, "knn_top1": 0.2 + 0.04 * e, "knn_chance": 1 / 6}) + "\n")
+                                "acc": 0.05 * e, "spread": 0.5, "knn_top1": 0.2 + 0.04 * e,
+                                "knn_chance": 1 / 6}) + "\n")
         # a resumed run's later value
         f.write(json.dumps({"curve": True, "epoch": 10, "knn_top1": 0.7}) + "\n")
     records = utils.read_epoch_log(str(log))
@@ -1505,7 +1525,8 @@ def test_retrieval_recall_matches_brute_force_loop():
     for k in (1, 5, 10, 20):
         hits = 0
         for i in range(30):
-            dist_ = [(-sum(query[i][d].item() * gallery[j][d].item() for d in range(8)), j) for j in range(50)]
+            dist_ = [(-sum(query[i][d].item() * gallery[j][d].item() for d in range(8)), j)
+                     for j in range(50)]
             nearest = [j for _, j in sorted(dist_)[:k]]
             hits += any(gl[j] == ql[i] for j in nearest)
         assert got[f"R@{k}"] == pytest.approx(hits / 30)
@@ -1534,7 +1555,8 @@ def test_motion_probes_and_relative_shift_match_their_definitions():
     moved = sum(math.dist(feats[i].tolist(), changed[i].tolist()) for i in range(7)) / 7
     between = [math.dist(feats[i].tolist(),
                          feats[j].tolist()) for i in range(7) for j in range(7) if i != j]
-    assert evaluate.relative_shift(feats, changed) == pytest.approx(moved / (sum(between) / len(between)), rel=1e-5)
+    expected = moved / (sum(between) / len(between))
+    assert evaluate.relative_shift(feats, changed) == pytest.approx(expected, rel=1e-5)
     assert evaluate.relative_shift(feats, feats) == 0
     x = torch.randn(3, 2, 6, 4, 4, generator=gen)
     frozen = evaluate.freeze_motion(x)
@@ -1543,8 +1565,8 @@ def test_motion_probes_and_relative_shift_match_their_definitions():
     shuffled = evaluate.shuffle_frames(x, gen)
     for n in range(3):  # each clip: a permutation of its own frames
         frames = [x[n, :, t] for t in range(6)]
-        used = [next(i for i, f in enumerate(frames) if torch.equal(f,
-                                                                    shuffled[n, :, t])) for t in range(6)]
+        used = [next(i for i, f in enumerate(frames) if torch.equal(f, shuffled[n, :, t]))
+                for t in range(6)]
         assert sorted(used) == list(range(6))
     # an encoder that averages over time cannot see the order: shuffling moves nothing
     pool = lambda v: v.mean(dim=(2, 3, 4))  # noqa: E731
@@ -1572,7 +1594,9 @@ def test_weight_transfer_changes_backbone_and_leaves_head_fresh(small_tree, tmp_
     pre = tmp_path / "pre"
     pretrain.main(small_args(small_tree, pre, "--epochs", "1"))
     arch, state, source = utils.backbone_from_checkpoint(str(pre / "ckpt.pt"))
-    assert arch == "tiny" and source["kind"] == "pretrain" and not any(k.startswith("fc.") for k in state)
+    assert arch == "tiny"
+    assert source["kind"] == "pretrain"
+    assert not any(k.startswith("fc.") for k in state)
     torch.manual_seed(0)
     fresh = models.build_encoder("tiny", 2)
     torch.manual_seed(0)
@@ -1621,7 +1645,9 @@ def test_evaluate_rejects_corrupt_and_wrong_checkpoints(tmp_path):
     bad.write_bytes(b"not a checkpoint at all")
     r = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), "--ckpt", str(bad)],
                        capture_output=True, text=True)
-    assert r.returncode != 0 and "not a readable checkpoint" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode != 0
+    assert "not a readable checkpoint" in r.stderr
+    assert "Traceback" not in r.stderr
     odd = tmp_path / "odd.pt"
     torch.save({"kind": "something-else"}, odd)
     with pytest.raises(SystemExit, match="something-else checkpoint"):
@@ -1719,7 +1745,8 @@ def test_two_phase_schedule_g_idle_then_trained_from_its_full_lr(small_tree, tmp
     pretrain.main(small_args(small_tree, tmp_path, "--epochs", "3", "--adv-start", "1",
                              "--g-lr", "0.02"))
     assert saved[1]["opt_g"]["state"] == {} and saved[1]["opt_g"]["param_groups"][0]["lr"] == 0
-    assert saved[2]["opt_g"]["state"] and saved[2]["opt_g"]["param_groups"][0]["lr"] == pytest.approx(0.02)
+    assert saved[2]["opt_g"]["state"]
+    assert saved[2]["opt_g"]["param_groups"][0]["lr"] == pytest.approx(0.02)
     # half-way through its phase
     assert saved[3]["opt_g"]["param_groups"][0]["lr"] == pytest.approx(0.01)
     assert any(not torch.equal(a, b) for a, b in zip(saved[1]["generator"].values(),
@@ -1745,10 +1772,15 @@ def test_cvrl_normalises_over_the_global_batch_under_ddp_on_cuda_only():
     assert set(bn(cvrl)) == {nn.SyncBatchNorm}
     for method, device, world in (("cvrl", "cpu", 2), ("cvrl", "cuda", 1),
                                   ("videomoco", "cuda", 2)):
-        model = methods.CVRL(TINY, dim=8, hidden=16) if method == "cvrl" else models.VideoMoCo(TINY, dim=8, K=16)
-        assert nn.SyncBatchNorm not in bn(methods.global_batchnorm(model, method,
-                                                                    torch.device(device), world, lines.append))
-    assert lines == ["cvrl on 2 CPU processes: BN statistics per process (SyncBatchNorm needs CUDA)"]
+        if method == "cvrl":
+            model = methods.CVRL(TINY, dim=8, hidden=16)
+        else:
+            model = models.VideoMoCo(TINY, dim=8, K=16)
+        device = torch.device(device)
+        converted = methods.global_batchnorm(model, method, device, world, lines.append)
+        assert nn.SyncBatchNorm not in bn(converted)
+    assert lines == ["cvrl on 2 CPU processes: BN statistics per process "
+                     "(SyncBatchNorm needs CUDA)"]
 
 
 # -----------------------------------------------------------------------------
@@ -1772,7 +1804,10 @@ def test_cvrl_interval_distribution_matches_its_definition(shape):
     expected = draws * weight / weight.sum()
     chi2 = ((counts - expected) ** 2 / expected).sum()
     assert chi2 < 100  # df = 49: p ~ 3e-5 under the null; a wrong shape gives thousands
-    wrong = draws * np.ones(last + 1) / (last + 1) if shape != "uniform" else draws * weight[::-1] / weight.sum()
+    if shape != "uniform":
+        wrong = draws * np.ones(last + 1) / (last + 1)
+    else:
+        wrong = draws * weight[::-1] / weight.sum()
     assert shape == "uniform" or ((counts - wrong) ** 2 / wrong).sum() > 1000
     if shape != "uniform":
         assert np.all(np.diff(data.interval_probs(last, shape)) < 0)  # monotonically decreasing
@@ -1811,7 +1846,8 @@ def test_vclr_tuples_have_one_clip_per_segment_and_order_labels_match_the_shuffl
         for tuple_, segments in zip(video, sample["segments"].tolist()):
             starts = []
             for clip in tuple_:
-                frames = (data.denormalize(clip).clamp(0, 1) * 255).round().byte().permute(1, 2, 3, 0).numpy()
+                frames = (data.denormalize(clip).clamp(0, 1) * 255).round().byte()
+                frames = frames.permute(1, 2, 3, 0).numpy()
                 idx = [frame_index(f) for f in frames]
                 assert idx == list(range(idx[0], idx[0] + 4))  # a clip of consecutive frames
                 starts.append(idx[0])
@@ -1830,8 +1866,8 @@ def test_cvrl_pair_clips_come_from_two_positions(tmp_path):
     distances = []
     for seed in range(30):
         video = dataset[(0, seed)]["video"]  # (2, 3, T, H, W)
-        first = [frame_index((data.denormalize(v[:, 0]).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
-                 for v in video]
+        firsts = [(data.denormalize(v[:, 0]).clamp(0, 1) * 255).round().byte() for v in video]
+        first = [frame_index(f.permute(1, 2, 0).numpy()) for f in firsts]
         distances.append(abs(first[0] - first[1]))
     # decreasing: short distances dominate
     assert max(distances) > 0 and np.mean(distances) < (100 - 4) / 2
@@ -1842,7 +1878,8 @@ def test_method_moco_is_videomoco_without_generator_and_decay(small_tree, tmp_pa
     pretrain.main(no_decay + ["--method", "moco"])
     pretrain.main(small_args(small_tree, tmp_path / "b", "--generator", "none", "--decay", "1"))
     a, b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
-    assert [r["loss_d"] for r in a] == [r["loss_d"] for r in b] and {r["phase"] for r in a} == {"moco"}
+    assert [r["loss_d"] for r in a] == [r["loss_d"] for r in b]
+    assert {r["phase"] for r in a} == {"moco"}
     ckpt = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
     assert ckpt["method"] == "moco" and ckpt["generator"] is None
     with pytest.raises(SystemExit, match="means --generator none --decay 1"):
@@ -2001,7 +2038,8 @@ def test_nt_xent_distributed_matches_global_batch(tmp_path):
         assert r["loss"].item() == pytest.approx(expected_loss, rel=1e-5)
         assert r["acc"].item() == pytest.approx(expected_acc)
     global_loss = methods.nt_xent(z1, z2, tau)[0]
-    assert (sum(r["loss"] for r in results) / world).item() == pytest.approx(global_loss.item(), rel=1e-5)
+    mean_loss = (sum(r["loss"] for r in results) / world).item()
+    assert mean_loss == pytest.approx(global_loss.item(), rel=1e-5)
 
     # Gradient: each rank backpropagates its own loss L_r, and gather_with_grad sums the gradients
     # of all ranks' losses into the owner's rows, so grad_r = d(sum_r L_r)/dz_r = world * dL/dz_r
@@ -2131,9 +2169,10 @@ def test_vclr_eval_forward_matches_loops():
     assert out["order_logits"].shape == (n, 4)
     torch.testing.assert_close(out["order_logits"], order_logits, rtol=1e-4, atol=1e-5)
 
-    assert out["loss_nce"].item() == pytest.approx(naive_decayed_infonce(q, k, model.queue,
-                                                                         model.queue_age, model.T, 1.0), rel=1e-4)
-    assert out["loss_order"].item() == pytest.approx(naive_cross_entropy(order_logits, order), rel=1e-4)
+    expected = naive_decayed_infonce(q, k, model.queue, model.queue_age, model.T, 1.0)
+    assert out["loss_nce"].item() == pytest.approx(expected, rel=1e-4)
+    expected = naive_cross_entropy(order_logits, order)
+    assert out["loss_order"].item() == pytest.approx(expected, rel=1e-4)
     # L_clip: the anchor's first clip (segment 2, then 1) against
     # the positive's clip of that segment
     with torch.no_grad():
@@ -2141,13 +2180,16 @@ def test_vclr_eval_forward_matches_loops():
                               clip_embedding(model.encoder_q, anchor[1, 0])])
         k_clip = torch.stack([clip_embedding(model.encoder_k, positive[0, 2]),
                               clip_embedding(model.encoder_k, positive[1, 1])])
-    assert out["loss_clip"].item() == pytest.approx(naive_decayed_infonce(q_clip, k_clip,
-                                                                          model.clip_queue, model.clip_queue_age, model.T, 1.0), rel=1e-4)
-    assert out["loss"].item() == pytest.approx(
-        0.7 * out["loss_clip"].item() + out["loss_nce"].item() + 0.5 * out["loss_order"].item(), rel=1e-6)
+    expected = naive_decayed_infonce(q_clip, k_clip, model.clip_queue, model.clip_queue_age,
+                                     model.T, 1.0)
+    assert out["loss_clip"].item() == pytest.approx(expected, rel=1e-4)
+    expected = (0.7 * out["loss_clip"].item() + out["loss_nce"].item()
+                + 0.5 * out["loss_order"].item())
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-6)
     logits = torch.cat([(q * k).sum(1, keepdim=True), q @ model.queue], dim=1)
     assert out["acc"].item() == pytest.approx((logits.argmax(1) == 0).float().mean().item())
-    assert out["order_acc"].item() == pytest.approx((order_logits.argmax(1) == order).float().mean().item())
+    expected = (order_logits.argmax(1) == order).float().mean().item()
+    assert out["order_acc"].item() == pytest.approx(expected)
     assert not out["acc"].requires_grad and not out["order_acc"].requires_grad
 
 
@@ -2252,7 +2294,8 @@ def test_cvrl_and_vclr_autocast_bfloat16():
     assert vclr.queue.dtype == torch.float32 and int(vclr.queue_ptr) == 2
     out_cvrl["loss"].backward()
     out_vclr["loss"].backward()
-    assert torch.isfinite(vclr.encoder_q.fc[0].weight.grad).all() and torch.isfinite(cvrl.head[5].weight.grad).all()
+    assert torch.isfinite(vclr.encoder_q.fc[0].weight.grad).all()
+    assert torch.isfinite(cvrl.head[5].weight.grad).all()
 
 
 # -----------------------------------------------------------------------------
@@ -2305,8 +2348,8 @@ def test_input_mode_is_recorded_and_a_mismatching_override_refused(small_tree, t
     with pytest.raises(SystemExit, match="pretrained on residual input"):
         finetune.main(["--ckpt", str(pre / "ckpt.pt"), "--input", "rgb", "--out", str(ft)])
     model = finetune.main(["--ckpt", str(pre / "ckpt.pt"), "--dataset", "folder", "--data-root",
-                           small_tree,
-                           "--out", str(ft), "--epochs", "1", "--batch-size", "4", "--workers", "0"])
+                           small_tree, "--out", str(ft), "--epochs", "1", "--batch-size", "4",
+                           "--workers", "0"])
     assert model.input_mode == "residual"
     assert torch.load(ft / "ckpt.pt", weights_only=True)["input"] == "residual"
     out = evaluate.main(["--ckpt", str(ft / "ckpt.pt"), "--clips", "2", "--workers", "0"])
