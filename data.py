@@ -23,6 +23,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import methods  # noqa: E402  (CVRL's and VCLR's temporal sampling)
+
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".m4v")
 DATASETS = ("ucf101", "hmdb51", "kinetics", "folder", "demo", "demo-motion")
 # Kinetics-400 statistics, the ones torchvision's video models are trained with.
@@ -468,58 +470,6 @@ class EvalTransform:
 
 
 # -----------------------------------------------------------------------------
-# temporal sampling of the positive pair: the same clip (VideoMoCo), two clips d frames apart
-# (CVRL), two tuples of one clip per segment (VCLR)
-
-INTERVALS = ("linear", "quadratic", "uniform")
-
-
-def interval_probs(max_distance, shape="linear"):
-    """P(d), d = 0..max_distance, of the distance between the starts of CVRL's two clips (Qian et
-    al., Sec 3.2: a monotonically decreasing distribution, so that distant clips, which may show
-    different content, are rarer positives). linear: P(d) proportional to -d + c with c =
-    max_distance + 1 (CVRL's choice); quadratic: (-d + c)^2; uniform: flat."""
-    d = np.arange(max_distance + 1, dtype=np.float64)
-    weight = {"linear": max_distance + 1 - d, "quadratic": (max_distance + 1 - d) ** 2,
-              "uniform": np.ones_like(d)}[shape]
-    return weight / weight.sum()
-
-
-def cvrl_starts(rng, num_frames_video, span, shape="linear"):
-    """Start frames of CVRL's two clips of `span` frames: distance d ~ interval_probs, the pair
-    placed uniformly in the video, which clip comes first random."""
-    last = max(num_frames_video - span, 0)
-    d = int(rng.choice(last + 1, p=interval_probs(last, shape)))
-    first = int(rng.integers(0, last - d + 1))
-    pair = [first, first + d]
-    return pair if rng.random() < 0.5 else pair[::-1]
-
-
-def segment_starts(rng, num_frames_video, span, segments):
-    """VCLR's tuple (Kuang et al., Sec 3.2 and 5.3): the video is cut into `segments` equal parts
-    and one clip start is drawn uniformly in each, so the clip lies inside its segment when the
-    segment is long enough for it (else the clip starts in its segment and runs on)."""
-    bounds = np.linspace(0, num_frames_video, segments + 1)
-    starts = []
-    for j in range(segments):
-        lo, hi = int(math.ceil(bounds[j])), max(int(math.ceil(bounds[j + 1])) - 1,
-                                                int(math.ceil(bounds[j])))
-        starts.append(int(rng.integers(lo, max(lo, hi - span + 1) + 1)))
-    return starts
-
-
-def order_shuffle(rng, segments):
-    """With probability 0.5 a random non-identity permutation of a tuple's clips, else the identity
-    (VCLR Sec 3.3). Returns (permutation, shuffled)."""
-    if rng.random() < 0.5:
-        return list(range(segments)), False
-    while True:
-        perm = rng.permutation(segments).tolist()
-        if perm != sorted(perm):
-            return perm, True
-
-
-# -----------------------------------------------------------------------------
 # dataset
 
 class VideoClips(torch.utils.data.Dataset):
@@ -530,8 +480,8 @@ class VideoClips(torch.utils.data.Dataset):
 
     mode "train", temporal "same": one random clip per video, `views` independently augmented
         copies of it -> {"video": (views, 3, T, crop, crop), "label", "index", "bad"}
-    mode "train", temporal "cvrl": two clips whose starts are d ~ interval_probs(`interval`) apart,
-        each with its own augmentation -> "video": (2, 3, T, crop, crop)
+    mode "train", temporal "cvrl": two clips whose starts are d ~ methods.interval_probs(`interval`)
+        apart, each with its own augmentation -> "video": (2, 3, T, crop, crop)
     mode "train", temporal "vclr": an anchor and a positive tuple of one clip per segment, each
         tuple with one augmentation for all its clips, each tuple's clips shuffled with probability
         0.5 -> "video": (2, segments, 3, T, crop, crop), "order": 0 both tuples in order, 1 the
@@ -577,9 +527,10 @@ class VideoClips(torch.utils.data.Dataset):
             if self.mode == "test":
                 starts = uniform_starts(n, span, self.clips)
             elif self.temporal == "cvrl":
-                starts = cvrl_starts(rng, n, span, self.interval)
+                starts = methods.cvrl_starts(rng, n, span, self.interval)
             elif self.temporal == "vclr":
-                starts = [s for _ in range(2) for s in segment_starts(rng, n, span, self.segments)]
+                tuples = [methods.segment_starts(rng, n, span, self.segments) for _ in range(2)]
+                starts = tuples[0] + tuples[1]
             else:
                 starts = [int(rng.integers(0, max(n - span, 0) + 1))]
             move_rng = rng if self.mode == "train" and self.temporal == "same" else None
@@ -596,7 +547,7 @@ class VideoClips(torch.utils.data.Dataset):
                 t = self.transform(np.concatenate(clips_of_tuple), rng)  # (3, S*T, crop, crop)
                 # (S, 3, T, ...)
                 t = t.view(3, self.segments, self.frames, *t.shape[2:]).transpose(0, 1)
-                perm, was_shuffled = order_shuffle(rng, self.segments)
+                perm, was_shuffled = methods.order_shuffle(rng, self.segments)
                 tuples.append(t[perm])
                 shuffled.append(was_shuffled)
                 segments.append(perm)  # position j of the tuple holds the clip of segment perm[j]

@@ -10,13 +10,67 @@ shortcut. models.py holds VideoMoCo itself.
         in its 3-D variant, a clip-level loss.
 """
 import contextlib
+import math
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from models import VideoMoCo, decayed_infonce, is_distributed, projection_head
+
+
+# -----------------------------------------------------------------------------
+# temporal sampling of the positive pair (data.VideoClips): two clips d frames apart (CVRL), two
+# tuples of one clip per segment (VCLR); VideoMoCo's pair is two views of the same clip
+
+INTERVALS = ("linear", "quadratic", "uniform")
+
+
+def interval_probs(max_distance, shape="linear"):
+    """P(d), d = 0..max_distance, of the distance between the starts of CVRL's two clips (Qian et
+    al., Sec 3.2: a monotonically decreasing distribution, so that distant clips, which may show
+    different content, are rarer positives). linear: P(d) proportional to -d + c with c =
+    max_distance + 1 (CVRL's choice); quadratic: (-d + c)^2; uniform: flat."""
+    d = np.arange(max_distance + 1, dtype=np.float64)
+    weight = {"linear": max_distance + 1 - d, "quadratic": (max_distance + 1 - d) ** 2,
+              "uniform": np.ones_like(d)}[shape]
+    return weight / weight.sum()
+
+
+def cvrl_starts(rng, num_frames_video, span, shape="linear"):
+    """Start frames of CVRL's two clips of `span` frames: distance d ~ interval_probs, the pair
+    placed uniformly in the video, which clip comes first random."""
+    last = max(num_frames_video - span, 0)
+    d = int(rng.choice(last + 1, p=interval_probs(last, shape)))
+    first = int(rng.integers(0, last - d + 1))
+    pair = [first, first + d]
+    return pair if rng.random() < 0.5 else pair[::-1]
+
+
+def segment_starts(rng, num_frames_video, span, segments):
+    """VCLR's tuple (Kuang et al., Sec 3.2 and 5.3): the video is cut into `segments` equal parts
+    and one clip start is drawn uniformly in each, so the clip lies inside its segment when the
+    segment is long enough for it (else the clip starts in its segment and runs on)."""
+    bounds = np.linspace(0, num_frames_video, segments + 1)
+    starts = []
+    for j in range(segments):
+        lo, hi = int(math.ceil(bounds[j])), max(int(math.ceil(bounds[j + 1])) - 1,
+                                                int(math.ceil(bounds[j])))
+        starts.append(int(rng.integers(lo, max(lo, hi - span + 1) + 1)))
+    return starts
+
+
+def order_shuffle(rng, segments):
+    """With probability 0.5 a random non-identity permutation of a tuple's clips, else the identity
+    (VCLR Sec 3.3). Returns (permutation, shuffled)."""
+    if rng.random() < 0.5:
+        return list(range(segments)), False
+    while True:
+        perm = rng.permutation(segments).tolist()
+        if perm != sorted(perm):
+            return perm, True
 
 
 def background_erasing(x, p, weight=(0.1, 0.3), generator=None):

@@ -66,7 +66,7 @@ def get_args_parser():
     p.add_argument("--cvrl-t", type=float, default=0.1,
                    help="CVRL: InfoNCE temperature (CVRL: 0.1)")
     p.add_argument("--cvrl-hidden", type=int, default=2048, help="CVRL: width of its MLP head")
-    p.add_argument("--cvrl-interval", default="linear", choices=data.INTERVALS,
+    p.add_argument("--cvrl-interval", default="linear", choices=methods.INTERVALS,
                    help="CVRL: distribution of the distance between its two clips")
     p.add_argument("--segments", type=int, default=3, help="VCLR: segments per video (VCLR: 3)")
     p.add_argument("--order-weight", type=float, default=1.0, help="VCLR: weight of L_o")

@@ -638,14 +638,14 @@ def test_batches_do_not_depend_on_the_number_of_workers(tmp_path):
 # -----------------------------------------------------------------------------
 # data.py: the positive-pair samplers of CVRL and VCLR
 
-@pytest.mark.parametrize("shape", data.INTERVALS)
+@pytest.mark.parametrize("shape", methods.INTERVALS)
 def test_cvrl_interval_distribution_matches_its_definition(shape):
     rng = np.random.default_rng(0)
     n, span, draws = 60, 11, 20000
     last = n - span
     d = []
     for _ in range(draws):
-        a, b = data.cvrl_starts(rng, n, span, shape)
+        a, b = methods.cvrl_starts(rng, n, span, shape)
         assert 0 <= a <= last and 0 <= b <= last
         d.append(abs(b - a))
     counts = np.bincount(d, minlength=last + 1)
@@ -662,7 +662,7 @@ def test_cvrl_interval_distribution_matches_its_definition(shape):
         wrong = draws * weight[::-1] / weight.sum()
     assert shape == "uniform" or ((counts - wrong) ** 2 / wrong).sum() > 1000
     if shape != "uniform":
-        assert np.all(np.diff(data.interval_probs(last, shape)) < 0)  # monotonically decreasing
+        assert np.all(np.diff(methods.interval_probs(last, shape)) < 0)  # monotonically decreasing
 
 
 def test_segment_starts_fall_in_their_segments():
@@ -670,7 +670,7 @@ def test_segment_starts_fall_in_their_segments():
     for n, span, segments in [(90, 8, 3), (100, 16, 4), (31, 4, 3)]:
         bounds = np.linspace(0, n, segments + 1)
         for _ in range(500):
-            starts = data.segment_starts(rng, n, span, segments)
+            starts = methods.segment_starts(rng, n, span, segments)
             for j, s in enumerate(starts):
                 assert bounds[j] <= s < bounds[j + 1]  # starts in its segment
                 if bounds[j + 1] - bounds[j] >= span:
