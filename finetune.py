@@ -16,9 +16,7 @@ and an architecture mismatch stops with one line. The classifier head is always 
 
 import argparse
 import os
-import random
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -79,8 +77,9 @@ def quick_test(model, loader, device, ctx):
     return (correct[0] / correct[1].clamp(min=1)).item()
 
 
-def main(argv=None):
-    args, given = utils.parse_args(get_args_parser(), argv)
+def settle_args(args, given):
+    """The source checkpoint (arch, backbone state, checkpoint or Nones); fills in its arch, clip
+    settings and input mode unless given, then the demo preset and the linear probe's defaults."""
     source_arch, state, source = None, None, None
     if args.ckpt:
         source_arch, state, source = utils.backbone_from_checkpoint(args.ckpt)
@@ -89,9 +88,8 @@ def main(argv=None):
                          f"{source_arch}")
     # finetune with the pretraining's architecture and clip settings by default
     if source is not None:
-        given |= set(utils.apply_preset(args, given,
-                                        {k: source["args"][k] for k in ("arch", "frames",
-                                                                        "stride", "crop")}))
+        settings = {k: source["args"][k] for k in ("arch", "frames", "stride", "crop")}
+        given |= set(utils.apply_preset(args, given, settings))
     source_input = source["args"].get("input", "rgb") if source is not None else None
     if args.input and source_input and args.input != source_input:
         raise SystemExit(f"error: {args.ckpt} was pretrained on {source_input} input; --input "
@@ -100,18 +98,71 @@ def main(argv=None):
     preset = utils.apply_preset(args, given, DEMO_PRESET) if utils.is_demo(args) else {}
     if args.linear:
         utils.apply_preset(args, given, LINEAR_DEFAULTS)
+    return state, source, preset
+
+
+def build_model(args, state, num_classes, log):
+    """The encoder with a new classifier: pretrained weights transferred, or random init; the
+    linear probe freezes all but its standardising BatchNorm and linear layer."""
+    model = models.build_encoder(args.arch, num_classes, args.input)
+    if state is not None:
+        n = utils.transfer_weights(model, state, args.ckpt)
+        log(f"loaded {n} pretrained tensors from {args.ckpt} ({args.arch}); classifier head new, "
+            f"{num_classes} classes")
+    else:
+        log(f"random init of {args.arch} (no --ckpt): the baseline")
+    if args.linear:
+        utils.add_probe_norm(model)
+        for name, param in model.named_parameters():
+            param.requires_grad = name.startswith("fc.")
+    return model
+
+
+def occlusion_source(source):
+    """The pretraining's G and its settings, carried so that evaluate.py --occlusion can use it."""
+    if source is None or source.get("generator") is None:
+        return None
+    a = source["args"]
+    return {"state": source["generator"], "hidden": a["g_hidden"], "width": a["g_width"],
+            "drop_frames": a["drop_frames"], "frames": a["frames"]}
+
+
+def train_epoch(epoch, step, model, model_ddp, loader, bad, optimizer, ctx, scaler, args, progress,
+                log, device):
+    loader.sampler.set_epoch(epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = args.lr * utils.cosine(epoch, 0, args.epochs)
+    model_ddp.train()
+    if args.linear:
+        model.eval()  # frozen backbone: BN uses its pretrained statistics
+        model.fc.train()  # the probe's own BatchNorm learns the feature statistics
+    progress.restart()
+    for epoch_step, batch in enumerate(loader):
+        bad.update(batch["bad"])
+        video = batch["video"].to(device, non_blocking=True)[:, 0]  # (N, 3, T, H, W)
+        label = batch["label"].to(device, non_blocking=True)
+        with ctx:
+            loss = F.cross_entropy(model_ddp(video).float(), label)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        step += 1
+        progress.clips += args.batch_size
+        if step % args.print_freq == 0 or epoch_step + 1 == len(loader):
+            shown = [("loss", loss.item(), ".4f"), ("lr", optimizer.param_groups[0]["lr"], ".4g")]
+            progress.log(log, epoch, step, shown, f" bad {len(bad)}", bad_videos=len(bad))
+    return step
+
+
+def main(argv=None):
+    args, given = utils.parse_args(get_args_parser(), argv)
+    state, source, preset = settle_args(args, given)
     rank, world, device = utils.init_distributed()
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} "
                          "processes")
-    os.makedirs(args.out, exist_ok=True)
-    log = utils.Logger(args.out, rank)
-    if preset:
-        log(f"demo preset (no --data-root): {', '.join(f'{k}={v}' for k, v in preset.items())}")
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
-    ctx, scaler = utils.autocast_context(args.amp, device)
+    log, ctx, scaler = utils.start_run(args, rank, device, preset)
 
     # data
     try:
@@ -128,22 +179,10 @@ def main(argv=None):
                          "per process")
 
     # model: pretrained backbone, new classifier head
-    model = models.build_encoder(args.arch, len(classes), args.input)
-    if state is not None:
-        n = utils.transfer_weights(model, state, args.ckpt)
-        log(f"loaded {n} pretrained tensors from {args.ckpt} ({args.arch}); classifier head new, "
-            f"{len(classes)} classes")
-    else:
-        log(f"random init of {args.arch} (no --ckpt): the baseline")
-    if args.linear:
-        utils.add_probe_norm(model)
-        for name, param in model.named_parameters():
-            param.requires_grad = name.startswith("fc.")
-    model.to(device)
+    model = build_model(args, state, len(classes), log).to(device)
     model_ddp = DDP(model) if world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, args.lr, momentum=args.momentum, weight_decay=args.wd)
-
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     start_epoch, step = 0, 0
     if os.path.exists(ckpt_path):
@@ -156,57 +195,24 @@ def main(argv=None):
         utils.set_rng_state(ckpt["rng"])
         log(f"resuming from {ckpt_path}: epoch {start_epoch}")
 
-    def save(epoch, test_top1):
-        if rank != 0:
-            return
-        generator = None
-        if source is not None and source.get("generator") is not None:
-            generator = {"state": source["generator"], "hidden": source["args"]["g_hidden"],
-                         "width": source["args"]["g_width"],
-                         "drop_frames": source["args"]["drop_frames"],
-                         "frames": source["args"]["frames"]}
-        utils.save_atomic({
-            "kind": "finetune", "model": model.state_dict(), "arch": args.arch, "input": args.input,
-            "classes": classes,
-            "linear": args.linear, "source": args.ckpt, "generator": generator,
-            "data": {k: getattr(args, k) for k in ("dataset", "data_root", "split", "frames",
-                                                   "stride", "crop")},
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "epoch": epoch, "step": step, "test_top1_1clip": test_top1, "args": vars(args),
-            "rng": utils.rng_state()}, ckpt_path)
-
-    steps_per_epoch, total_steps = len(loader), args.epochs * len(loader)
-    progress = utils.Progress(step, total_steps)
+    # loop
+    progress = utils.Progress(step, args.epochs * len(loader))
     for epoch in range(start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = args.lr * utils.cosine(epoch, 0, args.epochs)
-        model_ddp.train()
-        if args.linear:
-            model.eval()  # frozen backbone: BN uses its pretrained statistics
-            model.fc.train()  # the probe's own BatchNorm learns the feature statistics
-        progress.restart()
-        for epoch_step, batch in enumerate(loader):
-            bad.update(batch["bad"])
-            video = batch["video"].to(device, non_blocking=True)[:, 0]  # (N, 3, T, H, W)
-            label = batch["label"].to(device, non_blocking=True)
-            with ctx:
-                loss = F.cross_entropy(model_ddp(video).float(), label)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            progress.clips += args.batch_size
-            if step % args.print_freq == 0 or epoch_step + 1 == steps_per_epoch:
-                shown = [("loss", loss.item(), ".4f"),
-                         ("lr", optimizer.param_groups[0]["lr"], ".4g")]
-                progress.log(log, epoch, step, shown, f" bad {len(bad)}", bad_videos=len(bad))
+        step = train_epoch(epoch, step, model, model_ddp, loader, bad, optimizer, ctx, scaler, args,
+                           progress, log, device)
         top1 = quick_test(model_ddp, test_loader, device, ctx)
-        save(epoch + 1, top1)
+        if rank == 0:
+            data_settings = ("dataset", "data_root", "split", "frames", "stride", "crop")
+            utils.save_atomic({
+                "kind": "finetune", "model": model.state_dict(), "arch": args.arch,
+                "input": args.input, "classes": classes, "linear": args.linear, "source": args.ckpt,
+                "generator": occlusion_source(source),
+                "data": {k: getattr(args, k) for k in data_settings},
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch + 1, "step": step, "test_top1_1clip": top1, "args": vars(args),
+                "rng": utils.rng_state()}, ckpt_path)
         log(f"epoch {epoch} done: test top-1 (1 centre clip) {top1:.3f}; {len(bad)} bad videos "
-            f"skipped; saved {ckpt_path}",
-            epoch=epoch, test_top1_1clip=top1)
+            f"skipped; saved {ckpt_path}", epoch=epoch, test_top1_1clip=top1)
     log(f"done. next: python evaluate.py --ckpt {ckpt_path}  (10-clip test protocol)")
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -20,10 +20,8 @@ import functools
 import inspect
 import math
 import os
-import random
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -376,14 +374,7 @@ def main(argv=None):
     preset = utils.apply_preset(args, given, demo) if utils.is_demo(args) else {}
     rank, world, device = utils.init_distributed()
     settle_args(args, given, world)
-    os.makedirs(args.out, exist_ok=True)
-    log = utils.Logger(args.out, rank)
-    if preset:
-        log(f"demo preset (no --data-root): {', '.join(f'{k}={v}' for k, v in preset.items())}")
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
-    ctx, scaler = utils.autocast_context(args.amp, device)
+    log, ctx, scaler = utils.start_run(args, rank, device, preset)
 
     # data
     try:

@@ -327,6 +327,20 @@ class Logger:
                 f.write(json.dumps(fields) + "\n")
 
 
+def start_run(args, rank, device, preset):
+    """The output folder, the log (saying which demo preset flags were filled in), every RNG seeded
+    per rank, and autocast. Returns (log, autocast context, GradScaler)."""
+    os.makedirs(args.out, exist_ok=True)
+    log = Logger(args.out, rank)
+    if preset:
+        log(f"demo preset (no --data-root): {', '.join(f'{k}={v}' for k, v in preset.items())}")
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+    ctx, scaler = autocast_context(args.amp, device)
+    return log, ctx, scaler
+
+
 def format_eta(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
