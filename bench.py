@@ -3,9 +3,8 @@ Speed and memory targets, measured as ratios within one run (absolute times on s
 noise; ratios taken back to back are not).
 
     python bench.py            # both of the below
-    python bench.py --loader   # data pipeline vs the decoding limit and vs naive whole-video
-    decoding python bench.py --step     # VideoMoCo's adversarial
-    step vs a plain MoCo step; Eq 6 vs Eq 1
+    python bench.py --loader   # data pipeline vs the decoding limit and vs whole-video decoding
+    python bench.py --step     # VideoMoCo's adversarial step vs a plain MoCo step; Eq 6 vs Eq 1
 
 Targets: pipeline / limit >= 0.8, pipeline / naive >= 3, resident memory growth over 2,000
 iterations < 5 %; adversarial step / MoCo step <= 1.75; decayed / plain InfoNCE <= 1.05.

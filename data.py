@@ -3,9 +3,8 @@ Video data for VideoMoCo: OpenCV clip reading, the official dataset layouts and 
 consistent augmentation. The built-in demo sets and the data tools are in datatools.py:
 
     python data.py demo [DIR] [--name demo-motion]       # write a built-in demo set (UCF101 layout)
-    python data.py check --dataset ucf101 --data-root R  # decode every listed video, report the bad
-    ones python data.py resize SRC DST --short-side 128       #
-    re-encode a dataset tree for faster loading
+    python data.py check --dataset ucf101 --data-root R  # decode every listed video, list bad ones
+    python data.py resize SRC DST --short-side 128       # re-encode a tree for faster loading
 
 Everything a stage script needs is here: `list_videos` (layouts), `VideoClips` (a Dataset returning
 normalised float clips (C, T, H, W)), `build_loader` (DataLoader with per-worker RNG streams and the
@@ -153,9 +152,9 @@ class VideoReader:
         A clip that runs past the real end of the video (the container claimed more frames than
         decode) is moved back to end at the last real frame, or, given `rng`, redrawn uniformly over
         the real length (so a truncated training video still yields varied clips). A video shorter
-        than one clip's span
-        is looped: frame i of the clip is frame (i * stride) mod real_length, unless it has fewer
-        than `min_frames` frames, which is a VideoError (a 3-frame "video" is not a clip).
+        than one clip's span is looped: frame i of the clip is frame (i * stride) mod real_length,
+        unless it has fewer than `min_frames` frames, which is a VideoError (a 3-frame "video" is
+        not a clip).
         """
         span = (num_frames - 1) * stride + 1
         wanted = [s + stride * np.arange(num_frames) for s in starts]
@@ -597,8 +596,8 @@ class BadVideos:
 
     Under torch.distributed each rank meets the bad videos of its own shard: `update` only collects
     them, and `flush` (a collective: every rank calls it at the same step) merges all ranks'
-    reports, so the count, the log and the decision to stop are
-    global and the same on every rank."""
+    reports, so the count, the log and the decision to stop are global and the same on every
+    rank."""
 
     def __init__(self, samples, missing=(), max_fraction=0.1, log=True):
         self.samples, self.max_fraction, self.log = samples, max_fraction, log

@@ -1,11 +1,10 @@
 """
-The built-in demo sets and the data tools of VideoMoCo; `python
-data.py demo|check|resize` runs main().
+The built-in demo sets and the data tools of VideoMoCo; `python data.py demo|check|resize` runs
+main().
 
     python data.py demo [DIR] [--name demo-motion]       # write a built-in demo set (UCF101 layout)
-    python data.py check --dataset ucf101 --data-root R  # decode every listed video, report the bad
-    ones python data.py resize SRC DST --short-side 128       #
-    re-encode a dataset tree for faster loading
+    python data.py check --dataset ucf101 --data-root R  # decode every listed video, list bad ones
+    python data.py resize SRC DST --short-side 128       # re-encode a tree for faster loading
 """
 
 import argparse

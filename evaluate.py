@@ -3,22 +3,20 @@ Evaluate a checkpoint: prints a short table, then one JSON object as the last li
 
     python evaluate.py --ckpt runs/demo-finetune/ckpt.pt              # 10-clip test: top1, top5
     python evaluate.py --ckpt runs/demo/ckpt.pt                       # pretraining: kNN retrieval
-    python evaluate.py --ckpt runs/demo-finetune/ckpt.pt --occlusion  # entropy / top-1 with frames
-    dropped python evaluate.py --ckpt runs/demo-finetune/ckpt.pt --cam 4 cams/ # Grad-CAM strips as
-    PNG python evaluate.py --ckpt runs/demo/ckpt.pt --motion        
-         # does the encoder look at motion?
+    python evaluate.py --ckpt runs/demo-finetune/ckpt.pt --occlusion  # top-1, k frames dropped
+    python evaluate.py --ckpt runs/demo-finetune/ckpt.pt --cam 4 cams/ # Grad-CAM strips as PNG
+    python evaluate.py --ckpt runs/demo/ckpt.pt --motion              # does it look at motion?
 
 Finetuned checkpoint (finetune.py): `--clips` uniformly spaced clips per test video (x `--crops`),
-softmax averaged (the paper's protocol, Sec 4.2). Pretraining
-checkpoint, backbone.pt (with --arch) or
---knn: pooled backbone features of the train split (gallery) and test split (queries), L2-normalised
-per clip and averaged over clips; retrieval R@k is a hit when any of the k nearest train videos has
-the query's class (VCOP / CoCLR protocol); knn_top1 is a weighted k-NN vote (k = --knn-k, weights
-exp(cos / 0.07), as DINO). --occlusion (paper Sec 3.4): mean prediction entropy and top-1 with k of
-T frames dropped, none / random / chosen by the pretraining's generator G. --motion: how much the
-pooled features move when a clip's motion is removed (every frame = the middle one) or its frames
-are shuffled, relative to the distance between two different test clips (0 = the encoder ignores
-motion). Dataset and clip settings default to the checkpoint's; flags override them.
+softmax averaged (the paper's protocol, Sec 4.2). Pretraining checkpoint, backbone.pt (with --arch)
+or --knn: pooled backbone features of the train split (gallery) and test split (queries),
+L2-normalised per clip and averaged over clips; retrieval R@k is a hit when any of the k nearest
+train videos has the query's class (VCOP / CoCLR protocol); knn_top1 is a weighted k-NN vote (k =
+--knn-k, weights exp(cos / 0.07), as DINO). --occlusion (paper Sec 3.4): mean prediction entropy and
+top-1 with k of T frames dropped, none / random / chosen by the pretraining's generator G. --motion:
+how much the pooled features move when a clip's motion is removed (every frame = the middle one) or
+its frames are shuffled, relative to the distance between two different test clips (0 = the encoder
+ignores motion). Dataset and clip settings default to the checkpoint's; flags override them.
 """
 
 import argparse

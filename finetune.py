@@ -1,11 +1,10 @@
 """
 Supervised finetuning (or a linear probe) of a pretrained encoder on an action-recognition dataset.
 
-    python finetune.py --ckpt runs/demo/ckpt.pt                 # demo set, the pretraining's clip
-    settings python finetune.py                                          # demo set, random init
-    (the baseline) torchrun --nproc_per_node=8 finetune.py --ckpt runs/k400/ckpt.pt --dataset ucf101
-    --data-root /data/ucf101 python finetune.py --ckpt runs/k400/backbone.pt
-    --arch r2plus1d_10 --linear ...   # linear probe
+    python finetune.py --ckpt runs/demo/ckpt.pt   # demo set, the pretraining's clip settings
+    python finetune.py                            # demo set, random init (the baseline)
+    torchrun --nproc_per_node=8 finetune.py --ckpt k400/ckpt.pt --dataset ucf101 --data-root UCF
+    python finetune.py --ckpt runs/k400/backbone.pt --arch r2plus1d_10 --linear ...   # linear probe
 
 The paper's protocol (Sec 4.2): 10 epochs, batch 32, lr 0.05, 32 frames, 112 crop, UCF101/HMDB51
 split 1; testing averages 10 uniformly spaced clips (python evaluate.py --ckpt OUT/ckpt.pt).

@@ -2,12 +2,12 @@
 (`pretrain.py --method cvrl|vclr`), and background erasing, a switch against the static-appearance
 shortcut. models.py holds VideoMoCo itself.
 
-    CVRL (Qian et al., CVPR 2021): temporally consistent spatial
-    augmentation, two clips of a video at
-        a distance drawn from a decreasing distribution, SimCLR's InfoNCE over the global batch.
+    CVRL (Qian et al., CVPR 2021): temporally consistent spatial augmentation, two clips of a
+        video at a distance drawn from a decreasing distribution, SimCLR's InfoNCE over the global
+        batch.
     VCLR (Kuang et al., ICCV 2021): segment-level positives (tuples of one clip per segment), a
-        video-level MoCo loss, temporal-order regularisation and,
-        in its 3-D variant, a clip-level loss.
+        video-level MoCo loss, temporal-order regularisation and, in its 3-D variant, a clip-level
+        loss.
 """
 import contextlib
 import math
@@ -127,8 +127,8 @@ def nt_xent(z1, z2, tau):
     N (drop_last), since local row n is global row rank * N + n. Each process's loss is its share of
     the global mean: with gather_with_grad the gradient w.r.t. the local z is world_size times that
     of the global mean loss, and DistributedDataParallel's averaging divides it back, so the
-    parameters get exactly the gradient of the global-batch loss.
-    Computed in float32 even under autocast.
+    parameters get exactly the gradient of the global-batch loss. Computed in float32 even under
+    autocast.
     """
     with torch.autocast(device_type=z1.device.type, enabled=False):
         n = z1.shape[0]
@@ -157,8 +157,8 @@ class CVRL(nn.Module):
     Linear, then BN, ReLU, Linear(hidden, hidden), BN, ReLU, Linear(hidden, dim). Downstream code
     keeps encoder_q without `fc`, as for VideoMoCo; `head` is dropped with everything else.
     Both clips go through the encoder in one batch (SimCLR concatenates its views the same way), so
-    BN statistics span both views; pretrain.py converts to SyncBatchNorm under DDP on CUDA, for
-    CVRL's BN over the global batch.
+    BN statistics span both views; `global_batchnorm` converts to SyncBatchNorm under DDP on CUDA,
+    for CVRL's BN over the global batch.
     """
 
     def __init__(self, base_encoder, dim=128, hidden=2048, T=0.1):
@@ -198,8 +198,8 @@ class VCLR(VideoMoCo):
         augmentation. clip_weight 0 gives the 2-D recipe's L_v + order_weight * L_o.
       L_v, the video-level contrastive loss (Sec 3.2, Eq 4-6) in MoCo form: q is the video embedding
         (`video_embedding`) of the anchor tuple from encoder_q, k that of the positive tuple from
-        the momentum encoder with shuffle-BN; negatives from the
-        queue (Eq 5 of VideoMoCo, no decay).
+        the momentum encoder with shuffle-BN; negatives from the queue (Eq 5 of VideoMoCo, no
+        decay).
       L_o, the temporal order regularisation (Sec 3.3, Eq 7-10): the normalised per-clip embeddings
         of both tuples, concatenated in tuple order and in the clip order given, -> `order_head`
         (a linear classifier) -> 4 classes: 0 both tuples in order, 1 the first shuffled, 2 the

@@ -136,8 +136,8 @@ def build_encoder(arch, num_classes, input="rgb"):
     VideoResNet with one BasicBlock per stage (the 14.4M-parameter nets of VCOP and the paper), so
     their state dicts load strictly into torchvision's classes. input="residual" makes the encoder
     turn every clip it is given into residual frames first (a forward pre-hook: no parameters, the
-    state dict and its torchvision compatibility are unchanged;
-    the mode is recorded in checkpoints).
+    state dict and its torchvision compatibility are unchanged; the mode is recorded in
+    checkpoints).
     """
     if arch in ("r3d_18", "r2plus1d_18", "mc3_18"):
         encoder = getattr(tv_video, arch)(weights=None, num_classes=num_classes)
@@ -237,10 +237,10 @@ def drop_frames(x, importance, k, temperature=1.0):
     mask = hard + (soft - soft.detach()): the bracket is exactly zero, so the forward mask is
     exactly 0 or 1 (hard + soft - soft.detach() could round 1 to 1 - 2^-24) and kept frames are
     bit-identical. Trained this way against a fixed D, G learns to drop the frames whose removal
-    moves D most (see
+    moves D most (see the test
     test_generator_trained_against_a_fixed_d_drops_frames_that_move_d_more_than_random); the
-    estimate is only informative once D responds sensibly to clips,
-    which is why the paper first trains D alone.
+    estimate is only informative once D responds sensibly to clips, which is why the paper first
+    trains D alone.
     """
     n, t = importance.shape
     if not 0 <= k < t:
@@ -258,8 +258,8 @@ def drop_frames(x, importance, k, temperature=1.0):
 
 def random_drop(x, k, generator=None):
     """The paper's "random dropout" ablation (Table 1): k uniformly random frames per clip are
-    dropped as in `drop_frames` (zeros), no gradient. Returns
-    (x_query, mask (N, T), 1 = dropped)."""
+    dropped as in `drop_frames` (zeros), no gradient.
+    Returns (x_query, mask (N, T), 1 = dropped)."""
     n, t = x.shape[0], x.shape[2]
     if not 0 <= k < t:
         raise ValueError(f"random_drop needs 0 <= k < T, got k={k}, T={t}")
@@ -331,9 +331,9 @@ class VideoMoCo(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self):
-        """Eq 2 on the parameters, as MoCo: encoder_k's BN running statistics are its own (keys are
-        encoded in train mode, so they are never read during
-        pretraining; only encoder_q is exported)."""
+        """Eq 2 on the parameters, as MoCo: encoder_k's BN running statistics are its own (keys
+        are encoded in train mode, so they are never read during pretraining; only encoder_q is
+        exported)."""
         momentum_update_(self.encoder_k.parameters(), self.encoder_q.parameters(), self.m)
 
     def encode_query(self, x_query):
@@ -341,8 +341,8 @@ class VideoMoCo(nn.Module):
         with that process's BN statistics; in a world of one, `shuffle_splits` processes are
         emulated (as MoCo's single-GPU CIFAR demo does with SplitBatchNorm): the queries are
         normalised in that many contiguous sub-batches, and `encode_key` gives the keys shuffled
-        sub-batches of the same size, so a query and its key share BN
-        statistics no more than across S real processes."""
+        sub-batches of the same size, so a query and its key share BN statistics no more than
+        across S real processes."""
         if is_distributed() or not self.training or self.shuffle_splits <= 1:
             return self.encoder_q(x_query)
         chunks = torch.tensor_split(x_query, min(self.shuffle_splits, x_query.shape[0]))
@@ -458,8 +458,7 @@ def decay_weights(age, decay):
 
 def infonce_chance(age, decay):
     """The value of Eq 6 when every logit is the same (collapsed features, or a model that has
-    learned nothing): ln(1 + sum_i t^age_i) over the queue's
-    ages; ln(K + 1) for Eq 1 (decay == 1)."""
+    learned nothing): ln(1 + sum_i t^age_i) over the queue's ages; ln(K + 1) for Eq 1 (decay 1)."""
     return math.log1p(decay_weights(age, decay).sum().item())
 
 

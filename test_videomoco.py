@@ -119,8 +119,8 @@ def read_log(out, kind="step"):
 @pytest.fixture(scope="session")
 def distinct_tree(tmp_path_factory):
     """48 videos (4 class folders) that two augmented views of a clip still match: each a random
-    binary texture in two colours of its own, drifting a pixel
-    or two per frame; 24 frames, 48x48."""
+    binary texture in two colours of its own, drifting a pixel or two per frame; 24 frames,
+    48x48."""
     root = tmp_path_factory.mktemp("distinct")
     rng = np.random.default_rng(0)
     for i in range(48):

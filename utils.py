@@ -53,8 +53,8 @@ def pooled_features(model):
 @torch.no_grad()
 def per_video(fn, loader, device, ctx):
     """fn(clips (V*C, 3, T, H, W)) -> (V*C, D) per clip; returns {index: (C, D) cpu float}, skipped
-    indices, over all ranks. Each batch holds V videos of C
-    clips; invalid (bad) videos are skipped."""
+    indices, over all ranks. Each batch holds V videos of C clips; invalid (bad) videos are
+    skipped."""
     results, skipped = [], []
     for batch in loader:
         video = batch["video"].to(device, non_blocking=True)  # (V, C, 3, T, H, W)
@@ -71,8 +71,8 @@ def per_video(fn, loader, device, ctx):
 
 def video_features(model, loader, device, ctx):
     """(features (V, D), video indices (V,), skipped): the pooled features of each clip,
-    L2-normalised, averaged over the video's clips and normalised again;
-    the model is used as it is (eval mode)."""
+    L2-normalised, averaged over the video's clips and normalised again; the model is used as it
+    is (eval mode)."""
     with pooled_features(model):
         feats, skipped = per_video(lambda x: F.normalize(model(x), dim=1), loader, device, ctx)
     index = torch.tensor(sorted(feats), dtype=torch.long)
@@ -91,8 +91,7 @@ def knn_predict(query, gallery, gallery_labels, num_classes, k=20, temperature=0
 class KNNMonitor:
     """Weighted 20-NN top-1 of an encoder's pooled features during pretraining (MoCo's CIFAR demo,
     solo-learn's online kNN): the train split is the gallery, the test split the queries, one centre
-    clip per video (evaluate.py uses 10). The clips are decoded
-    on every call, so nothing is cached."""
+    clip per video (evaluate.py uses 10). The clips are decoded on every call: nothing is cached."""
 
     def __init__(self, args, workers, k=20):
         self.k = k
