@@ -216,10 +216,7 @@ class VCLR(VideoMoCo):
                          shuffle_splits=shuffle_splits, mlp=mlp)
         self.segments, self.order_weight, self.clip_weight = segments, order_weight, clip_weight
         self.order_head = nn.Linear(2 * segments * dim, 4)
-        # L_clip's negatives
-        self.register_buffer("clip_queue", F.normalize(torch.randn(dim, K), dim=0))
-        self.register_buffer("clip_queue_ptr", torch.zeros(1, dtype=torch.long))
-        self.register_buffer("clip_queue_age", torch.arange(K, 0, -1, dtype=torch.long))
+        self.add_queue("clip_queue", dim)  # L_clip's negatives
 
     def forward(self, anchor, positive, order, segments=None):
         """anchor, positive: (N, S, 3, T, H, W) tuples, one clip per segment, possibly shuffled

@@ -325,9 +325,14 @@ class VideoMoCo(nn.Module):
         for param in self.encoder_k.parameters():
             param.requires_grad = False
 
-        self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
-        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-        self.register_buffer("queue_age", torch.arange(K, 0, -1, dtype=torch.long))
+        self.add_queue("queue", dim)
+
+    def add_queue(self, name, dim):
+        """Buffers NAME (dim, K) of random unit keys, NAME_ptr and NAME_age, as the class docstring
+        describes; `dequeue_and_enqueue(keys, NAME)` updates them."""
+        self.register_buffer(name, F.normalize(torch.randn(dim, self.K), dim=0))
+        self.register_buffer(name + "_ptr", torch.zeros(1, dtype=torch.long))
+        self.register_buffer(name + "_age", torch.arange(self.K, 0, -1, dtype=torch.long))
 
     @torch.no_grad()
     def momentum_update(self):

@@ -302,6 +302,7 @@ def train_epoch(epoch, skip, step, loader, bad, model, generator, opt_d, opt_g, 
         out = train_step(model, generator, video, order, phase, args, opt_d, opt_g, ctx, scaler,
                          guard.agree, decay, compare_random=epoch_step % args.g_ratio_every == 0)
         guard.count(out, step)
+        spread = utils.feature_spread(out["q"])
         if out["updated"]:
             zero = torch.zeros((), device=device)
             eq4 = (zero, zero)
@@ -310,7 +311,7 @@ def train_epoch(epoch, skip, step, loader, bad, model, generator, opt_d, opt_g, 
             one = torch.ones((), device=device)
             sums += torch.stack([out.get("loss_nce", out["loss_d"]).detach().float(),
                                  out["acc"].float(),
-                                 utils.feature_spread(out["q"]), one, *eq4])
+                                 spread, one, *eq4])
         step += 1
         progress.clips += args.batch_size
         if step % args.print_freq == 0 or epoch_step + 1 == len(loader):
@@ -318,7 +319,7 @@ def train_epoch(epoch, skip, step, loader, bad, model, generator, opt_d, opt_g, 
             loss_g = out["loss_g"].item() if out["loss_g"] is not None else float("nan")
             shown = [("loss_d", out["loss_d"].item(), ".4f"), ("loss_g", loss_g, ".4f"),
                      ("acc", out["acc"].item(), ".3f"),
-                     ("spread", utils.feature_spread(out["q"]).item(), ".3f"),
+                     ("spread", spread.item(), ".3f"),
                      ("lr", opt_d.param_groups[0]["lr"], ".4g")]
             extra = {k: out[k].item() for k in ("loss_order", "order_acc", "loss_clip")
                      if out.get(k) is not None}  # VCLR's
