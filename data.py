@@ -6,15 +6,13 @@ consistent augmentation. The built-in demo sets and the data tools are in datato
     python data.py check --dataset ucf101 --data-root R  # decode every listed video, list bad ones
     python data.py resize SRC DST --short-side 128       # re-encode a tree for faster loading
 
-Everything a stage script needs is here: `list_videos` (layouts), `VideoClips` (a Dataset returning
-normalised float clips (C, T, H, W)), `build_loader` (DataLoader with per-worker RNG streams and the
-bad-video bookkeeping), `BadVideos` (the main-process log of skipped files).
+What a clip is: `VideoReader` (seek-aware decoding), `list_videos` (layouts), `TrainTransform` and
+`augment` (in the loader workers, or batched on the training device from uint8 clips), `VideoClips`
+(the Dataset). loading.py turns the flags into a dataset and the dataset into this rank's batches.
 """
 
 import math
 import os
-import random
-import sys
 
 # bad files are reported by us, once, in one line
 os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
@@ -33,6 +31,9 @@ STD = (0.22803, 0.22145, 0.216989)
 # decoder at the previous keyframe plus the decodes from there (~3-5 ms measured on XVID 320x240,
 # i.e. ~20 frames). Seek only when the gap is larger than this.
 SEEK_AHEAD_FRAMES = 32
+# --repeat-sample N: the N clips of a video are drawn inside one window of this many clip spans,
+# decoded once
+REPEAT_WINDOW = 1.25
 
 
 class DataError(Exception):
@@ -160,7 +161,7 @@ class VideoReader:
         wanted = [s + stride * np.arange(num_frames) for s in starts]
         got = self.frames(sorted(set(np.concatenate(wanted).tolist())))
         if all(i in got for w in wanted for i in w):
-            return np.stack([np.stack([got[i] for i in w]) for w in wanted])
+            return _stack(got, wanted)
         length = self.real_frames if self.real_frames is not None else self.count_frames()
         if length == 0:
             raise VideoError("no decodable frames")
@@ -180,7 +181,17 @@ class VideoReader:
             got.update(self.frames(need))
         if not all(i in got for w in wanted for i in w):
             raise VideoError(f"decoding stopped early (only {len(got)} frames readable)")
-        return np.stack([np.stack([got[i] for i in w]) for w in wanted])
+        return _stack(got, wanted)
+
+
+def _stack(frames, wanted):
+    # (clips, T, H, W, 3) from {index: frame}: one copy of each frame (np.stack of np.stacks: two)
+    first = frames[wanted[0][0]]
+    out = np.empty((len(wanted), len(wanted[0]), *first.shape), first.dtype)
+    for clip, indices in zip(out, wanted):
+        for o, i in zip(clip, indices):
+            o[...] = frames[i]
+    return out
 
 
 def min_clip_frames(frames):
@@ -428,19 +439,60 @@ def denormalize(x):
 
 class TrainTransform:
     """Random resized crop, horizontal flip, colour jitter (p 0.8), grayscale (p 0.2), normalise.
-    Every parameter is drawn once per clip from `rng` and applied to all frames (CVRL Sec 3.1)."""
+    Every parameter is drawn once per clip from `rng` and applied to all frames (CVRL Sec 3.1).
 
-    def __init__(self, crop=112, scale=(0.2, 1.0), flip=0.5, jitter=0.8, grayscale=0.2):
+    on_device=False: all of it here, in the loader worker -> float (3, T, crop, crop).
+    on_device=True: only the crop and resize here -> (uint8 (T, crop, crop, 3), float (13,) the
+    flip and the 3x4 colour map); `augment` applies them to a whole batch on the training device.
+    Both draw the same parameters from the same `rng`, so they give the same distribution of
+    clips, and for the same parameters the same clip to within one grey level (the worker path
+    applies the colour map in cv2's 8-bit arithmetic, the device path in float)."""
+
+    def __init__(self, crop=112, scale=(0.2, 1.0), flip=0.5, jitter=0.8, grayscale=0.2,
+                 on_device=False):
         self.crop, self.scale, self.flip = crop, scale, flip
-        self.jitter, self.grayscale = jitter, grayscale
+        self.jitter, self.grayscale, self.on_device = jitter, grayscale, on_device
 
-    def __call__(self, frames, rng):  # uint8 (T, H, W, 3) -> float (3, T, crop, crop)
+    def __call__(self, frames, rng):  # uint8 (T, H, W, 3) -> float (3, T, crop, crop) or the above
         y, x, h, w = random_resized_box(frames.shape[1], frames.shape[2], rng, self.scale)
         flip = rng.random() < self.flip
-        frames = _resize_frames(frames[:, y:y + h, x:x + w], (self.crop, self.crop), flip)
-        mean_rgb = frames[:, ::4, ::4].reshape(-1, 3).mean(0)
-        frames = apply_color(frames, color_matrix(rng, mean_rgb, self.jitter, self.grayscale))
-        return to_tensor(frames)
+        # the flip costs nothing inside the worker's resize; on the device it is one batched op
+        frames = _resize_frames(frames[:, y:y + h, x:x + w], (self.crop, self.crop),
+                                flip and not self.on_device)
+        # the mean colour of every 4th pixel of the (flipped) clip: the same pixels on both paths
+        grid = frames[:, ::4, ::-4] if flip and self.on_device else frames[:, ::4, ::4]
+        mean_rgb = cv2.mean(grid.reshape(-1, grid.shape[2], 3))[:3]
+        matrix = color_matrix(rng, np.array(mean_rgb), self.jitter, self.grayscale)
+        if self.on_device:
+            params = np.concatenate([[float(flip)], matrix.ravel()]).astype(np.float32)
+            return torch.from_numpy(frames), torch.from_numpy(params)
+        return to_tensor(apply_color(frames, matrix))
+
+
+def augment(video, params):
+    """The device half of TrainTransform(on_device=True), batched: uint8 clips (*P, *S, T, H, W, 3)
+    and their parameters (*P, 13) -> normalised float (*P, *S, 3, T, H, W). The clips of the S
+    dimensions share their parameters (VCLR's tuples: one augmentation for all the clips of a
+    tuple)."""
+    shape = (*params.shape[:-1], *[1] * (video.dim() - params.dim() - 3))  # (*P, *1s)
+    flip = params[..., 0].view(*shape, 1, 1, 1, 1) > 0.5
+    video = torch.where(flip, video.flip(-2), video)
+    matrix = params[..., 1:].view(*shape, 1, 3, 4)  # shared by the T frames
+    x = video.flatten(-3, -2).float()  # (..., T, H*W, 3)
+    x = torch.matmul(x, matrix[..., :3].transpose(-1, -2)).add_(matrix[..., None, :, 3])
+    scale = torch.tensor([1 / (255 * s) for s in STD], device=x.device)
+    shift = torch.tensor([-m / s for m, s in zip(MEAN, STD)], device=x.device)
+    x = x.clamp_(0, 255).mul_(scale).add_(shift)
+    return x.view(video.shape).movedim(-1, -4).contiguous()
+
+
+def to_device(batch, device):
+    """A batch's clips on `device` as normalised float (N, ..., 3, T, H, W): uint8 clips are
+    augmented there (TrainTransform(on_device=True)), float ones were augmented in the workers."""
+    video = batch["video"].to(device, non_blocking=True)
+    if "aug" in batch:
+        video = augment(video, batch["aug"].to(device, non_blocking=True))
+    return video
 
 
 class EvalTransform:
@@ -491,16 +543,17 @@ class VideoClips(torch.utils.data.Dataset):
     A video that cannot give a clip is never a crash: in train mode it is replaced by another random
     video, in test mode the sample comes back with valid=False (evaluation must not silently swap a
     test video). `bad` lists the (index, reason) of the videos that failed while producing this
-    sample; `BadVideos` in the main process logs each once and enforces the bad fraction.
+    sample; `loading.BadVideos` in the main process logs each once and enforces the bad fraction.
     """
 
-    def __init__(self, samples, frames=32, stride=1, transform=None, mode="train",
-                 views=1, clips=10,
-                 temporal="same", interval="linear", segments=3):
+    def __init__(self, samples, frames=32, stride=1, transform=None, mode="train", views=1,
+                 clips=10, temporal="same", interval="linear", segments=3, repeat=1):
         assert mode in ("train", "test") and temporal in ("same", "cvrl", "vclr")
+        assert repeat == 1 or (mode, temporal) == ("train", "same"), "repeat: train, same only"
         self.samples, self.frames, self.stride = samples, frames, stride
         self.transform, self.mode, self.views, self.clips = transform, mode, views, clips
         self.temporal, self.interval, self.segments = temporal, interval, segments
+        self.repeat = repeat
         self.min_frames = min_clip_frames(frames)
         self.known_bad = set()  # per process: don't retry a video this worker already saw fail
 
@@ -509,7 +562,7 @@ class VideoClips(torch.utils.data.Dataset):
 
     @staticmethod
     def _rng(seed):
-        # EpochSampler hands every sample its own seed, derived from (run seed, epoch, index): the
+        # loading.EpochSampler hands every sample its own seed, from (run seed, epoch, index): the
         # clip position, crop and colours then depend neither on which worker loads it nor on how
         # many workers there are, and a run resumed mid-epoch draws exactly what it would have.
         # Indexed directly (an int, no seed), a sample draws its seed from torch's RNG.
@@ -517,10 +570,17 @@ class VideoClips(torch.utils.data.Dataset):
             seed = int(torch.randint(0, 2**62, (1,)).item())
         return np.random.default_rng(seed)
 
+    def _augment(self, clips, rng):
+        """Each uint8 clip through the transform, stacked: float (n, 3, T, ...) in the workers, or
+        uint8 (n, T, ..., 3) with its parameters (n, 13) for the device."""
+        out = [self.transform(c, rng) for c in clips]
+        if isinstance(out[0], tuple):
+            return torch.stack([o[0] for o in out]), {"aug": torch.stack([o[1] for o in out])}
+        return torch.stack(out), {}
+
     def _load(self, index, rng):
         path, label = self.samples[index]
         span = (self.frames - 1) * self.stride + 1
-        extra = {}
         with VideoReader(path) as reader:
             n = reader.claimed_frames
             if self.mode == "test":
@@ -530,32 +590,39 @@ class VideoClips(torch.utils.data.Dataset):
             elif self.temporal == "vclr":
                 tuples = [methods.segment_starts(rng, n, span, self.segments) for _ in range(2)]
                 starts = tuples[0] + tuples[1]
-            else:
-                starts = [int(rng.integers(0, max(n - span, 0) + 1))]
+            else:  # one clip, or `repeat` clips in a window of REPEAT_WINDOW x span (decoded once)
+                window = span + int((self.repeat > 1) * (REPEAT_WINDOW - 1) * span)
+                first = int(rng.integers(0, max(n - window, 0) + 1))
+                starts = [first + int(rng.integers(0, max(min(window, n) - span, 0) + 1))
+                          for _ in range(self.repeat)] if self.repeat > 1 else [first]
             move_rng = rng if self.mode == "train" and self.temporal == "same" else None
             clips = reader.clips(starts, self.frames, self.stride, min_frames=self.min_frames,
                                  rng=move_rng)
-        if self.mode == "test":
-            video = torch.cat([self.transform(c, rng) for c in clips])
-        elif self.temporal == "cvrl":
-            video = torch.stack([self.transform(c, rng) for c in clips])
-        elif self.temporal == "vclr":
-            tuples, shuffled, segments = [], [], []
-            for clips_of_tuple in (clips[:self.segments], clips[self.segments:]):
-                # one augmentation for the whole tuple: its clips side by side in time
-                t = self.transform(np.concatenate(clips_of_tuple), rng)  # (3, S*T, crop, crop)
-                # (S, 3, T, ...)
-                t = t.view(3, self.segments, self.frames, *t.shape[2:]).transpose(0, 1)
-                perm, was_shuffled = methods.order_shuffle(rng, self.segments)
-                tuples.append(t[perm])
-                shuffled.append(was_shuffled)
-                segments.append(perm)  # position j of the tuple holds the clip of segment perm[j]
-            video = torch.stack(tuples)  # (2, S, 3, T, crop, crop)
-            extra["order"] = int(shuffled[0]) + 2 * int(shuffled[1])
-            extra["segments"] = torch.tensor(segments)  # (2, S)
-        else:
-            video = torch.stack([self.transform(clips[0], rng) for _ in range(self.views)])
-        return video, label, extra
+        if self.mode == "test":  # float (clips * crops, 3, T, crop, crop)
+            return [(torch.cat([self.transform(c, rng) for c in clips]), label, {})]
+        if self.temporal == "cvrl":
+            video, extra = self._augment(clips, rng)
+            return [(video, label, extra)]
+        if self.temporal == "same":
+            return [(video, label, extra) for video, extra in
+                    (self._augment([c] * self.views, rng) for c in clips)]
+        tuples, params, shuffled, segments = [], [], [], []
+        for clips_of_tuple in (clips[:self.segments], clips[self.segments:]):
+            # one augmentation for the whole tuple: its clips side by side in time
+            t, extra = self._augment([np.concatenate(clips_of_tuple)], rng)
+            if extra:  # uint8 (1, S*T, crop, crop, 3) -> (S, T, crop, crop, 3)
+                t = t.view(self.segments, self.frames, *t.shape[2:])
+                params.append(extra["aug"][0])
+            else:  # float (1, 3, S*T, crop, crop) -> (S, 3, T, crop, crop)
+                t = t.view(3, self.segments, self.frames, *t.shape[3:]).transpose(0, 1)
+            perm, was_shuffled = methods.order_shuffle(rng, self.segments)
+            tuples.append(t[perm])
+            shuffled.append(was_shuffled)
+            segments.append(perm)  # position j of the tuple holds the clip of segment perm[j]
+        extra = {"aug": torch.stack(params)} if params else {}
+        extra["order"] = int(shuffled[0]) + 2 * int(shuffled[1])
+        extra["segments"] = torch.tensor(segments)  # (2, S)
+        return [(torch.stack(tuples), label, extra)]  # (2, S, 3, T, crop, crop) or uint8
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, None)
@@ -564,9 +631,11 @@ class VideoClips(torch.utils.data.Dataset):
         for _ in range(100):
             if index not in self.known_bad:
                 try:
-                    video, label, extra = self._load(index, rng)
-                    return {"video": video, "label": label, "index": index, "bad": bad,
+                    out = [{"video": video, "label": label, "index": index, "bad": [],
                             "valid": True, **extra}
+                           for video, label, extra in self._load(index, rng)]
+                    out[0]["bad"] = bad
+                    return out[0] if len(out) == 1 else out  # a list: --repeat-sample
                 except (VideoError, cv2.error) as e:
                     self.known_bad.add(index)
                     bad.append((index, str(e).strip().splitlines()[-1]))
@@ -578,173 +647,6 @@ class VideoClips(torch.utils.data.Dataset):
                         "bad": bad, "valid": False}
             index = int(rng.integers(0, len(self.samples)))
         raise DataError("100 videos in a row failed to decode; is the data readable at all?")
-
-
-def collate(batch):
-    """default_collate, except `bad` lists are concatenated rather than stacked."""
-    bad = [b for sample in batch for b in sample["bad"]]
-    out = torch.utils.data.default_collate([{k: v for k, v in s.items() if k != "bad"}
-                                            for s in batch])
-    out["bad"] = bad
-    return out
-
-
-class BadVideos:
-    """Main-process record of skipped videos: logs each once (path and reason), counts them, and
-    stops the run (DataError) when more than `max_fraction` of the dataset is bad instead of
-    training on garbage. Listed-but-missing files count from the start.
-
-    Under torch.distributed each rank meets the bad videos of its own shard: `update` only collects
-    them, and `flush` (a collective: every rank calls it at the same step) merges all ranks'
-    reports, so the count, the log and the decision to stop are global and the same on every
-    rank."""
-
-    def __init__(self, samples, missing=(), max_fraction=0.1, log=True):
-        self.samples, self.max_fraction, self.log = samples, max_fraction, log
-        self.total = len(samples) + len(missing)
-        self.paths, self.pending = {}, []
-        for path in missing:
-            self._add(path, "listed in the split file but does not exist")
-        self.check()
-
-    def _add(self, path, reason):
-        if path not in self.paths:
-            self.paths[path] = reason
-            if self.log:
-                print(f"skipping bad video {path}: {reason}", file=sys.stderr, flush=True)
-
-    def update(self, bad):
-        self.pending += bad
-        if _rank_world()[1] == 1:
-            self.flush()
-
-    def flush(self):
-        reports = [self.pending]
-        if _rank_world()[1] > 1:
-            reports = [None] * _rank_world()[1]
-            torch.distributed.all_gather_object(reports, self.pending)
-        self.pending = []
-        for index, reason in (b for report in reports for b in report):
-            self._add(self.samples[index][0], reason)
-        self.check()
-
-    def __len__(self):
-        return len(self.paths)
-
-    def check(self):
-        if len(self.paths) > self.max_fraction * self.total:
-            raise DataError(f"{len(self.paths)} of {self.total} videos are unreadable or missing "
-                            f"(more than {self.max_fraction:.0%}); fix the data "
-                            "(python data.py check) or raise --max-bad-fraction")
-
-    def write(self, path):
-        with open(path, "w") as f:
-            f.writelines(f"{p}\t{r}\n" for p, r in sorted(self.paths.items()))
-
-
-def worker_init(worker_id):
-    cv2.setNumThreads(0)  # OpenCV's own thread pool would oversubscribe the cores the workers share
-    torch.set_num_threads(1)
-    seed = torch.initial_seed() % 2**32  # base_seed + worker_id, see EpochSampler.set_epoch
-    np.random.seed(seed)  # for third-party code in the workers; our own draws use per-sample seeds
-    random.seed(seed)
-
-
-def _rank_world():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """
-    This rank's indices for one epoch. Training: one permutation per (seed, epoch), shared by all
-    ranks, split into equal shards (the tail that does not divide is dropped, as DistributedSampler
-    with drop_last). Test: every index exactly once, rank r taking r, r + world, ...
-
-    Each index comes with its own seed from (seed, epoch, index), so every random choice made for a
-    sample is fixed by the run's seed, whatever the number of workers; set_epoch(epoch, skip) also
-    reseeds the loader's generator (the workers' base seed). `skip` drops the first samples of this
-    rank's shard: a run resumed mid-epoch continues exactly, without re-decoding what was done.
-    """
-
-    def __init__(self, size, train, seed=0):  # yields (index, per-sample seed)
-        self.size, self.train, self.seed = size, train, seed
-        self.rank, self.world = _rank_world()
-        self.epoch, self.skip, self.generator = 0, 0, None
-
-    def set_epoch(self, epoch, skip=0):
-        self.epoch, self.skip = epoch, skip
-        if self.generator is not None:
-            seed = np.random.SeedSequence([self.seed, self.rank, epoch]).generate_state(1)[0]
-            self.generator.manual_seed(int(seed))
-
-    def _indices(self):
-        if not self.train:
-            return list(range(self.rank, self.size, self.world))
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
-        per_rank = self.size // self.world
-        return order[self.rank * per_rank:(self.rank + 1) * per_rank].tolist()
-
-    def __iter__(self):
-        for index in self._indices()[self.skip:]:
-            seed = np.random.SeedSequence([self.seed,
-                                           self.epoch, index]).generate_state(2, np.uint64)[0]
-            yield index, int(seed)
-
-    def __len__(self):
-        return len(self._indices()) - self.skip
-
-
-def build_loader(dataset, batch_size, workers, train, seed=0):
-    """DataLoader over this rank's EpochSampler shard, with per-worker RNG streams and the collate
-    that keeps the bad-video lists. Call loader.sampler.set_epoch(epoch) before each epoch."""
-    sampler = EpochSampler(len(dataset), train, seed)
-    sampler.generator = torch.Generator()
-    sampler.set_epoch(0)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
-        worker_init_fn=worker_init, generator=sampler.generator, drop_last=train,
-        pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers > 0 else None)
-
-
-def add_data_args(p):
-    """The data flags every training script shares (paper defaults: 32 consecutive frames, crop
-    112)."""
-    p.add_argument("--dataset", default="demo", choices=DATASETS,
-                   help="dataset layout (demo: the built-in set)")
-    p.add_argument("--data-root", default=None,
-                   help="dataset root as the official archives unpack; none = demo preset")
-    p.add_argument("--split", type=int, default=1,
-                   help="official split for ucf101/hmdb51, 1-3 (paper: 1)")
-    p.add_argument("--frames", type=int, default=32, help="frames per clip T (paper: 32)")
-    p.add_argument("--stride", type=int, default=1,
-                   help="temporal stride between clip frames (paper: 1, consecutive)")
-    p.add_argument("--crop", type=int, default=112, help="crop size in pixels (paper: 112)")
-    p.add_argument("--workers", type=int, default=8, help="DataLoader workers per process")
-    p.add_argument("--max-bad-fraction", type=float, default=0.1,
-                   help="stop if more than this fraction of videos is unreadable")
-
-
-def build_dataset(args, train, mode=None, views=1, transform=None, temporal="same", clips=None):
-    """The dataset a stage script asks for with the shared flags (--dataset --data-root --split
-    --frames --stride --crop, --jitter --grayscale for pretraining, --clips --crops for testing);
-    returns (dataset, classes, BadVideos). `train` picks the split; `mode` how clips are drawn
-    (default: "train" for the train split); `clips` overrides --clips."""
-    samples, classes, missing = list_videos(args.dataset, args.data_root, args.split, train)
-    mode = mode or ("train" if train else "test")
-    if transform is None and mode == "train":
-        transform = TrainTransform(args.crop, jitter=getattr(args, "jitter", 0.8),
-                                   grayscale=getattr(args, "grayscale", 0.2))
-    elif transform is None:
-        transform = EvalTransform(args.crop, crops=getattr(args, "crops", 1))
-    dataset = VideoClips(samples, args.frames, args.stride, transform, mode, views=views,
-                         clips=clips or getattr(args, "clips", 1), temporal=temporal,
-                         interval=getattr(args, "cvrl_interval", "linear"),
-                         segments=getattr(args, "segments", 3))
-    bad = BadVideos(samples, missing, getattr(args, "max_bad_fraction", 0.1),
-                    log=_rank_world()[0] == 0)
-    return dataset, classes, bad
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
+import loading
 import models
 import utils
 from utils import knn_predict, per_video, pooled_features, video_features
@@ -357,10 +358,10 @@ def main(argv=None):
 
     def loader(train):
         try:
-            dataset, classes, _ = data.build_dataset(args, train=train, mode="test")
+            dataset, classes, _ = loading.build_dataset(args, train=train, mode="test")
         except data.DataError as e:
             raise SystemExit(f"error: {e}")
-        return data.build_loader(dataset, args.batch_size, args.workers, train=False), classes
+        return loading.build_loader(dataset, args.batch_size, args.workers, train=False), classes
 
     test_loader, classes = loader(train=False)
     labels = torch.tensor([y for _, y in test_loader.dataset.samples])

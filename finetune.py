@@ -19,9 +19,9 @@ import os
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import loading
 import models
 import utils
 
@@ -33,7 +33,7 @@ def get_args_parser():
     p.add_argument("--linear", action="store_true",
                    help="freeze the backbone (BN in eval mode) and train the classifier only")
     # --dataset --data-root --split --frames --stride --crop --workers --max-bad-fraction
-    data.add_data_args(p)
+    loading.add_data_args(p)
     p.add_argument("--arch", default="r2plus1d_10", choices=models.ARCHS,
                    help="encoder; the pretraining checkpoint's by default (backbone.pt needs it)")
     p.add_argument("--input", default=None, choices=models.INPUTS,
@@ -138,7 +138,7 @@ def train_epoch(epoch, step, model, model_ddp, loader, bad, optimizer, ctx, scal
     progress.restart()
     for epoch_step, batch in enumerate(loader):
         bad.update(batch["bad"])
-        video = batch["video"].to(device, non_blocking=True)[:, 0]  # (N, 3, T, H, W)
+        video = data.to_device(batch, device)[:, 0]  # (N, 3, T, H, W)
         label = batch["label"].to(device, non_blocking=True)
         with ctx:
             loss = F.cross_entropy(model_ddp(video).float(), label)
@@ -165,34 +165,27 @@ def main(argv=None):
 
     # data
     try:
-        train_set, classes, bad = data.build_dataset(
-            args, train=True, transform=data.TrainTransform(args.crop, jitter=0.0, grayscale=0.0))
-        test_set, _, _ = data.build_dataset(args, train=False)
+        train_set, classes, bad = loading.build_dataset(
+            args, train=True, transform=data.TrainTransform(
+                args.crop, jitter=0.0, grayscale=0.0, on_device=args.augment_on == "device"))
+        test_set, _, _ = loading.build_dataset(args, train=False)
+        per_rank = args.batch_size // world
+        loader = loading.build_loader(train_set, per_rank, args.workers, train=True, seed=args.seed)
+        test_loader = loading.build_loader(test_set, per_rank, args.workers, train=False,
+                                           seed=args.seed)
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
-    per_rank = args.batch_size // world
-    loader = data.build_loader(train_set, per_rank, args.workers, train=True, seed=args.seed)
-    test_loader = data.build_loader(test_set, per_rank, args.workers, train=False, seed=args.seed)
-    if len(loader) == 0:
-        raise SystemExit(f"error: {len(train_set)} videos give no full batch of {per_rank} "
-                         "per process")
 
     # model: pretrained backbone, new classifier head
     model = build_model(args, state, len(classes), log).to(device)
-    model_ddp = DDP(model) if world > 1 else model
+    model_ddp = utils.wrap_ddp(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, args.lr, momentum=args.momentum, weight_decay=args.wd)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    start_epoch, step = 0, 0
-    if os.path.exists(ckpt_path):
-        ckpt = utils.load_checkpoint(ckpt_path, kind="finetune")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["scaler"]:
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step = ckpt["epoch"], ckpt["step"]
-        utils.set_rng_state(ckpt["rng"])
-        log(f"resuming from {ckpt_path}: epoch {start_epoch}")
+    parts = {"model": model, "optimizer": optimizer}
+    ckpt = utils.resume(ckpt_path, "finetune", parts, scaler, rank, log, args,
+                        must_match=(("arch", None), ("linear", False)))
+    start_epoch, step = (ckpt["epoch"], ckpt["step"]) if ckpt else (0, 0)
 
     # loop
     progress = utils.Progress(step, args.epochs * len(loader))
@@ -200,16 +193,12 @@ def main(argv=None):
         step = train_epoch(epoch, step, model, model_ddp, loader, bad, optimizer, ctx, scaler, args,
                            progress, log, device)
         top1 = quick_test(model_ddp, test_loader, device, ctx)
-        if rank == 0:
-            data_settings = ("dataset", "data_root", "split", "frames", "stride", "crop")
-            utils.save_atomic({
-                "kind": "finetune", "model": model.state_dict(), "arch": args.arch,
-                "input": args.input, "classes": classes, "linear": args.linear, "source": args.ckpt,
-                "generator": occlusion_source(source),
-                "data": {k: getattr(args, k) for k in data_settings},
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch + 1, "step": step, "test_top1_1clip": top1, "args": vars(args),
-                "rng": utils.rng_state()}, ckpt_path)
+        data_settings = ("dataset", "data_root", "split", "frames", "stride", "crop")
+        utils.save_checkpoint(
+            ckpt_path, "finetune", parts, scaler, rank, arch=args.arch, input=args.input,
+            classes=classes, linear=args.linear, source=args.ckpt,
+            generator=occlusion_source(source), data={k: getattr(args, k) for k in data_settings},
+            epoch=epoch + 1, step=step, test_top1_1clip=top1, args=vars(args))
         log(f"epoch {epoch} done: test top-1 (1 centre clip) {top1:.3f}; {len(bad)} bad videos "
             f"skipped; saved {ckpt_path}", epoch=epoch, test_top1_1clip=top1)
     log(f"done. next: python evaluate.py --ckpt {ckpt_path}  (10-clip test protocol)")

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import VideoMoCo, decayed_infonce, is_distributed, projection_head
+from models import VideoMoCo, decayed_infonce, infonce_chance, is_distributed, projection_head
 
 
 # -----------------------------------------------------------------------------
@@ -308,3 +308,30 @@ def global_batchnorm(model, method, device, world, log):
         log(f"cvrl on {world} CPU processes: BN statistics per process (SyncBatchNorm needs CUDA)")
         return model
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def chance_level(method, model, batch_size, decay):
+    """The loss of collapsed features, for pretrain.py's log: ln of the 2B - 1 candidates of CVRL,
+    the queue's for the others (ln(1 + sum t^i), Eq 6; ln(K+1) without decay)."""
+    if method == "cvrl":
+        return math.log(2 * batch_size - 1)
+    return infonce_chance(model.queue_age, model.decay if method == "vclr" else decay)
+
+
+def add_method_args(p):
+    """pretrain.py's flags for the comparison methods and the shortcut switch; each names its
+    method."""
+    p.add_argument("--cvrl-t", type=float, default=0.1,
+                   help="CVRL: InfoNCE temperature (CVRL: 0.1)")
+    p.add_argument("--cvrl-hidden", type=int, default=2048, help="CVRL: width of its MLP head")
+    p.add_argument("--cvrl-interval", default="linear", choices=INTERVALS,
+                   help="CVRL: distribution of the distance between its two clips")
+    p.add_argument("--segments", type=int, default=3, help="VCLR: segments per video (VCLR: 3)")
+    p.add_argument("--order-weight", type=float, default=1.0, help="VCLR: weight of L_o")
+    p.add_argument("--clip-weight", type=float, default=1.0,
+                   help="VCLR: weight of L_clip (0: 2-D recipe)")
+    # against the static-appearance shortcut
+    p.add_argument("--background-erasing", type=float, default=0.0,
+                   help="P(a random frame of the query clip is mixed into all its frames)")
+    p.add_argument("--be-weight", type=float, nargs=2, default=(0.1, 0.3), metavar=("LOW", "HIGH"),
+                   help="range of the background-erasing weight")

@@ -17,16 +17,14 @@ pre-emption) saves a checkpoint and exits cleanly.
 
 import argparse
 import functools
-import inspect
-import math
 import os
 import time
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import loading
 import methods
 import models
 import utils
@@ -37,9 +35,10 @@ METHODS = ("videomoco", "moco", "cvrl", "vclr")
 
 def get_args_parser():
     p = argparse.ArgumentParser("VideoMoCo pretraining", add_help=True)
-    data.add_data_args(p)  # --dataset --data-root --split --frames --stride --crop --workers ...
+    loading.add_data_args(p)  # --dataset --data-root --split --frames --stride --crop --workers ...
     # model
     p.add_argument("--arch", default="r2plus1d_10", choices=models.ARCHS, help="encoder D")
+    p.add_argument("--input", default="rgb", choices=models.INPUTS, help="rgb or residual frames")
     p.add_argument("--moco-dim", type=int, default=128, help="feature dimension (MoCo: 128)")
     p.add_argument("--moco-k", type=int, default=65536, help="queue size K in keys (paper: 65536)")
     p.add_argument("--moco-m", type=float, default=0.999, help="momentum m, Eq 2 (paper: 0.999)")
@@ -61,21 +60,7 @@ def get_args_parser():
     # method: VideoMoCo, its MoCo baseline, and the methods users compare it with (methods.py)
     p.add_argument("--method", default="videomoco", choices=METHODS,
                    help="videomoco; moco (= --generator none --decay 1); cvrl; vclr")
-    p.add_argument("--cvrl-t", type=float, default=0.1,
-                   help="CVRL: InfoNCE temperature (CVRL: 0.1)")
-    p.add_argument("--cvrl-hidden", type=int, default=2048, help="CVRL: width of its MLP head")
-    p.add_argument("--cvrl-interval", default="linear", choices=methods.INTERVALS,
-                   help="CVRL: distribution of the distance between its two clips")
-    p.add_argument("--segments", type=int, default=3, help="VCLR: segments per video (VCLR: 3)")
-    p.add_argument("--order-weight", type=float, default=1.0, help="VCLR: weight of L_o")
-    p.add_argument("--clip-weight", type=float, default=1.0,
-                   help="VCLR: weight of L_clip (0: 2-D recipe)")
-    # against the static-appearance shortcut
-    p.add_argument("--input", default="rgb", choices=models.INPUTS, help="rgb or residual frames")
-    p.add_argument("--background-erasing", type=float, default=0.0,
-                   help="P(a random frame of the query clip is mixed into all its frames)")
-    p.add_argument("--be-weight", type=float, nargs=2, default=(0.1, 0.3), metavar=("LOW", "HIGH"),
-                   help="range of the background-erasing weight")
+    methods.add_method_args(p)  # CVRL, VCLR and background erasing
     # generator G
     p.add_argument("--generator", default="convlstm", choices=("convlstm", "random", "none"),
                    help="frames dropped by G (adversarial), at random (Table 1), or none (MoCo)")
@@ -97,6 +82,10 @@ def get_args_parser():
     p.add_argument("--wd", type=float, default=1e-4, help="D's weight decay (MoCo: 1e-4)")
     p.add_argument("--amp", default=None, choices=("bf16", "fp16", "none"),
                    help="autocast dtype (default: bf16 on CUDA, none on CPU)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="encoders in channels_last_3d memory (bench.py --step measures it)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the encoders (bench.py --step measures it)")
     # run
     p.add_argument("--out", default="runs/pretrain",
                    help="ckpt.pt, backbone.pt, log.jsonl, curves.png")
@@ -110,23 +99,16 @@ def get_args_parser():
     return p
 
 
-# The demo preset: what `python pretrain.py` runs when no --data-root is given, so that it finishes
-# in about 2.5 minutes on 2 CPU cores. Flags given on the command line win. K = 64 keys against 180
-# training videos (K/N = 0.36; the paper's 65536 of Kinetics' 240k is 0.27): at K = 128 a clip's two
-# group-mates and often its own earlier key sit in the queue as negatives. t is chosen so that the
-# oldest key weighs 0.52 (0.9898^64), as the paper's 0.99999^65536 does. No colour jitter: at this
-# budget (150 steps) it keeps the loss at 0.75 of chance
-# (README, "Does it learn?"); grayscale stays.
+# The demo preset: `python pretrain.py` without --data-root, about 2.5 minutes on 2 CPU cores; flags
+# given win. K = 64 against 180 training videos (K/N 0.36; the paper's 65536 of Kinetics' 240k is
+# 0.27); t makes the oldest key weigh 0.52 (0.9898^64) as the paper's 0.99999^65536; no colour
+# jitter, which holds the loss at 0.75 of chance at this budget (RESULTS.md); grayscale stays.
 DEMO_PRESET = dict(**utils.DEMO_CLIPS, batch_size=32, epochs=30, workers=2,
                    moco_k=64, moco_m=0.99, decay=0.9898, g_hidden=64, g_width=16,
                    lr=0.1, g_lr=0.05, jitter=0.0, knn_every=5, g_ratio_every=1, print_freq=10,
                    out="runs/demo")
 # per method, on top of DEMO_PRESET: VCLR's three clips must fit in the demo's 32-48 frame videos
 METHOD_DEMO_PRESET = {"vclr": dict(frames=8, stride=1), "cvrl": dict(cvrl_hidden=256)}
-
-
-# -----------------------------------------------------------------------------
-# the pieces of a run
 
 
 # -----------------------------------------------------------------------------
@@ -146,10 +128,9 @@ def train_step(model, generator, video, order, phase, args, opt_d, opt_g, ctx, s
     if phase in ("cvrl", "vclr"):
         inputs = (x, x_key) if phase == "cvrl" else (x, x_key, *order)
         return methods.contrastive_step(model, inputs, opt_d, ctx, scaler, agree)
-    return models.videomoco_step(model, x, x_key, opt_d,
-                                 generator if phase == "adversarial" else None, opt_g,
-                                 args.drop_frames, args.g_temperature, decay,
-                                 random_k=phase == "random-drop",
+    generator = generator if phase == "adversarial" else None
+    return models.videomoco_step(model, x, x_key, opt_d, generator, opt_g, args.drop_frames,
+                                 args.g_temperature, decay, random_k=phase == "random-drop",
                                  compare_random=compare_random, autocast=ctx, scaler=scaler,
                                  agree=agree)
 
@@ -172,8 +153,7 @@ def settle_args(args, given, world):
         args.drop_frames = max(args.frames // 4, 1)  # the paper's ratio, 8 of 32 (Sec 3.1: 25 %)
     if args.generator != "none" and not 0 < args.drop_frames < args.frames:
         raise SystemExit(f"error: --drop-frames must be in 1..{args.frames - 1} for --frames "
-                         f"{args.frames} "
-                         "(no dropping is --generator none)")
+                         f"{args.frames} (no dropping is --generator none)")
     if args.g_ratio_every < 1:
         raise SystemExit(f"error: --g-ratio-every must be at least 1, got {args.g_ratio_every}")
 
@@ -191,6 +171,11 @@ def build_models(args, device, world, log):
         model = models.VideoMoCo(base_encoder, args.moco_dim, args.moco_k, args.moco_m, args.moco_t,
                                  args.decay, args.decay_unit, args.shuffle_splits, args.mlp)
     model = methods.global_batchnorm(model, args.method, device, world, log).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    for name in ("encoder_q", "encoder_k") if args.compile else ():
+        if hasattr(model, name):  # in place, so that the state_dict keys stay torchvision's
+            getattr(model, name).compile()
     # G exists only where it is used: --method videomoco with --generator convlstm
     generator = None
     if args.generator == "convlstm":
@@ -199,72 +184,21 @@ def build_models(args, device, world, log):
         f"{models.count_parameters(model.encoder_q) / 1e6:.2f}M parameters"
         + (f"; G: ConvLSTM, {models.count_parameters(generator) / 1e6:.2f}M" if generator else "")
         + f"; {world} process(es) on {device}")
-    if world == 1:
-        return model, generator, model, generator
-    # every process starts from the same weights and queue (MoCo relies on identical queues)
-    states = [model.state_dict()] + ([generator.state_dict()] if generator else [])
-    for t in [t for state in states for t in state.values()]:
-        dist.broadcast(t, src=0)
     # no buffer sync: the queue is updated identically on every rank from gathered keys, so
     # re-broadcasting it (dim x K floats) every step, as DDP's default would, is pure traffic
-    # (torch >= 2.14 renamed the switch broadcast_buffers to forward_sync_buffers)
-    renamed = "forward_sync_buffers" in inspect.signature(DDP).parameters
-    no_sync = ({"forward_sync_buffers": False} if renamed
-               else {"broadcast_buffers": False})
-    generator_ddp = DDP(generator) if generator is not None else None
-    return model, generator, DDP(model, **no_sync), generator_ddp
+    return model, generator, utils.wrap_ddp(model, sync_buffers=False), utils.wrap_ddp(generator)
 
 
-def resume(path, args, model, generator, opt_d, opt_g, scaler, rank, log):
-    """(epoch, step, steps of that epoch done) from the checkpoint at `path`, or zeros if none."""
-    if not os.path.exists(path):
-        return 0, 0, 0
-    ckpt = utils.load_checkpoint(path, kind="pretrain")
-    for key, default in (("method", "videomoco"), ("input", "rgb"), ("arch", None),
-                         ("moco_k", None)):
-        if ckpt["args"].get(key, default) != getattr(args, key):
-            flag = "--" + key.replace("_", "-")
-            raise SystemExit(f"error: {path} is a {flag} {ckpt['args'].get(key, default)} run; "
-                             f"use another --out for {flag} {getattr(args, key)}")
-    model.load_state_dict(ckpt["model"])
-    opt_d.load_state_dict(ckpt["opt_d"])
-    if generator is not None:
-        generator.load_state_dict(ckpt["generator"])
-        opt_g.load_state_dict(ckpt["opt_g"])
-    if ckpt["scaler"]:
-        scaler.load_state_dict(ckpt["scaler"])
-    changed = [k for k in ("epochs", "adv_start", "lr", "batch_size", "generator",
-                           "drop_frames", "decay")
-               if ckpt["args"].get(k) != getattr(args, k)]
-    if changed:
-        log("warning: resuming with changed flags " + ", ".join(
-            f"--{k.replace('_', '-')} {ckpt['args'][k]} -> {getattr(args, k)}" for k in changed))
-    utils.set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-    epoch, step, skip = ckpt["epoch"], ckpt["step"], ckpt["epoch_step"]
-    log(f"resuming from {path}: epoch {epoch}, step {step}"
-        + (f" (mid-epoch, {skip} steps of it done)" if skip else ""))
-    return epoch, step, skip
-
-
-def save_checkpoint(path, args, model, generator, opt_d, opt_g, scaler, epoch, step, epoch_step,
-                    rank, world):
-    """ckpt.pt (everything a resume needs, every rank's RNG state included) and backbone.pt (the
-    query encoder without its projection head, keyed as torchvision's model of the same arch), both
-    written atomically by rank 0. Collective: every rank calls it."""
-    states = [utils.rng_state()]
-    if world > 1:  # every rank's RNG, so a resumed run continues each stream
-        states = [None] * world
-        dist.all_gather_object(states, utils.rng_state())
-    if rank != 0:
-        return
-    utils.save_atomic({"kind": "pretrain", "method": args.method, "model": model.state_dict(),
-                       "generator": generator.state_dict() if generator else None,
-                       "opt_d": opt_d.state_dict(), "opt_g": opt_g.state_dict() if opt_g else None,
-                       "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
-                       "epoch_step": epoch_step, "args": vars(args), "rng": states}, path)
-    backbone = {k: v for k, v in model.encoder_q.state_dict().items() if not k.startswith("fc.")}
-    utils.save_atomic(backbone,
-                      os.path.join(os.path.dirname(path), "backbone.pt"))
+def save_checkpoint(path, args, parts, scaler, epoch, step, epoch_step, rank):
+    """ckpt.pt (everything a resume needs) and backbone.pt (the query encoder without its
+    projection head, keyed as torchvision's model of the same arch), both written atomically by
+    rank 0. Collective: every rank calls it."""
+    utils.save_checkpoint(path, "pretrain", parts, scaler, rank, method=args.method, epoch=epoch,
+                          step=step, epoch_step=epoch_step, args=vars(args))
+    if rank == 0:
+        backbone = {k: v for k, v in parts["model"].encoder_q.state_dict().items()
+                    if not k.startswith("fc.")}
+        utils.save_atomic(backbone, os.path.join(os.path.dirname(path), "backbone.pt"))
 
 
 def epoch_schedule(args, epoch, opt_d, opt_g):
@@ -286,7 +220,7 @@ def train_epoch(epoch, skip, step, loader, bad, model, generator, opt_d, opt_g, 
     Eq 4's distance for G's drops and for random ones (on the steps that measure it); stopped: by a
     signal."""
     phase, decay = epoch_schedule(args, epoch, opt_d, opt_g)
-    loader.sampler.set_epoch(epoch, skip * (args.batch_size // world))
+    loader.sampler.set_epoch(epoch, skip * loader.batch_size)  # in videos
     model.train()
     if generator is not None:
         generator.train()
@@ -295,7 +229,7 @@ def train_epoch(epoch, skip, step, loader, bad, model, generator, opt_d, opt_g, 
     for epoch_step, batch in enumerate(loader, start=skip):
         bad.update(batch["bad"])
         # (N, 2, 3, T, H, W); VCLR (N, 2, S, ...)
-        video = batch["video"].to(device, non_blocking=True)
+        video = data.to_device(batch, device)
         order = None
         if "order" in batch:
             order = (batch["order"].to(device), batch["segments"].to(device))
@@ -310,16 +244,14 @@ def train_epoch(epoch, skip, step, loader, bad, model, generator, opt_d, opt_g, 
                 eq4 = (-out["loss_g"].detach().float(), out["l1_random"].float())
             one = torch.ones((), device=device)
             sums += torch.stack([out.get("loss_nce", out["loss_d"]).detach().float(),
-                                 out["acc"].float(),
-                                 spread, one, *eq4])
+                                 out["acc"].float(), spread, one, *eq4])
         step += 1
         progress.clips += args.batch_size
         if step % args.print_freq == 0 or epoch_step + 1 == len(loader):
             bad.flush()  # all ranks' bad videos (a collective, at the same step on every rank)
             loss_g = out["loss_g"].item() if out["loss_g"] is not None else float("nan")
             shown = [("loss_d", out["loss_d"].item(), ".4f"), ("loss_g", loss_g, ".4f"),
-                     ("acc", out["acc"].item(), ".3f"),
-                     ("spread", spread.item(), ".3f"),
+                     ("acc", out["acc"].item(), ".3f"), ("spread", spread.item(), ".3f"),
                      ("lr", opt_d.param_groups[0]["lr"], ".4g")]
             extra = {k: out[k].item() for k in ("loss_order", "order_acc", "loss_clip")
                      if out.get(k) is not None}  # VCLR's
@@ -333,14 +265,6 @@ def train_epoch(epoch, skip, step, loader, bad, model, generator, opt_d, opt_g, 
                     "rerun the same command to resume")
                 return step, phase, decay, sums, True
     return step, phase, decay, sums, False
-
-
-def chance_level(args, model, decay):
-    """The loss of collapsed features: ln of the 2B - 1 candidates of CVRL, the queue's for the
-    others (ln(1 + sum t^i), Eq 6; ln(K+1) without decay)."""
-    if args.method == "cvrl":
-        return math.log(2 * args.batch_size - 1)
-    return models.infonce_chance(model.queue_age, model.decay if args.method == "vclr" else decay)
 
 
 def log_epoch(epoch, phase, sums, chance, path, bad, log):
@@ -360,13 +284,6 @@ def log_epoch(epoch, phase, sums, chance, path, bad, log):
     return utils.collapse_warning(loss, spread, chance) if sums[3] > 0 else None
 
 
-def measure_knn(knn, model, epochs_done, device, ctx, log):
-    top1 = knn(model.encoder_q, device, ctx)
-    log(f"kNN top-1 after {epochs_done} epochs: {top1:.3f} (chance {1 / knn.num_classes:.3f}; "
-        f"20-NN on the test split, 1 clip per video)", curve=True, epoch=epochs_done, knn_top1=top1,
-        knn_chance=1 / knn.num_classes)
-
-
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
@@ -380,58 +297,55 @@ def main(argv=None):
     # data
     try:
         temporal = {"cvrl": "cvrl", "vclr": "vclr"}.get(args.method, "same")
-        dataset, _, bad = data.build_dataset(args, train=True, views=2, temporal=temporal)
+        dataset, _, bad = loading.build_dataset(args, train=True, views=2, temporal=temporal)
+        loader = loading.build_loader(dataset, args.batch_size // world, args.workers, train=True,
+                                      seed=args.seed)
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
-    loader = data.build_loader(dataset, args.batch_size // world, args.workers, train=True,
-                               seed=args.seed)
-    if len(loader) == 0:
-        raise SystemExit(f"error: {len(dataset)} videos give no full batch of "
-                         f"{args.batch_size // world} per process")
 
     # model and optimizers: D's (encoder_q and any method head, never the momentum encoder) and G's
     # (no weight decay: it is a scorer, not a feature)
     model, generator, model_ddp, generator_ddp = build_models(args, device, world, log)
     opt_d = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], args.lr,
-                            momentum=args.momentum,
-                            weight_decay=args.wd)
+                            momentum=args.momentum, weight_decay=args.wd)
     opt_g = torch.optim.SGD(generator.parameters(), args.g_lr,
                             momentum=args.momentum) if generator else None
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    start_epoch, step, skip = resume(ckpt_path, args, model, generator, opt_d, opt_g,
-                                     scaler, rank, log)
-    save = functools.partial(save_checkpoint, ckpt_path, args, model, generator, opt_d,
-                             opt_g, scaler,
-                             rank=rank, world=world)
+    parts = {"model": model, "generator": generator, "opt_d": opt_d, "opt_g": opt_g}
+    ckpt = utils.resume(ckpt_path, "pretrain", parts, scaler, rank, log, args, must_match=(
+        ("method", "videomoco"), ("input", "rgb"), ("arch", None), ("moco_k", None)), may_change=(
+        "epochs", "adv_start", "lr", "batch_size", "generator", "drop_frames", "decay"))
+    start_epoch, step, skip = (0, 0, 0) if ckpt is None else (
+        ckpt["epoch"], ckpt["step"], ckpt["epoch_step"])
+    save = functools.partial(save_checkpoint, ckpt_path, args, parts, scaler, rank=rank)
 
     # watching the run: the loss against its chance level, the feature spread, kNN on the test split
     knn = utils.KNNMonitor(args, args.workers) if args.knn_every > 0 else None
     curves = os.path.join(args.out, "curves.png")
     if knn is not None and start_epoch == 0 and skip == 0:
-        measure_knn(knn, model, 0, device, ctx, log)  # the random-init anchor
+        knn.measure(model.encoder_q, 0, device, ctx, log)  # the random-init anchor
 
     # loop
-    guard, progress = utils.Guard(args, device, log), utils.Progress(step,
-                                                                     args.epochs * len(loader))
+    guard = utils.Guard(args, device, log)
+    progress = utils.Progress(step, args.epochs * len(loader))
     stopped = warned = False
     try:  # a DataError (too many bad videos) is raised on every rank at the same flush
         for epoch in range(start_epoch, args.epochs):
             step, phase, decay, sums, stopped = train_epoch(
                 epoch, skip, step, loader, bad, model_ddp, generator_ddp, opt_d, opt_g, ctx,
-                scaler, args,
-                guard, progress, save, log, device, world)
+                scaler, args, guard, progress, save, log, device, world)
             if stopped:
                 break
             skip = 0
             save(epoch + 1, step, 0)
             guard.last_save = time.time()
-            warning = log_epoch(epoch, phase, sums, chance_level(args, model, decay), ckpt_path,
-                                len(bad), log)
+            chance = methods.chance_level(args.method, model, args.batch_size, decay)
+            warning = log_epoch(epoch, phase, sums, chance, ckpt_path, len(bad), log)
             if warning and not warned:
                 log(warning)
                 warned = True
             if knn is not None and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-                measure_knn(knn, model, epoch + 1, device, ctx, log)
+                knn.measure(model.encoder_q, epoch + 1, device, ctx, log)
             if rank == 0:
                 utils.draw_curves(log.path, curves)
     except data.DataError as e:
@@ -439,12 +353,8 @@ def main(argv=None):
     if not stopped:
         if len(bad) and rank == 0:
             bad.write(os.path.join(args.out, "bad_videos.txt"))
-        records = utils.read_epoch_log(log.path) if knn is not None and rank == 0 else []
-        knn_curve = [r["knn_top1"] for r in records if r.get("knn_top1") is not None]
-        if len(knn_curve) > 1:
-            log(f"kNN top-1 on the test split went from {knn_curve[0]:.3f} at random init to "
-                f"{knn_curve[-1]:.3f} "
-                f"after {args.epochs} epochs (chance {1 / knn.num_classes:.3f})")
+        if knn is not None and rank == 0:
+            knn.summary(log, args.epochs)
         log(f"done. curves: {curves}; backbone: {os.path.join(args.out, 'backbone.pt')}\n"
             f"next: python evaluate.py --ckpt {ckpt_path}  (kNN retrieval of the features)\n"
             f"      python finetune.py --ckpt {ckpt_path} --out {args.out}-finetune")

@@ -4,6 +4,7 @@ in a temporary folder, so the decoding path is always exercised. Every equation 
 naive loop. Run: python -m pytest -q test_videomoco.py
 """
 
+import argparse
 import contextlib
 import copy
 import itertools
@@ -29,6 +30,7 @@ from torchvision.models.video.resnet import (BasicBlock, BasicStem, Conv2Plus1D,
                                              R2Plus1dStem, VideoResNet)
 
 import data
+import loading
 import datatools
 import methods
 import models
@@ -361,8 +363,8 @@ def test_bad_videos_are_skipped_logged_once_and_batches_stay_full(tmp_path, caps
     missing = [str(tmp_path / "good" / "listed_but_gone.avi")]  # as a split file would name it
     dataset = data.VideoClips(samples, frames=8, stride=1,
                               transform=data.TrainTransform(32), views=2)
-    bad = data.BadVideos(samples, missing, max_fraction=0.5)
-    loader = data.build_loader(dataset, batch_size=4, workers=2, train=True, seed=0)
+    bad = loading.BadVideos(samples, missing, max_fraction=0.5)
+    loader = loading.build_loader(dataset, batch_size=4, workers=2, train=True, seed=0)
     batches = 0
     for epoch in range(3):
         for batch in loader:
@@ -382,7 +384,7 @@ def test_bad_videos_are_skipped_logged_once_and_batches_stay_full(tmp_path, caps
 def test_too_many_bad_videos_stop_the_run(tmp_path):
     make_tree_with_bad_videos(str(tmp_path), n_good=4)
     samples, _, _ = data.list_videos("folder", str(tmp_path), 1)
-    bad = data.BadVideos(samples, max_fraction=0.1, log=False)
+    bad = loading.BadVideos(samples, max_fraction=0.1, log=False)
     with pytest.raises(data.DataError, match="unreadable or missing"):
         bad.update([(i, "x") for i, (p, _) in enumerate(samples) if "/bad/" in p])
 
@@ -463,7 +465,7 @@ def test_composed_color_matrix_equals_the_ops_applied_one_by_one(seed):
 
 
 def _first_batches(dataset, seed, workers):
-    loader = data.build_loader(dataset, batch_size=2, workers=workers, train=True, seed=seed)
+    loader = loading.build_loader(dataset, batch_size=2, workers=workers, train=True, seed=seed)
     return [b["video"] for _, b in zip(range(3), loader)]
 
 
@@ -605,7 +607,7 @@ def test_check_and_resize_tools(tmp_path):
 def test_epoch_sampler_shards_cover_the_data_once_and_repeat_per_epoch():
     shards = []
     for rank in range(3):
-        s = data.EpochSampler(20, train=True, seed=5)
+        s = loading.EpochSampler(20, train=True, seed=5)
         s.rank, s.world = rank, 3
         s.set_epoch(2)
         shards.append(list(s))
@@ -613,13 +615,13 @@ def test_epoch_sampler_shards_cover_the_data_once_and_repeat_per_epoch():
     assert all(len(x) == 6 for x in shards) and len(set(flat)) == 18  # disjoint, tail of 2 dropped
     seeds = [seed for shard in shards for _, seed in shard]
     assert len(set(seeds)) == 18  # one seed per sample
-    s = data.EpochSampler(20, train=True, seed=5)
+    s = loading.EpochSampler(20, train=True, seed=5)
     s.rank, s.world = 0, 3
     s.set_epoch(2, skip=4)
     assert list(s) == shards[0][4:] and len(s) == 2
     s.set_epoch(3)
     assert [i for i, _ in s] != [i for i, _ in shards[0]]
-    t = data.EpochSampler(7, train=False)
+    t = loading.EpochSampler(7, train=False)
     t.rank, t.world = 1, 2
     assert [i for i, _ in t] == [1, 3, 5]
 
@@ -633,6 +635,104 @@ def test_batches_do_not_depend_on_the_number_of_workers(tmp_path):
     a = _first_batches(dataset, seed=7, workers=0)
     b = _first_batches(dataset, seed=7, workers=2)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def naive_augment(clip, params):
+    """TrainTransform's device half, one pixel at a time: uint8 (T, H, W, 3) and (13,) parameters
+    (flip, 3x4 colour map) -> float64 (3, T, H, W)."""
+    t, h, w, _ = clip.shape
+    m = np.asarray(params[1:], np.float64).reshape(3, 4)
+    out = np.zeros((3, t, h, w))
+    for f in range(t):
+        for y in range(h):
+            for x in range(w):
+                rgb = clip[f, y, w - 1 - x if params[0] > 0.5 else x].astype(np.float64)
+                for c in range(3):
+                    v = min(max(sum(m[c, j] * rgb[j] for j in range(3)) + m[c, 3], 0.0), 255.0)
+                    out[c, f, y, x] = (v / 255 - data.MEAN[c]) / data.STD[c]
+    return out
+
+
+def test_augment_on_the_device_matches_a_per_pixel_loop():
+    rng = np.random.default_rng(0)
+    video = torch.from_numpy(rng.integers(0, 256, (2, 3, 2, 3, 4, 5, 3), dtype=np.uint8))
+    params = torch.from_numpy(np.concatenate([  # (2 samples, 3 views, 13); S = 2 clips share them
+        rng.integers(0, 2, (2, 3, 1)), rng.normal(0, 0.8, (2, 3, 12)) + [
+            1, 0, 0, 10, 0, 1, 0, -10, 0, 0, 1, 0]], -1).astype(np.float32))
+    out = data.augment(video, params)  # (2, 3, 2, 3, T, H, W)
+    assert out.shape == (2, 3, 2, 3, 3, 4, 5) and out.dtype == torch.float32
+    for n, v, s in itertools.product(range(2), range(3), range(2)):
+        expected = naive_augment(video[n, v, s].numpy(), params[n, v].tolist())
+        assert np.allclose(out[n, v, s].numpy(), expected, atol=1e-4)
+
+
+def colour_tree(root, n=4, frames=20):
+    """Videos of smooth moving colour fields: a crop, a flip and a colour map all show."""
+    rng = np.random.default_rng(3)
+    samples = []
+    for i in range(n):
+        field = cv2.resize(rng.uniform(0, 255, (4, 6, 3)).astype(np.float32), (96, 48))
+        clip = [np.roll(field, 2 * t, axis=1).astype(np.uint8) for t in range(frames)]
+        samples.append((write_video(os.path.join(root, f"v{i}.avi"), clip), i))
+    return samples
+
+
+@pytest.mark.parametrize("temporal,views,frames", [("same", 2, 8), ("cvrl", 1, 8), ("vclr", 1, 4)])
+def test_device_augmentation_gives_the_worker_clip_for_the_same_draws(tmp_path, temporal, views,
+                                                                      frames):
+    # The two paths draw the same parameters from the same per-sample seed, so the same draws must
+    # give the same clip: to within one grey level, cv2's 8-bit colour arithmetic in the workers
+    samples = colour_tree(str(tmp_path))
+    batches = {}
+    for on_device in (False, True):
+        dataset = data.VideoClips(samples, frames, 1, data.TrainTransform(32, on_device=on_device),
+                                  views=views, temporal=temporal, segments=2)
+        batches[on_device] = loading.collate([dataset[(i, 10 + i)] for i in range(4)])
+    uint8, float32 = batches[True]["video"], batches[False]["video"]
+    assert uint8.dtype == torch.uint8 and float32.dtype == torch.float32
+    assert uint8.nbytes * 4 == float32.nbytes  # a quarter of the bytes through the loader
+    device = data.to_device(batches[True], "cpu")
+    assert device.shape == float32.shape
+    level = torch.tensor([1 / (255 * s) for s in data.STD]).view(3, 1, 1, 1)
+    diff = (device - float32).abs() / level  # in grey levels
+    assert diff.max() <= 1.0 and diff.mean() < 0.35, (diff.max(), diff.mean())
+    flipped = dict(batches[True], aug=batches[True]["aug"].clone())
+    flipped["aug"][..., 0] = 1 - flipped["aug"][..., 0]  # a wrong flip is far outside it
+    assert ((data.to_device(flipped, "cpu") - float32).abs() / level).max() > 20
+
+
+def test_repeat_sample_draws_its_clips_in_one_window_and_fills_the_batch(tmp_path, monkeypatch):
+    samples = colour_tree(str(tmp_path), frames=60)
+    starts = []
+    clips = data.VideoReader.clips
+
+    def spy(self, s, *a, **k):
+        starts.append(list(s))
+        return clips(self, s, *a, **k)
+
+    monkeypatch.setattr(data.VideoReader, "clips", spy)
+    dataset = data.VideoClips(samples, 8, 1, data.TrainTransform(32, on_device=True), views=2,
+                              repeat=3)
+    span, window = 8, 8 + int((data.REPEAT_WINDOW - 1) * 8)
+    for i in range(40):
+        item = dataset[(i % 4, i)]
+        assert len(item) == 3 and all(s["video"].shape == (2, 8, 32, 32, 3) for s in item)
+        assert all(s["aug"].shape == (2, 13) for s in item)
+        assert not torch.equal(item[0]["aug"], item[1]["aug"])  # each sample its own views
+        assert max(starts[-1]) - min(starts[-1]) <= window - span
+    assert all(len(s) == 3 for s in starts)  # one decode per video
+    assert sum(len(set(s)) > 1 for s in starts) > 20  # the positions differ
+    loader = loading.build_loader(dataset, batch_size=6, workers=0, train=True)
+    batch = next(iter(loader))
+    assert batch["video"].shape[0] == 6 and len(set(batch["index"].tolist())) == 2
+    args = argparse.Namespace(dataset="folder", data_root=str(tmp_path), split=1, frames=8,
+                              stride=1, crop=32, repeat_sample=2)
+    os.makedirs(tmp_path / "c0", exist_ok=True)
+    shutil.copy(samples[0][0], tmp_path / "c0")
+    with pytest.raises(data.DataError, match="repeat-sample"):
+        loading.build_dataset(args, train=True, temporal="cvrl")
+    with pytest.raises(data.DataError, match="does not divide"):
+        loading.build_loader(dataset, batch_size=4, workers=0, train=True)
 
 
 # -----------------------------------------------------------------------------
@@ -1905,19 +2005,40 @@ def learning_args(root, out, method, arch, epochs=30):
             "--cvrl-hidden", "128"]
 
 
-@pytest.mark.parametrize("method,arch", [("videomoco", "tiny"), ("moco", "tiny"), ("cvrl", "tiny"),
-                                         ("vclr", "tiny"), ("videomoco", "r3d_10")])
-def test_pretext_task_memorises_a_small_set(distinct_tree, tmp_path, method, arch):
-    # Every method and a paper-size encoder, through pretrain.main. (The head's collapse itself is
-    # isolated by test_linear_head_learns_noise_patterns_where_the_classifier_init_collapses.)
-    pretrain.main(learning_args(distinct_tree, tmp_path, method, arch))
+@pytest.mark.parametrize("method,arch,extra", [
+    ("videomoco", "tiny", []), ("moco", "tiny", []), ("cvrl", "tiny", []), ("vclr", "tiny", []),
+    ("videomoco", "r3d_10", []),
+    ("videomoco", "tiny", ["--augment-on", "device", "--repeat-sample", "2", "--epochs", "15"])])
+def test_pretext_task_memorises_a_small_set(distinct_tree, tmp_path, method, arch, extra):
+    # Every method and a paper-size encoder, through pretrain.main; and VideoMoCo with uint8 batches
+    # augmented on the training device and two samples per decoded video, in as many steps.
+    # (The head's collapse itself is isolated by
+    # test_linear_head_learns_noise_patterns_where_the_classifier_init_collapses.)
+    pretrain.main(learning_args(distinct_tree, tmp_path, method, arch) + extra)
     epochs = [r for r in read_log(tmp_path, "epoch") if "loss" in r]
     last = epochs[-1]
-    assert len(epochs) == 30
+    assert len(epochs) == (15 if extra else 30)
     assert last["chance"] == pytest.approx(math.log(31 if method == "cvrl" else 17), rel=1e-3)
     assert last["loss"] < 0.5 * last["chance"], [round(r["loss"], 2) for r in epochs]
     assert last["acc"] >= 0.8, [round(r["acc"], 2) for r in epochs]
     assert last["spread"] > 0.3
+
+
+def test_channels_last_step_matches_the_default_layout_and_compile_keeps_the_keys():
+    x, x_key = torch.randn(4, 3, 4, 16, 16), torch.randn(4, 3, 4, 16, 16)
+    outs = []
+    for memory_format in (torch.contiguous_format, torch.channels_last_3d):
+        torch.manual_seed(0)
+        model = models.VideoMoCo(models.encoder_builder("r3d_10"), 16, 32, 0.99, 0.07, 0.99,
+                                 shuffle_splits=1).to(memory_format=memory_format)
+        opt = torch.optim.SGD(model.encoder_q.parameters(), 0.1, momentum=0.9)
+        losses = [models.videomoco_step(model, x, x_key, opt)["loss_d"].item() for _ in range(2)]
+        outs.append((losses, next(model.encoder_q.parameters()).detach().clone()))
+    assert outs[0][0] == pytest.approx(outs[1][0], abs=1e-4)  # the second loss is after a step
+    assert torch.allclose(outs[0][1], outs[1][1], atol=1e-4)
+    keys = list(model.state_dict())
+    model.encoder_q.compile()  # as pretrain.py --compile: in place, lazy
+    assert list(model.state_dict()) == keys
 
 
 def test_linear_head_learns_noise_patterns_where_the_classifier_init_collapses():
@@ -2258,7 +2379,7 @@ def _bad_videos_worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     samples = [(f"/v{i}.avi", 0) for i in range(20)]
-    bad = data.BadVideos(samples, max_fraction=0.25, log=False)
+    bad = loading.BadVideos(samples, max_fraction=0.25, log=False)
     bad.update([(rank, "broken")])  # each rank meets a different bad video
     counts = [len(bad)]
     bad.flush()
@@ -2342,7 +2463,7 @@ def test_cvrl_normalises_over_the_global_batch_under_ddp_on_cuda_only():
     lines = []
     bn = lambda m: [type(x) for x in m.modules() if isinstance(x, nn.modules.batchnorm._BatchNorm)]
     cvrl = methods.global_batchnorm(methods.CVRL(TINY, dim=8, hidden=16), "cvrl",
-                                     torch.device("cuda"), 2, lines.append)
+                                    torch.device("cuda"), 2, lines.append)
     assert set(bn(cvrl)) == {nn.SyncBatchNorm}
     for method, device, world in (("cvrl", "cpu", 2), ("cvrl", "cuda", 1),
                                   ("videomoco", "cuda", 2)):

@@ -10,6 +10,7 @@ of a pretrained encoder into a downstream model.
 
 import argparse
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -24,8 +25,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import loading
 
 
 # -----------------------------------------------------------------------------
@@ -97,8 +100,8 @@ class KNNMonitor:
         self.k = k
         loaders = []
         for train in (True, False):
-            dataset, classes, _ = data.build_dataset(args, train=train, mode="test", clips=1)
-            loaders.append(data.build_loader(dataset, 16, workers, train=False))
+            dataset, classes, _ = loading.build_dataset(args, train=train, mode="test", clips=1)
+            loaders.append(loading.build_loader(dataset, 16, workers, train=False))
         self.gallery_loader, self.query_loader = loaders
         self.num_classes = len(classes)
         self.labels = [torch.tensor([y for _, y in loader.dataset.samples]) for loader in loaders]
@@ -113,6 +116,21 @@ class KNNMonitor:
             encoder.train(was_training)
         pred = knn_predict(q, g, self.labels[0][g_index], self.num_classes, self.k)
         return (pred == self.labels[1][q_index]).float().mean().item()
+
+    def measure(self, encoder, epochs_done, device, ctx, log):
+        top1 = self(encoder, device, ctx)
+        chance = 1 / self.num_classes
+        log(f"kNN top-1 after {epochs_done} epochs: {top1:.3f} (chance {chance:.3f}; "
+            f"{self.k}-NN on the test split, 1 clip per video)", curve=True, epoch=epochs_done,
+            knn_top1=top1, knn_chance=chance)
+
+    def summary(self, log, epochs):
+        """The run's first and last measurement in one line (rank 0: it reads the log)."""
+        curve = [r["knn_top1"] for r in read_epoch_log(log.path) if r.get("knn_top1") is not None]
+        if len(curve) > 1:
+            log(f"kNN top-1 on the test split went from {curve[0]:.3f} at random init to "
+                f"{curve[-1]:.3f} after {epochs} epochs "
+                f"(chance {1 / self.num_classes:.3f})")
 
 
 # -----------------------------------------------------------------------------
@@ -241,6 +259,18 @@ def is_demo(args):
     return args.dataset in data.DEMOS and args.data_root is None
 
 
+def wrap_ddp(module, sync_buffers=True):
+    """DistributedDataParallel in a world of several processes, every one starting from rank 0's
+    parameters and buffers; the module itself (or None) in a world of one."""
+    if module is None or not dist.is_initialized():
+        return module
+    for t in module.state_dict().values():
+        dist.broadcast(t, src=0)
+    # torch >= 2.14 renamed the switch broadcast_buffers to forward_sync_buffers
+    renamed = "forward_sync_buffers" in inspect.signature(DDP).parameters
+    return DDP(module, **{"forward_sync_buffers" if renamed else "broadcast_buffers": sync_buffers})
+
+
 def init_distributed():
     """torchrun's environment -> process group (nccl on CUDA, gloo on CPU); none -> a world of one,
     same code, collectives skipped. Returns (rank, world_size, device)."""
@@ -311,6 +341,46 @@ def load_checkpoint(path, kind=None):
     return ckpt
 
 
+def save_checkpoint(path, kind, parts, scaler, rank, **fields):
+    """One dict, written atomically by rank 0: the state_dict of every part (None stays None), the
+    GradScaler's, every rank's RNG state (a resumed run continues each stream) and `fields`.
+    Collective: every rank calls it."""
+    states = gather_objects([rng_state()])
+    if rank == 0:
+        parts = {k: v.state_dict() if v is not None else None for k, v in parts.items()}
+        save_atomic({"kind": kind, **parts, "scaler": scaler.state_dict(), "rng": states,
+                     **fields}, path)
+
+
+def resume(path, kind, parts, scaler, rank, log, args, must_match=(), may_change=()):
+    """The inverse of save_checkpoint, if `path` exists: every part that is not None, the scaler and
+    this rank's RNG state are restored; returns the checkpoint dict, or None. A flag in
+    `must_match` that differs from the checkpoint's (name, default for older checkpoints) is a
+    one-line error; one in `may_change` a warning."""
+    if not os.path.exists(path):
+        return None
+    ckpt = load_checkpoint(path, kind)
+    flag = {k: "--" + k.replace("_", "-") for k in [*dict(must_match), *may_change]}
+    for key, default in must_match:
+        if ckpt["args"].get(key, default) != getattr(args, key):
+            raise SystemExit(f"error: {path} is a {flag[key]} {ckpt['args'].get(key, default)} "
+                             f"run; use another --out for {flag[key]} {getattr(args, key)}")
+    for name, part in parts.items():
+        if part is not None:
+            part.load_state_dict(ckpt[name])
+    if ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+    changed = [k for k in may_change if ckpt["args"].get(k) != getattr(args, k)]
+    if changed:
+        log("warning: resuming with changed flags " + ", ".join(
+            f"{flag[k]} {ckpt['args'].get(k)} -> {getattr(args, k)}" for k in changed))
+    done = ckpt.get("epoch_step", 0)
+    log(f"resuming from {path}: epoch {ckpt['epoch']}, step {ckpt['step']}"
+        + (f" (mid-epoch, {done} steps of it done)" if done else ""))
+    return ckpt
+
+
 class Logger:
     """One human line and one JSON line (OUT/log.jsonl) per call, rank 0 only."""
 
@@ -331,6 +401,8 @@ def start_run(args, rank, device, preset):
     per rank, and autocast. Returns (log, autocast context, GradScaler)."""
     os.makedirs(args.out, exist_ok=True)
     log = Logger(args.out, rank)
+    if getattr(args, "augment_on", "") is None:  # the GPU is cheaper than the loader (bench.py)
+        args.augment_on = "device" if device.type == "cuda" else "workers"
     if preset:
         log(f"demo preset (no --data-root): {', '.join(f'{k}={v}' for k, v in preset.items())}")
     random.seed(args.seed + rank)
