@@ -3,12 +3,17 @@ Speed and memory targets, measured as ratios within one run (absolute times on s
 noise; ratios taken back to back are not).
 
     python bench.py            # both of the below
-    python bench.py --loader   # data pipeline vs the decoding limit and vs whole-video decoding
-    python bench.py --step     # VideoMoCo's adversarial step vs a plain MoCo step; Eq 6 vs Eq 1
+    python bench.py --loader   # the data pipelines against the sequential-decode limit
+    python bench.py --step     # the training step: adversarial vs MoCo, FLOPs, memory format,
+                               # torch.compile; Eq 6 vs Eq 1
 
-Targets: pipeline / limit >= 0.8, pipeline / naive >= 3, resident memory growth over 2,000
-iterations < 5 %; adversarial step / MoCo step <= 1.75; decayed / plain InfoNCE <= 1.05.
-On CPU the step runs at a reduced size (16 frames, crop 64, batch 4); on CUDA at the paper's.
+Targets: pipeline / limit >= 0.8, pipeline / naive >= 3, --repeat-sample 2 pipeline / limit >= 1.7,
+uint8 / float32 batch bytes = 0.25, worker time with the augmentation on the device <= 0.8 x in the
+workers, resident memory growth over 2,000 iterations < 5 %; adversarial step / MoCo step <= 1.75;
+decayed / plain InfoNCE <= 1.05. The limit and every pipeline run in DataLoader workers whose
+processes are warm (steady_malloc: a fresh process decodes its first ~100 clips 1.7x slower).
+On CPU the step runs at a reduced size (16 frames, crop 64, batch 4); on CUDA at the paper's, with
+FLOPs counted by torch.utils.flop_counter's formulas and MFU against the GPU's dense bf16 peak.
 """
 
 import argparse
@@ -19,8 +24,11 @@ from concurrent.futures import ProcessPoolExecutor
 import cv2
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 import data
+import loading
 import models
 import utils
 
@@ -65,6 +73,21 @@ def _jobs(paths, count, frames, seed=0):
     return jobs
 
 
+class DecodeOnly(torch.utils.data.Dataset):
+    """The sequential-decode limit, through the same DataLoader as the pipelines: open, seek,
+    decode exactly one clip's frames, return nothing of them (no augmentation, no transfer)."""
+
+    def __init__(self, jobs):
+        self.jobs, self.repeat = jobs, 1
+
+    def __len__(self):
+        return len(self.jobs)
+
+    def __getitem__(self, i):
+        return {"video": torch.zeros(1, dtype=torch.uint8), "frames": _limit_one(self.jobs[i]),
+                "bad": []}
+
+
 def _limit_one(job):
     # the physical limit: open, seek, decode exactly the frames the clip needs, nothing else
     path, u, frames = job
@@ -89,13 +112,13 @@ def _naive_one(job):
 
 
 def _init_process():
-    cv2.setNumThreads(0)
-    torch.set_num_threads(1)
+    loading.worker_init(0)
 
 
 def _rate(fn, jobs, workers):
     with ProcessPoolExecutor(workers, initializer=_init_process) as pool:
-        list(pool.map(fn, jobs[: workers * 2]))  # warm up the processes
+        # warm processes: a fresh one decodes its first few dozen clips up to 2x slower
+        list(pool.map(fn, jobs, chunksize=4))
         t0 = time.perf_counter()
         list(pool.map(fn, jobs, chunksize=4))
         return len(jobs) / (time.perf_counter() - t0)
@@ -104,6 +127,29 @@ def _rate(fn, jobs, workers):
 def _rss_mb():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _pipeline_rate(dataset, count, workers, batch=8):
+    # samples/s through a DataLoader: decode, augment (in the workers or not), collate
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch // dataset.repeat, shuffle=True, num_workers=workers,
+        collate_fn=loading.collate, worker_init_fn=loading.worker_init, persistent_workers=True,
+        prefetch_factor=4)
+    n, it = 0, iter(loader)
+    next(it)  # workers up and warm
+    t0 = time.perf_counter()
+    while n < count:
+        n += len(next(it)["video"])
+    return n / (time.perf_counter() - t0)
+
+
+def _worker_time(dataset, n=40):
+    # seconds per sample in one process, one thread: what a loader worker spends on it
+    dataset[(0, 0)]
+    t0 = time.perf_counter()
+    for i in range(n):
+        dataset[(i % len(dataset), i)]
+    return (time.perf_counter() - t0) / n
 
 
 def bench_loader(args):
@@ -115,40 +161,56 @@ def bench_loader(args):
     frames, workers, count = args.frames, args.workers, args.clips
     jobs = _jobs(paths, count, frames)
     samples = [(p, 0) for p in paths] * 50  # long epochs: no restart stalls inside a measurement
-    dataset = data.VideoClips(samples, frames, 1, data.TrainTransform(args.crop), views=1)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=8, shuffle=True, num_workers=workers, collate_fn=data.collate,
-        worker_init_fn=data.worker_init,
-        persistent_workers=True, prefetch_factor=4)
 
-    def pipeline_rate():
-        n, it = 0, iter(loader)
-        next(it)  # workers up and warm
-        t0 = time.perf_counter()
-        while n < count:
-            try:
-                n += len(next(it)["video"])
-            except StopIteration:
-                it = iter(loader)
-        return n / (time.perf_counter() - t0)
+    def clips(on_device, views=1, repeat=1):
+        return data.VideoClips(samples, frames, 1, data.TrainTransform(args.crop,
+                               on_device=on_device), views=views, repeat=repeat)
 
-    # interleave the three measurements twice and keep each one's best, so a noisy neighbour
-    # slows all of them rather than one
-    rates = {"pipeline": [], "limit": [], "naive": []}
+    # one view per sample, as the decode limit; interleaved twice, each one's best kept, so that a
+    # noisy neighbour slows all of them rather than one
+    pipelines = {"workers": clips(False), "device": clips(True),
+                 f"device, repeat {args.repeat}": clips(True, repeat=args.repeat)}
+    rates = {name: [] for name in [*pipelines, "limit", "naive"]}
     for _ in range(2):
-        rates["pipeline"].append(pipeline_rate())
-        rates["limit"].append(_rate(_limit_one, jobs, workers))
+        for name, dataset in pipelines.items():
+            rates[name].append(_pipeline_rate(dataset, count, workers))
+        rates["limit"].append(_pipeline_rate(DecodeOnly(jobs * 4), count, workers))
         rates["naive"].append(_rate(_naive_one, jobs[: count // 3], workers))
     best = {k: max(v) for k, v in rates.items()}
-    print(f"clip: {frames} frames, crop {args.crop}; {workers} workers / processes each")
-    print(f"pipeline (decode + augment + collate): {best['pipeline']:8.1f} clips/s")
-    print(f"limit (decode exactly the clip's frames): {best['limit']:6.1f} clips/s")
-    print(f"naive (decode whole video, slice):   {best['naive']:10.1f} clips/s")
-    print(f"ratio pipeline / limit = {best['pipeline'] / best['limit']:.2f}  (target >= 0.8)")
-    print(f"ratio pipeline / naive = {best['pipeline'] / best['naive']:.2f}  (target >= 3)")
+    print(f"clip: {frames} frames, crop {args.crop}; {workers} workers / processes each; "
+          "samples/s of one view")
+    print(f"limit (decode exactly the clip's frames): {best['limit']:8.1f} clips/s")
+    print(f"naive (decode whole video, slice):        {best['naive']:8.1f} clips/s")
+    for name in pipelines:
+        print(f"pipeline, augmentation on {name + ':':20s} {best[name]:8.1f} samples/s, "
+              f"{best[name] / best['limit']:.2f} x limit")
+    print(f"ratio pipeline / limit = {best['workers'] / best['limit']:.2f}  (target >= 0.8)")
+    print(f"ratio pipeline / naive = {best['workers'] / best['naive']:.2f}  (target >= 3)")
+    repeated = best[f"device, repeat {args.repeat}"]
+    print(f"ratio pipeline with --repeat-sample {args.repeat} / limit = "
+          f"{repeated / best['limit']:.2f}  (target >= 1.7); / the same pipeline without it = "
+          f"{repeated / best['device']:.2f}")
+
+    # a pretraining sample (two views of one clip), in this process: bytes and worker time
+    torch.set_num_threads(1)
+    cv2.setNumThreads(0)
+    batch = {on_device: loading.collate([clips(on_device, views=2)[(i, i)] for i in range(8)])
+             for on_device in (False, True)}
+    size = {k: sum(v.nbytes for v in b.values() if torch.is_tensor(v)) for k, b in batch.items()}
+    print(f"bytes per batch of 8: {size[False] / 2**20:.1f} MiB float32 (workers), "
+          f"{size[True] / 2**20:.1f} MiB uint8 + parameters (device)")
+    print(f"ratio uint8 / float32 batch bytes = {size[True] / size[False]:.3f}  (target 0.25)")
+    times = {False: [], True: []}
+    for _ in range(3):
+        for on_device in times:
+            times[on_device].append(_worker_time(clips(on_device, views=2)))
+    work, dev = min(times[False]), min(times[True])
+    print(f"worker time per sample: {work * 1e3:.1f} ms augmenting in the worker, "
+          f"{dev * 1e3:.1f} ms with the augmentation on the device")
+    print(f"ratio worker time device / workers = {dev / work:.2f}  (target <= 0.8)")
 
     # memory: the dataset in this process, so every allocation it makes is counted
-    torch.set_num_threads(1)
+    dataset = pipelines["workers"]
     for i in range(100):
         dataset[i % len(dataset)]
     rss0 = _rss_mb()
@@ -174,6 +236,28 @@ def _time(fn, repeats, device):
     return (time.perf_counter() - t0) / repeats
 
 
+class CountFlops(TorchDispatchMode):
+    """FLOPs of every op torch.utils.flop_counter has a formula for (convolutions, matmuls,
+    attention, forward and backward). Its FlopCounterMode also tracks modules with hooks that
+    autograd.grad with respect to a leaf (G's straight-through path) does not support."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+# dense bf16 tensor-core peaks (vendor datasheets, SXM parts), for the MFU estimate
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
 def bench_step(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
@@ -182,35 +266,67 @@ def bench_step(args):
     frames = args.frames if cuda else min(args.frames, 16)
     crop = args.crop if cuda else min(args.crop, 64)
     ctx, scaler = utils.autocast_context(None, device)
-    model = models.VideoMoCo(models.encoder_builder(arch, args.input), 128, args.moco_k, 0.999,
-                             0.07, 0.99999).to(device)
-    generator = models.ConvLSTMGenerator(3, 256, 32).to(device)
-    opt_d = torch.optim.SGD(model.encoder_q.parameters(), 0.02, momentum=0.9, weight_decay=1e-4)
-    opt_g = torch.optim.SGD(generator.parameters(), 0.02, momentum=0.9)
     x = torch.randn(batch, 3, frames, crop, crop, device=device)
     x_key = torch.randn_like(x)
 
-    def step(phase):
-        models.videomoco_step(model, x, x_key, opt_d,
-                              generator if phase == "adversarial" else None, opt_g,
-                              max(1, frames // 4), autocast=ctx, scaler=scaler)
+    def make(memory_format=torch.contiguous_format, compiled=False):
+        torch.manual_seed(0)
+        model = models.VideoMoCo(models.encoder_builder(arch, args.input), 128, args.moco_k,
+                                 0.999, 0.07, 0.99999).to(device, memory_format=memory_format)
+        generator = models.ConvLSTMGenerator(3, 256, 32).to(device)
+        if compiled:  # in place: the state_dict keys stay as they are (pretrain.py --compile)
+            model.encoder_q.compile()
+            model.encoder_k.compile()
+        opt_d = torch.optim.SGD(model.encoder_q.parameters(), 0.02, momentum=0.9)
+        opt_g = torch.optim.SGD(generator.parameters(), 0.02, momentum=0.9)
+
+        def step(phase="moco"):
+            models.videomoco_step(model, x, x_key, opt_d,
+                                  generator if phase == "adversarial" else None, opt_g,
+                                  max(1, frames // 4), autocast=ctx, scaler=scaler)
+        return step
 
     print(f"step: {arch} on {args.input} input, batch {batch}, {frames} frames, crop {crop}, K "
           f"{args.moco_k}, on {device}"
           + (f" ({torch.cuda.get_device_name()})" if cuda else ""))
+    step = make()
     times = {"moco": [], "adversarial": []}
     for _ in range(3):  # interleaved, best of three
         for phase in times:
             times[phase].append(_time(lambda: step(phase), args.repeats, device))
-    moco, adv = min(times["moco"]), min(times["adversarial"])
-    print(f"plain MoCo step {moco * 1e3:8.1f} ms   ({batch / moco:.1f} clips/s)")
-    print(f"adversarial step {adv * 1e3:7.1f} ms   ({batch / adv:.1f} clips/s)")
-    print(f"ratio adversarial / MoCo step = {adv / moco:.2f}  (target <= 1.75)")
+    best = {phase: min(t) for phase, t in times.items()}
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items()
+                 if cuda and k in torch.cuda.get_device_name()), None)
+    for phase, seconds in best.items():
+        with CountFlops() as counter:
+            step(phase)
+        rate = counter.total / seconds
+        print(f"{phase + ' step':17s} {seconds * 1e3:8.1f} ms   {batch / seconds:7.1f} clips/s   "
+              f"{counter.total / batch / 1e9:.1f} GFLOP per clip   "
+              f"{rate / 1e12:.2f} TFLOP/s"
+              + (f"   MFU {100 * rate / peak:.1f} % of {peak / 1e12:.0f} bf16" if peak else ""))
+    print(f"ratio adversarial / MoCo step = {best['adversarial'] / best['moco']:.2f}  "
+          "(target <= 1.75)")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         step("adversarial")
         print("peak GPU memory of an adversarial step: "
               f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+
+    # the memory format and compilation, each against the same MoCo step in eager NCTHW
+    variants = {"channels_last_3d": make(torch.channels_last_3d)}
+    if args.compile:
+        t0 = time.perf_counter()
+        variants["torch.compile"] = make(compiled=True)
+        variants["torch.compile"]()  # compiles
+        print(f"torch.compile of both encoders: {time.perf_counter() - t0:.0f} s")
+    times = {name: [] for name in ["eager", *variants]}
+    for _ in range(3):
+        for name, fn in [("eager", step), *variants.items()]:
+            times[name].append(_time(fn, args.repeats, device))
+    for name in variants:
+        print(f"ratio MoCo step {name} / eager = {min(times[name]) / min(times['eager']):.2f}  "
+              "(on by default only where < 1)")
 
     # the loss alone at the paper's K: Eq 6 vs Eq 1, forward and backward
     n, k = 128, 65536
@@ -240,6 +356,7 @@ def main():
     parser.add_argument("--frames", type=int, default=32, help="clip length T (paper: 32)")
     parser.add_argument("--crop", type=int, default=112, help="crop size (paper: 112)")
     parser.add_argument("--clips", type=int, default=240, help="clips per throughput measurement")
+    parser.add_argument("--repeat", type=int, default=2, help="--repeat-sample N measured")
     parser.add_argument("--memory-iters", type=int, default=2000,
                         help="iterations for the RSS check")
     parser.add_argument("--step", action="store_true",
@@ -251,6 +368,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement")
     parser.add_argument("--input", default="rgb", choices=models.INPUTS,
                         help="encoder input for --step")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure torch.compile in --step (about 2 minutes to compile on CPU)")
     args = parser.parse_args()
     run_all = not (args.loader or args.step)
     if args.loader or run_all:
