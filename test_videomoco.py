@@ -1882,6 +1882,29 @@ def test_pretrain_resume_is_exact(small_tree, tmp_path, monkeypatch):
         assert torch.equal(x, y), name  # queue, ages, pointer, both encoders
 
 
+def test_resume_restores_parts_and_rng_and_reads_the_older_single_rng_state(tmp_path):
+    path, lines = str(tmp_path / "ckpt.pt"), []
+    args = argparse.Namespace(arch="tiny", lr=0.1)
+    for older in (False, True):
+        model = nn.Linear(3, 2)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        utils.save_checkpoint(path, "finetune", {"model": model}, scaler, 0, epoch=2, step=9,
+                              args={"arch": "tiny", "lr": 0.2})
+        if older:  # finetune checkpoints written before utils.save_checkpoint kept one dict
+            ckpt = torch.load(path, weights_only=True)
+            utils.save_atomic(dict(ckpt, rng=ckpt["rng"][0]), path)
+        expected = torch.rand(4)
+        restored = nn.Linear(3, 2)
+        ckpt = utils.resume(path, "finetune", {"model": restored}, scaler, 0, lines.append, args,
+                            must_match=(("arch", None),), may_change=("lr",))
+        assert torch.equal(torch.rand(4), expected)  # the RNG continues from the save
+        assert torch.equal(restored.weight, model.weight) and ckpt["step"] == 9
+    assert lines[0] == "warning: resuming with changed flags --lr 0.2 -> 0.1"
+    with pytest.raises(SystemExit, match="is a --arch tiny run"):
+        utils.resume(path, "finetune", {}, scaler, 0, lines.append,
+                     argparse.Namespace(arch="r3d_10"), must_match=(("arch", None),))
+
+
 def test_checkpoint_loads_weights_only_and_backbone_into_torchvision(small_tree, tmp_path):
     import torchvision
     out = tmp_path / "r3d"

@@ -370,7 +370,8 @@ def resume(path, kind, parts, scaler, rank, log, args, must_match=(), may_change
             part.load_state_dict(ckpt[name])
     if ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+    states = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # older: one dict
+    set_rng_state(states[rank] if rank < len(states) else states[0])
     changed = [k for k in may_change if ckpt["args"].get(k) != getattr(args, k)]
     if changed:
         log("warning: resuming with changed flags " + ", ".join(
