@@ -1983,23 +1983,28 @@ def _ddp_worker(rank, world, port, argv, out):
     torch.save({k: v for k, v in model.state_dict().items()}, os.path.join(out, f"rank{rank}.pt"))
 
 
-@pytest.mark.parametrize("method", ["videomoco", "cvrl", "vclr"])
-def test_ddp_two_gloo_processes_keep_identical_queues_and_weights(small_tree, tmp_path, method):
+@pytest.mark.parametrize("method,extra", [
+    ("videomoco", []), ("cvrl", []), ("vclr", []),
+    ("videomoco", ["--augment-on", "device", "--repeat-sample", "2"])])
+def test_ddp_two_gloo_processes_keep_identical_queues_and_weights(small_tree, tmp_path, method,
+                                                                  extra):
     port = _free_port()
     argv = small_args(small_tree, tmp_path, "--adv-start", "0", "--epochs", "1", "--method", method,
-                      "--cvrl-hidden", "16")
+                      "--cvrl-hidden", "16", *extra)
     torch.multiprocessing.spawn(_ddp_worker, args=(2, port, argv, str(tmp_path)),
                                 nprocs=2, join=True)
     s0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     s1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    # two steps of a global batch of 4 (2 per process)
-    assert method == "cvrl" or int(s0["queue_ptr"]) == 8
+    # two steps of a global batch of 4 (2 per process); with --repeat-sample 2 two samples of one
+    # video per process, so four steps: 16 keys through a queue of 12
+    steps = 4 if extra else 2
+    assert method == "cvrl" or int(s0["queue_ptr"]) == 4 * steps % 12
     for key in s0:
         if "running_" in key or "num_batches" in key:
             continue  # BN statistics are per process (DDP broadcast_buffers=False)
         assert torch.equal(s0[key], s1[key]), key
     log = read_log(tmp_path)
-    assert len(log) == 2 and all(np.isfinite(r["loss_d"]) for r in log)
+    assert len(log) == steps and all(np.isfinite(r["loss_d"]) for r in log)
     assert log[0]["phase"] == ("adversarial" if method == "videomoco" else method)
 
 
