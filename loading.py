@@ -167,7 +167,7 @@ def build_loader(dataset, batch_size, workers, train, seed=0):
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
         worker_init_fn=worker_init, generator=sampler.generator, drop_last=train,
         pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers > 0 else None)
-    if len(loader) == 0:
+    if train and len(loader) == 0:
         raise DataError(f"{len(dataset)} videos give no full batch of {batch_size * repeat} per "
                         "process")
     return loader

@@ -184,7 +184,8 @@ def build_models(args, device, world, log):
         f"{models.count_parameters(model.encoder_q) / 1e6:.2f}M parameters"
         + (f"; G: ConvLSTM, {models.count_parameters(generator) / 1e6:.2f}M" if generator else "")
         + f"; {world} process(es) on {device}")
-    # no buffer sync: the queue is updated identically on every rank from gathered keys, so
+    # every rank starts from rank 0's weights and queue (MoCo relies on identical queues), then no
+    # buffer sync: the queue is updated identically on every rank from gathered keys, so
     # re-broadcasting it (dim x K floats) every step, as DDP's default would, is pure traffic
     return model, generator, utils.wrap_ddp(model, sync_buffers=False), utils.wrap_ddp(generator)
 
