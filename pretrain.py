@@ -231,21 +231,15 @@ def train_epoch(epoch, skip, step, loader, bad, model, generator, opt_d, opt_g, 
         bad.update(batch["bad"])
         # (N, 2, 3, T, H, W); VCLR (N, 2, S, ...)
         video = data.to_device(batch, device)
-        order = None
-        if "order" in batch:
-            order = (batch["order"].to(device), batch["segments"].to(device))
+        order = [batch[k].to(device) for k in ("order", "segments")] if "order" in batch else None
         out = train_step(model, generator, video, order, phase, args, opt_d, opt_g, ctx, scaler,
                          guard.agree, decay, compare_random=epoch_step % args.g_ratio_every == 0)
         guard.count(out, step)
         spread = utils.feature_spread(out["q"])
         if out["updated"]:
-            zero = torch.zeros((), device=device)
-            eq4 = (zero, zero)
-            if "l1_random" in out:
-                eq4 = (-out["loss_g"].detach().float(), out["l1_random"].float())
-            one = torch.ones((), device=device)
-            sums += torch.stack([out.get("loss_nce", out["loss_d"]).detach().float(),
-                                 out["acc"].float(), spread, one, *eq4])
+            eq4 = (-out["loss_g"].detach(), out["l1_random"]) if "l1_random" in out else (0, 0)
+            sums += torch.stack([torch.as_tensor(v, device=device).float() for v in (
+                out.get("loss_nce", out["loss_d"]).detach(), out["acc"], spread, 1, *eq4)])
         step += 1
         progress.clips += args.batch_size
         if step % args.print_freq == 0 or epoch_step + 1 == len(loader):
