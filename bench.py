@@ -117,8 +117,7 @@ def _init_process():
 
 def _rate(fn, jobs, workers):
     with ProcessPoolExecutor(workers, initializer=_init_process) as pool:
-        # warm processes: a fresh one decodes its first few dozen clips up to 2x slower
-        list(pool.map(fn, jobs, chunksize=4))
+        list(pool.map(fn, jobs[: workers * 2]))  # processes up (malloc: see steady_malloc)
         t0 = time.perf_counter()
         list(pool.map(fn, jobs, chunksize=4))
         return len(jobs) / (time.perf_counter() - t0)
@@ -194,8 +193,9 @@ def bench_loader(args):
     # a pretraining sample (two views of one clip), in this process: bytes and worker time
     torch.set_num_threads(1)
     cv2.setNumThreads(0)
-    batch = {on_device: loading.collate([clips(on_device, views=2)[(i, i)] for i in range(8)])
-             for on_device in (False, True)}
+    two_views = {on_device: clips(on_device, views=2) for on_device in (False, True)}
+    batch = {k: loading.collate([dataset[(i, i)] for i in range(8)])
+             for k, dataset in two_views.items()}
     size = {k: sum(v.nbytes for v in b.values() if torch.is_tensor(v)) for k, b in batch.items()}
     print(f"bytes per batch of 8: {size[False] / 2**20:.1f} MiB float32 (workers), "
           f"{size[True] / 2**20:.1f} MiB uint8 + parameters (device)")
@@ -203,7 +203,7 @@ def bench_loader(args):
     times = {False: [], True: []}
     for _ in range(3):
         for on_device in times:
-            times[on_device].append(_worker_time(clips(on_device, views=2)))
+            times[on_device].append(_worker_time(two_views[on_device]))
     work, dev = min(times[False]), min(times[True])
     print(f"worker time per sample: {work * 1e3:.1f} ms augmenting in the worker, "
           f"{dev * 1e3:.1f} ms with the augmentation on the device")

@@ -425,9 +425,14 @@ def to_tensor(frames):
     """uint8 RGB (T, H, W, 3) -> normalised float (3, T, H, W): (x / 255 - MEAN) / STD."""
     # uint8 transpose first (1 byte a value), then one float pass: 4x faster than the other order
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).contiguous().float()
-    scale = torch.tensor([1 / (255 * s) for s in STD]).view(3, 1, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(MEAN, STD)]).view(3, 1, 1, 1)
-    return x.mul_(scale).add_(shift)
+    scale, shift = _normalisation(x.device)
+    return x.mul_(scale.view(3, 1, 1, 1)).add_(shift.view(3, 1, 1, 1))
+
+
+def _normalisation(device):
+    # (scale, shift) per RGB channel, uint8 values to (x / 255 - MEAN) / STD
+    return (torch.tensor([1 / (255 * s) for s in STD], device=device),
+            torch.tensor([-m / s for m, s in zip(MEAN, STD)], device=device))
 
 
 def denormalize(x):
@@ -480,8 +485,7 @@ def augment(video, params):
     matrix = params[..., 1:].view(*shape, 1, 3, 4)  # shared by the T frames
     x = video.flatten(-3, -2).float()  # (..., T, H*W, 3)
     x = torch.matmul(x, matrix[..., :3].transpose(-1, -2)).add_(matrix[..., None, :, 3])
-    scale = torch.tensor([1 / (255 * s) for s in STD], device=x.device)
-    shift = torch.tensor([-m / s for m, s in zip(MEAN, STD)], device=x.device)
+    scale, shift = _normalisation(x.device)
     x = x.clamp_(0, 255).mul_(scale).add_(shift)
     return x.view(video.shape).movedim(-1, -4).contiguous()
 
@@ -590,11 +594,13 @@ class VideoClips(torch.utils.data.Dataset):
             elif self.temporal == "vclr":
                 tuples = [methods.segment_starts(rng, n, span, self.segments) for _ in range(2)]
                 starts = tuples[0] + tuples[1]
-            else:  # one clip, or `repeat` clips in a window of REPEAT_WINDOW x span (decoded once)
-                window = span + int((self.repeat > 1) * (REPEAT_WINDOW - 1) * span)
+            elif self.repeat == 1:
+                starts = [int(rng.integers(0, max(n - span, 0) + 1))]
+            else:  # `repeat` clips in one window of REPEAT_WINDOW x span, decoded once
+                window = min(span + int((REPEAT_WINDOW - 1) * span), n)
                 first = int(rng.integers(0, max(n - window, 0) + 1))
-                starts = [first + int(rng.integers(0, max(min(window, n) - span, 0) + 1))
-                          for _ in range(self.repeat)] if self.repeat > 1 else [first]
+                starts = [first + int(rng.integers(0, max(window - span, 0) + 1))
+                          for _ in range(self.repeat)]
             move_rng = rng if self.mode == "train" and self.temporal == "same" else None
             clips = reader.clips(starts, self.frames, self.stride, min_frames=self.min_frames,
                                  rng=move_rng)

@@ -158,9 +158,7 @@ def main(argv=None):
     args, given = utils.parse_args(get_args_parser(), argv)
     state, source, preset = settle_args(args, given)
     rank, world, device = utils.init_distributed()
-    if args.batch_size % world:
-        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} "
-                         "processes")
+    per_rank = utils.per_rank(args.batch_size, world)
     log, ctx, scaler = utils.start_run(args, rank, device, preset)
 
     # data
@@ -169,7 +167,6 @@ def main(argv=None):
             args, train=True, transform=data.TrainTransform(
                 args.crop, jitter=0.0, grayscale=0.0, on_device=args.augment_on == "device"))
         test_set, _, _ = loading.build_dataset(args, train=False)
-        per_rank = args.batch_size // world
         loader = loading.build_loader(train_set, per_rank, args.workers, train=True, seed=args.seed)
         test_loader = loading.build_loader(test_set, per_rank, args.workers, train=False,
                                            seed=args.seed)

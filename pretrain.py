@@ -135,11 +135,8 @@ def train_step(model, generator, video, order, phase, args, opt_d, opt_g, ctx, s
                                  agree=agree)
 
 
-def settle_args(args, given, world):
+def settle_args(args, given):
     """Defaults that depend on other flags, and one-line errors for flags that do not fit."""
-    if args.batch_size % world:
-        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} "
-                         "processes")
     if args.method == "moco":  # the paper's baseline row: no generator, no decay
         changed_g = "generator" in given and args.generator != "none"
         if changed_g or ("decay" in given and args.decay != 1):
@@ -215,7 +212,7 @@ def epoch_schedule(args, epoch, opt_d, opt_g):
 
 
 def train_epoch(epoch, skip, step, loader, bad, model, generator, opt_d, opt_g, ctx, scaler, args,
-                guard, progress, save, log, device, world):
+                guard, progress, save, log, device):
     """One epoch, from its step `skip` on. Returns (step, phase, decay, sums, stopped): sums (6,)
     over the updated steps: the contrastive loss, the instance accuracy, the feature spread, 1, and
     Eq 4's distance for G's drops and for random ones (on the steps that measure it); stopped: by a
@@ -286,15 +283,15 @@ def main(argv=None):
     demo = {**DEMO_PRESET, **METHOD_DEMO_PRESET.get(args.method, {})}
     preset = utils.apply_preset(args, given, demo) if utils.is_demo(args) else {}
     rank, world, device = utils.init_distributed()
-    settle_args(args, given, world)
+    per_rank = utils.per_rank(args.batch_size, world)
+    settle_args(args, given)
     log, ctx, scaler = utils.start_run(args, rank, device, preset)
 
     # data
     try:
         temporal = {"cvrl": "cvrl", "vclr": "vclr"}.get(args.method, "same")
         dataset, _, bad = loading.build_dataset(args, train=True, views=2, temporal=temporal)
-        loader = loading.build_loader(dataset, args.batch_size // world, args.workers, train=True,
-                                      seed=args.seed)
+        loader = loading.build_loader(dataset, per_rank, args.workers, train=True, seed=args.seed)
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
 
@@ -328,7 +325,7 @@ def main(argv=None):
         for epoch in range(start_epoch, args.epochs):
             step, phase, decay, sums, stopped = train_epoch(
                 epoch, skip, step, loader, bad, model_ddp, generator_ddp, opt_d, opt_g, ctx,
-                scaler, args, guard, progress, save, log, device, world)
+                scaler, args, guard, progress, save, log, device)
             if stopped:
                 break
             skip = 0

@@ -271,6 +271,13 @@ def wrap_ddp(module, sync_buffers=True):
     return DDP(module, **{"forward_sync_buffers" if renamed else "broadcast_buffers": sync_buffers})
 
 
+def per_rank(batch_size, world):
+    """The batch of one process, or a one-line error when the global batch does not divide."""
+    if batch_size % world:
+        raise SystemExit(f"error: --batch-size {batch_size} is not divisible by {world} processes")
+    return batch_size // world
+
+
 def init_distributed():
     """torchrun's environment -> process group (nccl on CUDA, gloo on CPU); none -> a world of one,
     same code, collectives skipped. Returns (rank, world_size, device)."""
