@@ -13,6 +13,7 @@ What a clip is: `VideoReader` (seek-aware decoding), `list_videos` (layouts), `T
 
 import math
 import os
+import sys
 
 # bad files are reported by us, once, in one line
 os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
@@ -560,6 +561,7 @@ class VideoClips(torch.utils.data.Dataset):
         self.repeat = repeat
         self.min_frames = min_clip_frames(frames)
         self.known_bad = set()  # per process: don't retry a video this worker already saw fail
+        self.warned_coincide = False
 
     def __len__(self):
         return len(self.samples)
@@ -592,8 +594,13 @@ class VideoClips(torch.utils.data.Dataset):
             elif self.temporal == "cvrl":
                 starts = methods.cvrl_starts(rng, n, span, self.interval)
             elif self.temporal == "vclr":
-                tuples = [methods.segment_starts(rng, n, span, self.segments) for _ in range(2)]
-                starts = tuples[0] + tuples[1]
+                anchor, positive, distinct = methods.tuple_starts(rng, n, span, self.segments)
+                if not distinct and not self.warned_coincide:
+                    self.warned_coincide = True  # once per loader process
+                    print(f"warning: {path} ({n} frames) has a segment too short for two clip "
+                          "positions: its VCLR anchor and positive clips coincide there",
+                          file=sys.stderr, flush=True)
+                starts = anchor + positive
             elif self.repeat == 1:
                 starts = [int(rng.integers(0, max(n - span, 0) + 1))]
             else:  # `repeat` clips in one window of REPEAT_WINDOW x span, decoded once

@@ -34,7 +34,8 @@ import data
 import loading
 import models
 import utils
-from utils import knn_predict, per_video, pooled_features, video_features
+from models import pooled_features
+from utils import knn_predict, per_video, video_features
 
 DATA_KEYS = ("dataset", "data_root", "split", "frames", "stride", "crop")
 # for a checkpoint that carries no data settings (backbone.pt, random init): the demo preset's
@@ -177,6 +178,9 @@ def load_model(args):
     else:
         raise SystemExit(f"error: {args.ckpt} is a {kind} checkpoint; evaluate takes finetune or "
                          "pretrain checkpoints")
+    if kind in ("finetune", "pretrain") and args.dataset not in (None, settings["dataset"]):
+        print(f"note: evaluating on --dataset {args.dataset}; {args.ckpt} was trained on "
+              f"{settings['dataset']}")
     for key in DATA_KEYS:
         if getattr(args, key) is None:
             setattr(args, key, settings[key])
@@ -364,10 +368,16 @@ def main(argv=None):
         return loading.build_loader(dataset, args.batch_size, args.workers, train=False), classes
 
     test_loader, classes = loader(train=False)
+    if kind != "finetune":  # frozen features: BN statistics re-estimated on training clips
+        try:
+            utils.estimate_bn_statistics(model, utils.bn_loader(args, args.workers), device, ctx)
+        except data.DataError as e:
+            raise SystemExit(f"error: {e}")
     labels = torch.tensor([y for _, y in test_loader.dataset.samples])
     result = {"checkpoint": args.ckpt, "kind": kind, "input": args.input, "dataset": args.dataset,
               "split": args.split, "clips": args.clips, "crops": args.crops,
-              "n_videos": len(labels)}
+              "n_videos": len(labels),
+              "bn_statistics": "checkpoint" if kind == "finetune" else "re-estimated"}
     runs = []  # (result fields, table line) of each mode
     if kind == "finetune" and not args.knn:
         runs.append(classify(model, test_loader, labels, args, device, ctx))

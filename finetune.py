@@ -77,17 +77,24 @@ def quick_test(model, loader, device, ctx):
 
 
 def settle_args(args, given):
-    """The source checkpoint (arch, backbone state, checkpoint or Nones); fills in its arch, clip
-    settings and input mode unless given, then the demo preset and the linear probe's defaults."""
-    source_arch, state, source = None, None, None
+    """The source checkpoint (arch, backbone state, checkpoint or Nones); fills in its arch, dataset
+    and clip settings and input mode unless given, then the demo preset and the linear probe's
+    defaults. Returns (state, source, preset, note): note says where a given dataset differs from
+    the pretraining's."""
+    source_arch, state, source, note = None, None, None, None
     if args.ckpt:
         source_arch, state, source = utils.backbone_from_checkpoint(args.ckpt)
     if "arch" in given and source_arch and args.arch != source_arch:
         raise SystemExit(f"error: --arch {args.arch} but {args.ckpt} was pretrained with "
                          f"{source_arch}")
-    # finetune with the pretraining's architecture and clip settings by default
+    # finetune on the pretraining's dataset, with its architecture and clip settings, by default
     if source is not None:
-        settings = {k: source["args"][k] for k in ("arch", "frames", "stride", "crop")}
+        settings = {k: source["args"][k] for k in ("arch", "dataset", "data_root", "split",
+                                                   "frames", "stride", "crop")}
+        if "dataset" in given and args.dataset != settings["dataset"]:
+            note = (f"note: finetuning on --dataset {args.dataset}; {args.ckpt} was pretrained "
+                    f"on {settings['dataset']}")
+            settings = {k: v for k, v in settings.items() if k not in ("data_root", "split")}
         given |= set(utils.apply_preset(args, given, settings))
     source_input = source["args"].get("input", "rgb") if source is not None else None
     if args.input and source_input and args.input != source_input:
@@ -97,13 +104,15 @@ def settle_args(args, given):
     preset = utils.apply_preset(args, given, DEMO_PRESET) if utils.is_demo(args) else {}
     if args.linear:
         utils.apply_preset(args, given, LINEAR_DEFAULTS)
-    return state, source, preset
+    return state, source, preset, note
 
 
-def build_model(args, state, num_classes, log):
-    """The encoder with a new classifier: pretrained weights transferred, or random init; the
-    linear probe freezes all but its standardising BatchNorm and linear layer."""
-    model = models.build_encoder(args.arch, num_classes, args.input)
+def build_model(args, state, num_classes, device, ctx, log):
+    """The encoder with a new classifier, on `device`: pretrained weights transferred, or random
+    init. The linear probe re-estimates the frozen backbone's BN statistics on training clips
+    (utils.estimate_bn_statistics), then freezes all but its standardising BatchNorm and linear
+    layer."""
+    model = models.build_encoder(args.arch, num_classes, args.input).to(device)
     if state is not None:
         n = utils.transfer_weights(model, state, args.ckpt)
         log(f"loaded {n} pretrained tensors from {args.ckpt} ({args.arch}); classifier head new, "
@@ -111,7 +120,8 @@ def build_model(args, state, num_classes, log):
     else:
         log(f"random init of {args.arch} (no --ckpt): the baseline")
     if args.linear:
-        utils.add_probe_norm(model)
+        utils.estimate_bn_statistics(model, utils.bn_loader(args, args.workers), device, ctx)
+        utils.add_probe_norm(model).to(device)
         for name, param in model.named_parameters():
             param.requires_grad = name.startswith("fc.")
     return model
@@ -156,10 +166,12 @@ def train_epoch(epoch, step, model, model_ddp, loader, bad, optimizer, ctx, scal
 
 def main(argv=None):
     args, given = utils.parse_args(get_args_parser(), argv)
-    state, source, preset = settle_args(args, given)
+    state, source, preset, note = settle_args(args, given)
     rank, world, device = utils.init_distributed()
     per_rank = utils.per_rank(args.batch_size, world)
     log, ctx, scaler = utils.start_run(args, rank, device, preset)
+    if note:
+        log(note)
 
     # data
     try:
@@ -170,11 +182,10 @@ def main(argv=None):
         loader = loading.build_loader(train_set, per_rank, args.workers, train=True, seed=args.seed)
         test_loader = loading.build_loader(test_set, per_rank, args.workers, train=False,
                                            seed=args.seed)
+        # model: pretrained backbone, new classifier head
+        model = build_model(args, state, len(classes), device, ctx, log)
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
-
-    # model: pretrained backbone, new classifier head
-    model = build_model(args, state, len(classes), log).to(device)
     model_ddp = utils.wrap_ddp(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, args.lr, momentum=args.momentum, weight_decay=args.wd)

@@ -18,7 +18,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import VideoMoCo, decayed_infonce, infonce_chance, is_distributed, projection_head
+from models import (VideoMoCo, decayed_infonce, infonce_chance, is_distributed, pooled_features,
+                    projection_head)
 
 
 # -----------------------------------------------------------------------------
@@ -49,27 +50,46 @@ def cvrl_starts(rng, num_frames_video, span, shape="linear"):
     return pair if rng.random() < 0.5 else pair[::-1]
 
 
-def segment_starts(rng, num_frames_video, span, segments):
-    """VCLR's tuple (Kuang et al., Sec 3.2 and 5.3): the video is cut into `segments` equal parts
-    and one clip start is drawn uniformly in each, so the clip lies inside its segment when the
-    segment is long enough for it (else the clip starts in its segment and runs on)."""
+def tuple_starts(rng, num_frames_video, span, segments):
+    """VCLR's anchor and positive tuples (Kuang et al., Sec 3.2 and 5.3): the video is cut into
+    `segments` equal parts and each tuple takes one clip per segment. As the official code draws two
+    distinct frames per segment (`np.random.choice(segment, 2, replace=False)`), the anchor's and
+    the positive's clips of a segment start at two distinct frames, drawn uniformly without
+    replacement: among the starts whose clip lies inside the segment where there are two or more,
+    else among the starts inside the segment whose clip stays in the video (it runs on into the
+    next segment). Returns (anchor starts, positive starts, distinct); distinct is False when some
+    segment offered a single start, which both clips then share."""
     bounds = np.linspace(0, num_frames_video, segments + 1)
-    starts = []
+    last = max(num_frames_video - span, 0)  # the last start whose clip ends in the video
+    anchor, positive, distinct = [], [], True
     for j in range(segments):
-        lo, hi = int(math.ceil(bounds[j])), max(int(math.ceil(bounds[j + 1])) - 1,
-                                                int(math.ceil(bounds[j])))
-        starts.append(int(rng.integers(lo, max(lo, hi - span + 1) + 1)))
-    return starts
+        lo = int(math.ceil(bounds[j]))
+        end = max(int(math.ceil(bounds[j + 1])), lo + 1)  # the next segment's first frame
+        starts = range(lo, end - span + 1)  # clips inside the segment
+        if len(starts) < 2:
+            starts = range(lo, max(min(end - 1, last), lo) + 1)
+        if len(starts) >= 2:
+            a, p = rng.choice(len(starts), 2, replace=False)
+        else:
+            a = p = 0
+            distinct = False
+        anchor.append(starts[a])
+        positive.append(starts[p])
+    return anchor, positive, distinct
 
 
 def order_shuffle(rng, segments):
-    """With probability 0.5 a random non-identity permutation of a tuple's clips, else the identity
-    (VCLR Sec 3.3). Returns (permutation, shuffled)."""
+    """With probability 0.5 a random permutation of a tuple's clips that is neither the identity nor
+    its reverse, as the official code's `shuffle_list`, else the identity (VCLR Sec 3.3). Returns
+    (permutation, shuffled)."""
+    if segments < 3:
+        raise ValueError(f"VCLR's order task needs at least 3 segments (a shuffle is neither the "
+                         f"order nor its reverse), got {segments}")
     if rng.random() < 0.5:
         return list(range(segments)), False
     while True:
         perm = rng.permutation(segments).tolist()
-        if perm != sorted(perm):
+        if perm != sorted(perm) and perm != sorted(perm, reverse=True):
             return perm, True
 
 
@@ -178,39 +198,43 @@ class CVRL(nn.Module):
         return {"loss": loss, "acc": acc, "q": F.normalize(z[:n].detach().float(), dim=1)}
 
 
-def video_embedding(clip_embeddings):
-    """VCLR Eq 4/5 with the average as consensus: (N, S, dim) L2-normalised embeddings of the S
-    clips of a tuple -> (N, dim) L2-normalised video-level embedding."""
-    return F.normalize(clip_embeddings.mean(dim=1), dim=1)
+def tuple_embedding(pooled, head):
+    """VCLR's video-level embedding of a tuple (Eq 4/5, the average as consensus), as the official
+    code's `tsn_mode`: the pooled backbone features of the tuple's clips (N, S, F) are averaged,
+    then projected by the head and L2-normalised -> (N, dim)."""
+    return F.normalize(head(pooled.mean(dim=1)).float(), dim=1)
 
 
 class VCLR(VideoMoCo):
     """VCLR (Kuang et al., ICCV 2021, "Video Contrastive Learning with Global Context"), the 3D-CNN
     variant of its Sec 5.3: a video is cut into `segments` segments and a tuple holds one clip per
-    segment; two independently sampled tuples of a video are a positive pair.
+    segment; two tuples of a video (their clips at distinct positions of each segment) are a
+    positive pair.
 
     Loss = clip_weight * L_clip + L_v + order_weight * L_o, the paper's 3-D variant (Sec 5.3, Table
     8: the clip-level InfoNCE of its baseline plus the two losses of Sec 3):
+      L_v, the video-level contrastive loss (Sec 3.2, Eq 4-6) in MoCo form: q is the embedding
+        (`tuple_embedding`) of the anchor tuple from encoder_q, k that of the positive tuple from
+        the momentum encoder with shuffle-BN; negatives from the queue (no decay).
       L_clip, clip-level InfoNCE in MoCo form: q is the embedding of the anchor's first clip (as
         the tuple is given, possibly shuffled) from encoder_q, k that of the positive tuple's clip
-        from the same segment from the momentum encoder; negatives from a queue of clip-level keys
-        of its own (`clip_queue`). The pair is two clips of one segment, each with its tuple's
-        augmentation. clip_weight 0 gives the 2-D recipe's L_v + order_weight * L_o.
-      L_v, the video-level contrastive loss (Sec 3.2, Eq 4-6) in MoCo form: q is the video embedding
-        (`video_embedding`) of the anchor tuple from encoder_q, k that of the positive tuple from
-        the momentum encoder with shuffle-BN; negatives from the queue (Eq 5 of VideoMoCo, no
-        decay).
-      L_o, the temporal order regularisation (Sec 3.3, Eq 7-10): the normalised per-clip embeddings
-        of both tuples, concatenated in tuple order and in the clip order given, -> `order_head`
-        (a linear classifier) -> 4 classes: 0 both tuples in order, 1 the first shuffled, 2 the
-        second shuffled, 3 both shuffled. The data loader shuffles; this module only classifies.
-    The paper has separate MLP heads for the two losses (h_v, h_o); here encoder_q's `fc` serves
-    both, so encoder_q is exported exactly as VideoMoCo's and `order_head` is dropped downstream.
-    encoder_q sees the anchor's clips and the positive's clips as two separate batches, and the key
-    comes from encoder_k with shuffle-BN, so a query never shares BN statistics with its key.
+        of the same segment from the momentum encoder; negatives from a queue of clip-level keys
+        of its own (`clip_queue`). clip_weight 0 gives the 2-D recipe's L_v + order_weight * L_o.
+      L_o, the temporal order regularisation (Sec 3.3, Eq 7-10): the per-clip embeddings of the
+        anchor tuple (encoder_q) and of the positive tuple (the momentum encoder, no gradient, as
+        the official code feeds its key tuple), concatenated in the clip order given ->
+        `order_head` (a linear classifier) -> 4 classes: 0 both tuples in order, 1 the first
+        shuffled, 2 the second shuffled, 3 both shuffled. The data loader shuffles (into an order
+        that is neither the identity nor its reverse); this module only classifies.
+    As the official code (train_vclr.py, models/Contrast.py): tau 0.1 and K 131072 are
+    pretrain.py's defaults for --method vclr. One deviation: the paper and the official code have a
+    separate MLP head per loss; here encoder_q's `fc` serves all three, so that encoder_q is
+    exported exactly as VideoMoCo's and only `order_head` is dropped downstream.
+    encoder_q sees only the anchor's clips, and the keys come from encoder_k with shuffle-BN, so a
+    query never shares BN statistics with its key.
     """
 
-    def __init__(self, base_encoder, dim=128, K=65536, m=0.999, T=0.07, segments=3,
+    def __init__(self, base_encoder, dim=128, K=131072, m=0.999, T=0.1, segments=3,
                  order_weight=1.0, shuffle_splits=2, mlp=True, clip_weight=1.0):
         super().__init__(base_encoder, dim, K, m, T, decay=1.0, decay_unit="key",
                          shuffle_splits=shuffle_splits, mlp=mlp)
@@ -235,26 +259,25 @@ class VCLR(VideoMoCo):
         if self.clip_weight and (segments is None or tuple(segments.shape) != (n, 2, s)):
             raise ValueError(f"VCLR's clip-level loss needs segments of shape ({n}, 2, {s}) "
                              "(or clip_weight=0)")
-        # the anchor's and the positive's clips go through encoder_q as separate batches, so no BN
-        # statistic of the query side ever contains the clips its key is made from
-        # (N, S, dim)
-        clip_q = F.normalize(self.encode_query(anchor.flatten(0, 1)).float(), dim=1).view(n, s, -1)
-        q = video_embedding(clip_q)  # (N, dim)
+        with pooled_features(self.encoder_q):
+            pooled_q = self.encode_query(anchor.flatten(0, 1)).view(n, s, -1)  # (N, S, F)
+        head_q = self.encoder_q.fc
+        clip_q = F.normalize(head_q(pooled_q).float(), dim=2)  # (N, S, dim), per clip
+        q = tuple_embedding(pooled_q, head_q)  # (N, dim)
         with torch.no_grad():
             if self.training:
                 self.momentum_update()
-            clip_k = self.encode_key(positive.flatten(0, 1)).float()  # (N*S, dim)
-            k = video_embedding(clip_k.view(n, s, -1))  # (N, dim)
+            with pooled_features(self.encoder_k):
+                pooled_k = self.encode_key(positive.flatten(0, 1)).view(n, s, -1)  # (N, S, F)
+            head_k = self.encoder_k.fc
+            clip_k = F.normalize(head_k(pooled_k).float(), dim=2)  # (N, S, dim)
+            k = tuple_embedding(pooled_k, head_k)  # (N, dim)
         queue = self.queue.clone().detach()  # (dim, K), the negatives before this batch enters
         loss_nce, logits = decayed_infonce(q, k, queue, self.queue_age, self.T, 1.0,
                                            return_logits=True)
 
         # (N, 2*S*dim): the anchor's clips then the positive's, each in the order given (Eq 9)
-        # (N, S, dim)
-        clip_p = F.normalize(self.encode_query(positive.flatten(0, 1)).float(), dim=1)
-        clip_p = clip_p.view(n, s, -1)
-        order_input = torch.cat([clip_q, clip_p], dim=1).reshape(n, -1)
-        order_logits = self.order_head(order_input).float()  # (N, 4)
+        order_logits = self.order_head(torch.cat([clip_q, clip_k], dim=1).flatten(1)).float()
         loss_order = F.cross_entropy(order_logits, order)
         loss = loss_nce + self.order_weight * loss_order
         loss_clip = None
@@ -262,7 +285,7 @@ class VCLR(VideoMoCo):
             # L_clip: the anchor's first clip against the positive tuple's clip of the same segment
             # (N,) its position
             where = (segments[:, 1] == segments[:, 0, :1]).float().argmax(dim=1)
-            k_clip = clip_k.view(n, s, -1)[torch.arange(n, device=where.device), where]  # (N, dim)
+            k_clip = clip_k[torch.arange(n, device=where.device), where]  # (N, dim)
             loss_clip = decayed_infonce(clip_q[:, 0], k_clip, self.clip_queue.clone().detach(),
                                         self.clip_queue_age, self.T, 1.0)
             loss = loss + self.clip_weight * loss_clip

@@ -161,6 +161,17 @@ def build_encoder(arch, num_classes, input="rgb"):
     return encoder
 
 
+@contextlib.contextmanager
+def pooled_features(encoder):
+    """Inside the block encoder(x) gives the pooled backbone features, the input of the head `fc`
+    (N, fc.in_features), rather than the head's output."""
+    head, encoder.fc = encoder.fc, nn.Identity()
+    try:
+        yield encoder
+    finally:
+        encoder.fc = head
+
+
 def encoder_builder(arch, input="rgb"):
     """MoCo's `base_encoder` for an arch of ARCHS: a callable num_classes -> encoder, e.g.
     VideoMoCo(encoder_builder("r2plus1d_10"), ...). Any torchvision video model class
@@ -355,7 +366,7 @@ class VideoMoCo(nn.Module):
 
     @torch.no_grad()
     def encode_key(self, x_key):
-        """L2-normalised keys (N, dim) from encoder_k, with MoCo's shuffle-BN.
+        """encoder_k on the keys (N, dim), not normalised, with MoCo's shuffle-BN.
 
         Distributed: the global batch is shuffled with a permutation from rank 0 and each process
         forwards its shard, so BN statistics never mix a query with its own key. In a world of one
@@ -369,15 +380,14 @@ class VideoMoCo(nn.Module):
             dist.broadcast(perm, src=0)
             rank = dist.get_rank()
             local = perm.view(-1, n_local)[rank]
-            k = F.normalize(self.encoder_k(x_all[local]), dim=1)  # (N, dim), shuffled
-            k_all = concat_all_gather(k)  # (N_global, dim)
+            k_all = concat_all_gather(self.encoder_k(x_all[local]))  # (N_global, dim), shuffled
             unshuffle = perm.argsort()
             return k_all[unshuffle.view(-1, n_local)[rank]]
         n = x_key.shape[0]
         perm = torch.randperm(n, device=x_key.device)
         chunks = torch.tensor_split(x_key[perm], min(self.shuffle_splits, n))
         k = torch.cat([self.encoder_k(chunk) for chunk in chunks])  # (N, dim), shuffled
-        return F.normalize(k[perm.argsort()], dim=1)
+        return k[perm.argsort()]
 
     @torch.no_grad()
     def dequeue_and_enqueue(self, keys, name="queue"):
@@ -436,7 +446,7 @@ class VideoMoCo(nn.Module):
         with torch.no_grad():
             if self.training:
                 self.momentum_update()
-            k = self.encode_key(x_key)  # (N, dim)
+            k = F.normalize(self.encode_key(x_key), dim=1)  # (N, dim)
         queue = self.queue.clone().detach()  # (dim, K), the negatives before this batch enters
         age = self.queue_age.clone()  # (K,)
         decay = self.decay if decay is None else decay

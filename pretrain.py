@@ -16,12 +16,17 @@ pre-emption) saves a checkpoint and exits cleanly.
 """
 
 import argparse
+import copy
 import functools
+import math
 import os
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
 
 import data
 import loading
@@ -45,8 +50,8 @@ def get_args_parser():
     p.add_argument("--moco-t", type=float, default=0.07, help="temperature tau, Eq 1 (paper: 0.07)")
     p.add_argument("--decay", type=float, default=0.99999,
                    help="t of Eq 6; 1 = MoCo (paper: 0.99999)")
-    p.add_argument("--decay-start", type=int, default=0,
-                   help="epoch from which D's loss is Eq 6, not Eq 1")
+    p.add_argument("--decay-start", type=int, default=None,
+                   help="epoch from which D's loss is Eq 6, not Eq 1 (default: --adv-start)")
     p.add_argument("--decay-unit", default="key", choices=("key", "step"),
                    help="age i of Eq 6 in keys (paper) or in enqueue steps (authors' code)")
     p.add_argument("--shuffle-splits", type=int, default=2,
@@ -109,6 +114,9 @@ DEMO_PRESET = dict(**utils.DEMO_CLIPS, batch_size=32, epochs=30, workers=2,
                    out="runs/demo")
 # per method, on top of DEMO_PRESET: VCLR's three clips must fit in the demo's 32-48 frame videos
 METHOD_DEMO_PRESET = {"vclr": dict(frames=8, stride=1), "cvrl": dict(cvrl_hidden=256)}
+# a method's own defaults for the shared flags (the official VCLR code's tau and K); the demo
+# preset's K wins over them
+METHOD_DEFAULTS = {"vclr": dict(moco_t=0.1, moco_k=131072)}
 
 
 # -----------------------------------------------------------------------------
@@ -146,6 +154,12 @@ def settle_args(args, given):
         args.generator = "none"  # G belongs to VideoMoCo
     if args.adv_start is None:
         args.adv_start = args.epochs // 2  # the paper: D alone for the first half (Sec 4.2)
+    if args.decay_start is None:  # Sec 3.2: "Initially, we train D ... only use ... Eq. (1)"
+        args.decay_start = args.adv_start
+    if args.method == "vclr" and args.segments < 3:
+        raise SystemExit(f"error: --segments must be at least 3 for --method vclr (its order task "
+                         f"shuffles a tuple into neither its order nor the reverse), got "
+                         f"{args.segments}")
     if args.drop_frames is None:
         args.drop_frames = max(args.frames // 4, 1)  # the paper's ratio, 8 of 32 (Sec 3.1: 25 %)
     if args.generator != "none" and not 0 < args.drop_frames < args.frames:
@@ -259,27 +273,84 @@ def train_epoch(epoch, skip, step, loader, bad, model, generator, opt_d, opt_g, 
     return step, phase, decay, sums, False
 
 
-def log_epoch(epoch, phase, sums, chance, path, bad, log):
-    """The epoch's record for curves.png (the means over its updated steps); returns the collapse
-    warning, or None. Collective (one all-reduce)."""
+def log_epoch(epoch, phase, sums, chance, probe, path, bad, log):
+    """The epoch's record for curves.png (the means over its updated steps, and the queue-free
+    metric `probe` = (loss, top-1, chance)); returns the collapse warning, or None. Collective (one
+    all-reduce)."""
     if dist.is_initialized():
         dist.all_reduce(sums)
     loss, acc, spread = (sums[:3] / sums[3].clamp(min=1)).tolist()
     # G's drops against random drops of as many frames, Eq 4's distance on the same clips (Table 1)
     g_vs_random = (sums[4] / sums[5]).item() if phase == "adversarial" and sums[5] > 0 else None
+    probe_loss, probe_top1, probe_chance = probe
     log(f"epoch {epoch} done: loss {loss:.4f} (chance {chance:.4f}) acc {acc:.3f} "
-        f"spread {spread:.3f}"
+        f"spread {spread:.3f}; queue-free loss {probe_loss:.4f} (chance {probe_chance:.4f}) "
+        f"top-1 {probe_top1:.3f}"
         + (f"; Eq 4 distance of G's drops / random drops {g_vs_random:.3f}" if g_vs_random else "")
         + f"; {bad} bad videos skipped so far; saved {path}",
         curve=True, epoch=epoch + 1, loss=loss, acc=acc, spread=spread, chance=chance,
+        probe_loss=probe_loss, probe_top1=probe_top1, probe_chance=probe_chance,
         g_vs_random=g_vs_random)
-    return utils.collapse_warning(loss, spread, chance) if sums[3] > 0 else None
+    return utils.collapse_warning(probe_loss, spread, probe_chance)
+
+
+# -----------------------------------------------------------------------------
+# the queue-free learning metric
+
+PROBE_CLIPS = 64  # its probe set: chance ln 64
+
+
+def build_probe(dataset, workers):
+    """The queue-free metric's probe set, as one batch: two augmentations of one clip of each of
+    PROBE_CLIPS training videos, the same videos, positions and augmentations at every measurement
+    and for every --seed (a fixed subset and fixed per-sample seeds)."""
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(dataset.samples))[:PROBE_CLIPS]
+    items = [(int(i), int(rng.integers(2**62))) for i in order]
+    probe = data.VideoClips(dataset.samples, dataset.frames, dataset.stride, dataset.transform,
+                            views=2)
+    # (a generator of its own: the loader's base seed must not come from torch's global RNG,
+    # which the training draws from)
+    return torch.utils.data.DataLoader(probe, batch_size=len(items), sampler=items,
+                                       num_workers=workers, collate_fn=loading.collate,
+                                       worker_init_fn=loading.worker_init,
+                                       generator=torch.Generator())
+
+
+@torch.no_grad()
+def queue_free_metric(model, probe, bn_batch, device, ctx):
+    """The pretext task scored without a queue: the query of each probe clip (first view,
+    encoder_q) against the keys of all P probe clips (second view) from the *current* key encoder,
+    InfoNCE with the method's tau, the positive on the diagonal; chance is ln P. The training loss
+    scores the positive against queue keys written up to K/B steps ago: a collapsed embedding that
+    drifts with the lr beats those stale keys, and the training loss then sits well below chance
+    with no instance discrimination (../shared/notes/learning-evidence.md). Fresh keys are not
+    fooled. As in the training step the forwards run in train mode, queries in contiguous
+    sub-batches of `bn_batch` and keys in shuffled ones, on copies of the encoders: the model's
+    state is untouched. Returns (loss, top-1, chance)."""
+    video = data.to_device(next(iter(probe)), device)  # (P, 2, 3, T, H, W)
+    x, x_key = video[:, 0], video[:, 1]
+    p = x.shape[0]
+    head = getattr(model, "head", nn.Identity())  # CVRL projects after encoder_q's fc
+    encoder_q = copy.deepcopy(nn.Sequential(model.encoder_q, head)).train()
+    encoder_k = copy.deepcopy(nn.Sequential(getattr(model, "encoder_k", model.encoder_q),
+                                            head)).train()
+    chunks = max(1, p // bn_batch)
+    perm = torch.randperm(p, generator=torch.Generator().manual_seed(0)).to(device)
+    with ctx:
+        q = torch.cat([encoder_q(c) for c in x.tensor_split(chunks)])  # (P, dim)
+        k = torch.cat([encoder_k(c) for c in x_key[perm].tensor_split(chunks)])[perm.argsort()]
+    logits = F.normalize(q.float(), dim=1) @ F.normalize(k.float(), dim=1).T / model.T  # (P, P)
+    labels = torch.arange(p, device=logits.device)
+    top1 = (logits.argmax(dim=1) == labels).float().mean().item()
+    return F.cross_entropy(logits, labels).item(), top1, math.log(p)
 
 
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
     args, given = utils.parse_args(get_args_parser(), argv)
+    utils.apply_preset(args, given, METHOD_DEFAULTS.get(args.method, {}))
     demo = {**DEMO_PRESET, **METHOD_DEMO_PRESET.get(args.method, {})}
     preset = utils.apply_preset(args, given, demo) if utils.is_demo(args) else {}
     rank, world, device = utils.init_distributed()
@@ -311,11 +382,18 @@ def main(argv=None):
         ckpt["epoch"], ckpt["step"], ckpt["epoch_step"])
     save = functools.partial(save_checkpoint, ckpt_path, args, parts, scaler, rank=rank)
 
-    # watching the run: the loss against its chance level, the feature spread, kNN on the test split
+    # watching the run: the loss against its chance level, the queue-free metric, the feature
+    # spread, kNN on the test split; the first measurements are the random-init anchors
     knn = utils.KNNMonitor(args, args.workers) if args.knn_every > 0 else None
+    probe = build_probe(dataset, args.workers)
+    bn_batch = max(per_rank // args.shuffle_splits, 2)
     curves = os.path.join(args.out, "curves.png")
-    if knn is not None and start_epoch == 0 and skip == 0:
-        knn.measure(model.encoder_q, 0, device, ctx, log)  # the random-init anchor
+    if start_epoch == 0 and skip == 0:
+        loss, top1, chance = queue_free_metric(model, probe, bn_batch, device, ctx)
+        log(f"queue-free loss at random init: {loss:.4f} (chance {chance:.4f}) top-1 {top1:.3f}",
+            curve=True, epoch=0, probe_loss=loss, probe_top1=top1, probe_chance=chance)
+        if knn is not None:
+            knn.measure(model.encoder_q, 0, device, ctx, log)
 
     # loop
     guard = utils.Guard(args, device, log)
@@ -332,7 +410,9 @@ def main(argv=None):
             save(epoch + 1, step, 0)
             guard.last_save = time.time()
             chance = methods.chance_level(args.method, model, args.batch_size, decay)
-            warning = log_epoch(epoch, phase, sums, chance, ckpt_path, len(bad), log)
+            probe_metric = queue_free_metric(model, probe, bn_batch, device, ctx)
+            warning = log_epoch(epoch, phase, sums, chance, probe_metric, ckpt_path, len(bad),
+                                log)
             if warning and not warned:
                 log(warning)
                 warned = True
@@ -345,8 +425,8 @@ def main(argv=None):
     if not stopped:
         if len(bad) and rank == 0:
             bad.write(os.path.join(args.out, "bad_videos.txt"))
-        if knn is not None and rank == 0:
-            knn.summary(log, args.epochs)
+        if rank == 0:
+            utils.learning_summary(log, args.epochs)
         log(f"done. curves: {curves}; backbone: {os.path.join(args.out, 'backbone.pt')}\n"
             f"next: python evaluate.py --ckpt {ckpt_path}  (kNN retrieval of the features)\n"
             f"      python finetune.py --ckpt {ckpt_path} --out {args.out}-finetune")

@@ -686,7 +686,7 @@ def test_device_augmentation_gives_the_worker_clip_for_the_same_draws(tmp_path, 
     batches = {}
     for on_device in (False, True):
         dataset = data.VideoClips(samples, frames, 1, data.TrainTransform(32, on_device=on_device),
-                                  views=views, temporal=temporal, segments=2)
+                                  views=views, temporal=temporal, segments=3)
         batches[on_device] = loading.collate([dataset[(i, 10 + i)] for i in range(4)])
     uint8, float32 = batches[True]["video"], batches[False]["video"]
     assert uint8.dtype == torch.uint8 and float32.dtype == torch.float32
@@ -765,16 +765,52 @@ def test_cvrl_interval_distribution_matches_its_definition(shape):
         assert np.all(np.diff(methods.interval_probs(last, shape)) < 0)  # monotonically decreasing
 
 
-def test_segment_starts_fall_in_their_segments():
+def naive_tuple_candidates(n, span, segments):
+    """The start frames a clip of segment j of VCLR's tuple may take, by a loop over the frames: a
+    frame f is in segment j when j n / S <= f < (j + 1) n / S; the starts whose clip ends inside
+    the segment where two or more do, else the segment's starts whose clip ends in the video (or
+    its first frame if none)."""
+    out = []
+    for j in range(segments):
+        frames = [f for f in range(n) if j * n / segments <= f < (j + 1) * n / segments]
+        inside = [f for f in frames if f + span - 1 <= frames[-1]]
+        out.append(inside if len(inside) >= 2 else
+                   [f for f in frames if f + span <= n] or frames[:1])
+    return out
+
+
+@pytest.mark.parametrize("n,span,segments", [(90, 8, 3), (100, 16, 4), (31, 4, 3), (48, 16, 3),
+                                             (7, 4, 3)])
+def test_tuple_starts_are_distinct_uniform_draws_of_each_segment(n, span, segments):
+    # (48, 16, 3): no segment holds two clips, so they run on; (7, 4, 3): the last segment offers
+    # one start only, which anchor and positive then share
     rng = np.random.default_rng(1)
-    for n, span, segments in [(90, 8, 3), (100, 16, 4), (31, 4, 3)]:
-        bounds = np.linspace(0, n, segments + 1)
-        for _ in range(500):
-            starts = methods.segment_starts(rng, n, span, segments)
-            for j, s in enumerate(starts):
-                assert bounds[j] <= s < bounds[j + 1]  # starts in its segment
-                if bounds[j + 1] - bounds[j] >= span:
-                    assert s + span - 1 < bounds[j + 1]  # and, where it fits, ends in it
+    candidates = naive_tuple_candidates(n, span, segments)
+    counts = [dict.fromkeys(c, 0) for c in candidates]
+    for _ in range(3000):
+        anchor, positive, distinct = methods.tuple_starts(rng, n, span, segments)
+        assert distinct == all(len(c) >= 2 for c in candidates)
+        for j, (a, p) in enumerate(zip(anchor, positive)):
+            assert a in candidates[j] and p in candidates[j]
+            assert a != p or len(candidates[j]) == 1  # two distinct positions where there are two
+            counts[j][a] += 1
+            counts[j][p] += 1
+    for c in counts:  # each start as likely as the others: chi-square against uniform
+        observed = np.array(list(c.values()), float)
+        expected = observed.sum() / len(observed)
+        assert ((observed - expected) ** 2 / expected).sum() < 3 * len(observed) + 30
+
+
+def test_order_shuffle_is_never_the_order_or_its_reverse():
+    rng = np.random.default_rng(2)
+    seen = set()
+    for _ in range(400):
+        perm, shuffled = methods.order_shuffle(rng, 3)
+        assert shuffled == (perm != [0, 1, 2]) and perm != [2, 1, 0]
+        seen.add(tuple(perm))
+    assert seen == {(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1)}
+    with pytest.raises(ValueError, match="at least 3 segments"):
+        methods.order_shuffle(rng, 2)
 
 
 class _NoAugment:
@@ -1283,7 +1319,7 @@ def test_encode_key_restores_order_in_eval_mode():
     model = models.VideoMoCo(TINY, dim=8, K=16, shuffle_splits=2).eval()
     fit_batchnorm(model.encoder_k, torch.randn(4, 3, 4, 32, 32))
     x = torch.randn(6, 3, 4, 32, 32)
-    keys = model.encode_key(x)
+    keys = F.normalize(model.encode_key(x), dim=1)
     for i in range(6):
         expected = F.normalize(model.encoder_k(x[i:i + 1]), dim=1)[0]
         torch.testing.assert_close(keys[i], expected, rtol=1e-5, atol=1e-6)
@@ -1316,7 +1352,7 @@ def test_encode_key_uses_sub_batch_statistics_in_train_mode():
     model = models.VideoMoCo(TINY, dim=8, K=16, shuffle_splits=2).train()
     x = torch.randn(6, 3, 4, 32, 32)
     torch.manual_seed(11)
-    keys = model.encode_key(x)
+    keys = F.normalize(model.encode_key(x), dim=1)
     with torch.no_grad():
         one_batch = F.normalize(model.encoder_k(x), dim=1)
         torch.manual_seed(11)
@@ -1342,7 +1378,7 @@ def _distributed_worker(rank, world_size, port, x, keys, state, result_dir):
     n = x.shape[0] // world_size
     local = slice(rank * n, (rank + 1) * n)
     torch.manual_seed(rank)  # the shuffle must come from rank 0's permutation, not the local seed
-    encoded = model.encode_key(x[local])
+    encoded = F.normalize(model.encode_key(x[local]), dim=1)
     model.dequeue_and_enqueue(keys[local])
     torch.save({"keys": encoded, "queue": model.queue, "age": model.queue_age,
                 "ptr": model.queue_ptr}, os.path.join(result_dir, f"{rank}.pt"))
@@ -1612,13 +1648,16 @@ def assert_exports_a_plain_backbone(encoder_q):
     assert result.missing_keys == ["fc.weight", "fc.bias"] and not result.unexpected_keys
 
 
-def test_video_embedding_matches_loop():
+def test_tuple_embedding_matches_loop():
     torch.manual_seed(27)
-    clips = F.normalize(torch.randn(4, 3, 8), dim=2)
-    embedding = methods.video_embedding(clips)
+    pooled, head = torch.randn(4, 3, 6), nn.Linear(6, 5)
+    embedding = methods.tuple_embedding(pooled, head)
     for n in range(4):
-        mean = [sum(clips[n, s, d].item() for s in range(3)) / 3 for d in range(8)]
-        torch.testing.assert_close(embedding[n], torch.tensor(unit(mean)), rtol=1e-5, atol=1e-6)
+        mean = [sum(pooled[n, s, d].item() for s in range(3)) / 3 for d in range(6)]
+        projected = [sum(w * m for w, m in zip(row, mean)) + b
+                     for row, b in zip(head.weight.tolist(), head.bias.tolist())]
+        torch.testing.assert_close(embedding[n], torch.tensor(unit(projected)), rtol=1e-5,
+                                   atol=1e-6)
 
 
 def make_vclr(seed, **kw):
@@ -1644,16 +1683,20 @@ def test_vclr_eval_forward_matches_loops():
     for name, value in model.state_dict().items():  # eval: no momentum update, no enqueue
         assert torch.equal(value, before[name]), name
 
+    def tuple_embedding(encoder, clips):  # the official tsn_mode: mean of pooled features, head
+        with models.pooled_features(encoder):
+            pooled = [encoder(clip[None])[0] for clip in clips]
+        return F.normalize(encoder.fc(sum(pooled) / len(pooled)), dim=0)
+
     with torch.no_grad():
         q, k, order_logits = [], [], []
         for i in range(n):
             emb_a = [clip_embedding(model.encoder_q, anchor[i, j]) for j in range(s)]
-            emb_p = [clip_embedding(model.encoder_q, positive[i, j]) for j in range(s)]
             key_p = [clip_embedding(model.encoder_k, positive[i, j]) for j in range(s)]
-            q.append(F.normalize(sum(emb_a) / s, dim=0))
-            k.append(F.normalize(sum(key_p) / s, dim=0))
-            # anchor clips, then positive
-            order_logits.append(model.order_head(torch.cat(emb_a + emb_p)))
+            q.append(tuple_embedding(model.encoder_q, anchor[i]))
+            k.append(tuple_embedding(model.encoder_k, positive[i]))
+            # the anchor's clips (encoder_q), then the positive's (the momentum encoder)
+            order_logits.append(model.order_head(torch.cat(emb_a + key_p)))
     q, k, order_logits = torch.stack(q), torch.stack(k), torch.stack(order_logits)
     torch.testing.assert_close(out["q"], q, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out["k"], k, rtol=1e-4, atol=1e-5)
@@ -1699,22 +1742,20 @@ def test_vclr_order_head_sees_clip_order_the_contrastive_loss_does_not():
     assert not torch.allclose(shuffled_positive["order_logits"], out["order_logits"], atol=1e-4)
 
 
-def test_vclr_positive_tuple_reaches_encoder_q_only_through_the_order_head():
+def test_vclr_positive_tuple_never_reaches_encoder_q():
+    # as the official code: the positive tuple is encoded by the momentum encoder only, also for
+    # the order head, so no loss has a gradient w.r.t. it; the anchor reaches every loss
     model = make_vclr(30)
-    anchor = torch.randn(2, 3, 3, 4, 16, 16)
+    anchor = torch.randn(2, 3, 3, 4, 16, 16, requires_grad=True)
     positive = torch.randn(2, 3, 3, 4, 16, 16, requires_grad=True)
     for train in (False, True):  # train mode: BN batch statistics, where a shared batch would leak
         model.train(train)
         segments = torch.tensor([[[0, 1, 2], [0, 1, 2]], [[0, 1, 2], [1, 0, 2]]])
         out = model(anchor, positive, torch.tensor([0, 2]), segments)
-        grad_order, = torch.autograd.grad(out["loss_order"], positive, retain_graph=True)
-        assert grad_order.abs().sum() > 0
-        # q depends on the anchor only (its own BN batch) and the keys have no gradient
-        for loss in ("loss_nce", "loss_clip"):
-            grad, = torch.autograd.grad(out[loss], positive, allow_unused=True,
-                                        materialize_grads=True,
-                                        retain_graph=True)
-            assert grad.abs().sum() == 0, (loss, train)
+        for loss in ("loss_nce", "loss_clip", "loss_order"):
+            grad_a, grad_p = torch.autograd.grad(out[loss], [anchor, positive], allow_unused=True,
+                                                 materialize_grads=True, retain_graph=True)
+            assert grad_a.abs().sum() > 0 and grad_p.abs().sum() == 0, (loss, train)
 
 
 def test_vclr_training_step_enqueues_and_routes_gradients():
@@ -2050,6 +2091,12 @@ def test_pretext_task_memorises_a_small_set(distinct_tree, tmp_path, method, arc
     assert last["loss"] < 0.5 * last["chance"], [round(r["loss"], 2) for r in epochs]
     assert last["acc"] >= 0.8, [round(r["acc"], 2) for r in epochs]
     assert last["spread"] > 0.3
+    # and without a queue to fool it: 48 probe clips against their fresh keys (chance ln 48, 1/48;
+    # measured 0.98-1.54 and 0.52-0.73)
+    assert last["probe_chance"] == pytest.approx(math.log(48))
+    assert last["probe_loss"] < 0.5 * last["probe_chance"], [round(r["probe_loss"], 2)
+                                                             for r in epochs]
+    assert last["probe_top1"] > 0.4, [round(r["probe_top1"], 2) for r in epochs]
 
 
 def test_channels_last_step_matches_the_default_layout_and_compile_keeps_the_keys():
@@ -2130,33 +2177,130 @@ def test_feature_spread_matches_loop_and_reads_one_when_isotropic_zero_when_coll
     assert utils.feature_spread(collapsed).item() == pytest.approx(0, abs=1e-6)
 
 
+def test_queue_free_metric_matches_a_loop():
+    # two views of 6 clips through copies of encoder_q and encoder_k in train mode (queries in
+    # contiguous sub-batches of 3, keys in shuffled ones), then InfoNCE of each query against all 6
+    # keys written out; the model itself is untouched
+    torch.manual_seed(3)
+    model = models.VideoMoCo(TINY, dim=8, K=16, m=0.5, T=0.2)
+    with torch.no_grad():
+        for p in model.encoder_k.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    video = torch.randn(6, 2, 3, 4, 16, 16)
+    before = copy.deepcopy(model.state_dict())
+    loss, top1, chance = pretrain.queue_free_metric(model, [{"video": video}], 3,
+                                                    torch.device("cpu"), contextlib.nullcontext())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    perm = torch.randperm(6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        q = torch.cat([model.encoder_q(video[:3, 0]), model.encoder_q(video[3:, 0])])
+        shuffled = torch.cat([model.encoder_k(video[perm[:3], 1]),
+                              model.encoder_k(video[perm[3:], 1])])
+    k = torch.empty_like(shuffled)
+    k[perm] = shuffled
+    q, k = F.normalize(q, dim=1).tolist(), F.normalize(k, dim=1).tolist()
+    losses, hits = [], 0
+    for i in range(6):
+        logits = [dot(q[i], k[j]) / 0.2 for j in range(6)]
+        losses.append(-logits[i] + math.log(sum(math.exp(v) for v in logits)))
+        hits += max(range(6), key=lambda j: logits[j]) == i
+    assert loss == pytest.approx(sum(losses) / 6, rel=1e-5)
+    assert top1 == pytest.approx(hits / 6) and chance == pytest.approx(math.log(6))
+
+
+class DriftingCollapse(nn.Module):
+    """Every clip maps onto one direction that turns by 0.5 rad per step, plus a 1e-3 part of its
+    own: a collapsed embedding, with no instance information to speak of, that drifts with the
+    steps as a collapsed encoder does with the lr."""
+
+    def __init__(self):
+        super().__init__()
+        self.step = 0
+
+    def forward(self, x):  # (N, 3, T, H, W) -> (N, 8)
+        v = torch.zeros(8)
+        v[0], v[1] = math.cos(0.5 * self.step), math.sin(0.5 * self.step)
+        return v + 1e-3 * x.flatten(1)[:, :8]
+
+
+def test_a_drifting_collapse_fools_the_training_loss_and_not_the_queue_free_metric():
+    # (learning-evidence.md) Each step, a batch of 4 clips against a queue of the 16 keys written
+    # in the 4 steps before: the positive is the only key of the current direction, so the
+    # training loss sits far below its chance level and the old collapse rule (the training loss
+    # within 2 % of chance) sees nothing. The queue-free metric scores against fresh keys of other
+    # clips, which share the direction: its loss sits at ln P, and the guard fires.
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Module()
+    model.encoder_q = model.encoder_k = DriftingCollapse()
+    model.T = 0.07
+    queue, losses = [], []
+    for step in range(12):
+        model.encoder_q.step = step
+        x = torch.randn(4, 3, 2, 4, 4, generator=gen)
+        q = F.normalize(model.encoder_q(x + 0.01 * torch.randn(x.shape, generator=gen)), dim=1)
+        k = F.normalize(model.encoder_k(x), dim=1)
+        if len(queue) == 16:
+            ages = torch.arange(1, 17).flip(0)
+            losses.append(models.decayed_infonce(q, k, torch.stack(queue).T, ages, 0.07, 1.0))
+        queue = (queue + list(k))[-16:]
+    chance = math.log(17)
+    training = sum(losses).item() / len(losses)
+    assert training < 0.5 * chance  # "learning", by the training loss
+    # (its feature spread, ~0, trips the spread rule too; 0.5 isolates the two loss rules)
+    assert utils.collapse_warning(training, 0.5, chance) is None
+    probe = [{"video": torch.randn(16, 2, 3, 2, 4, 4, generator=gen)}]
+    loss, top1, probe_chance = pretrain.queue_free_metric(model, probe, 4, torch.device("cpu"),
+                                                          contextlib.nullcontext())
+    assert loss > 0.98 * probe_chance and probe_chance == pytest.approx(math.log(16))
+    assert "queue-free loss" in utils.collapse_warning(loss, 0.5, probe_chance)
+
+
 def test_collapse_guard_warns_once_when_the_loss_sits_at_chance(small_tree, tmp_path, capsys):
-    # tau = 100 makes every logit ~0, so the loss is ln(K+1) to
-    # within 1 %: the guard must say so, once
+    # tau = 100 makes every logit ~0, so the training loss is ln(K+1) and the queue-free loss ln P
+    # to within 1 %: the guard must say so, once
     pretrain.main(small_args(small_tree, tmp_path, "--moco-t", "100", "--epochs", "3",
                              "--adv-start", "3"))
     out = capsys.readouterr().out
     epochs = [r for r in read_log(tmp_path, "epoch") if "loss" in r]
     assert len(epochs) == 3 and all(r["loss"] > 0.98 * r["chance"] for r in epochs)
-    # Eq 6, t = 0.99
-    assert epochs[0]["chance"] == pytest.approx(math.log(1 + sum(0.99 ** i for i in range(1, 13))))
-    assert out.count("warning: the contrastive loss") == 1
+    assert all(r["probe_loss"] > 0.98 * r["probe_chance"] for r in epochs)
+    assert epochs[0]["chance"] == pytest.approx(math.log(13))  # Eq 1 before --adv-start
+    assert epochs[0]["probe_chance"] == pytest.approx(math.log(8))  # the 8 videos of small_tree
+    assert out.count("warning: the queue-free loss") == 1
     assert utils.collapse_warning(loss=2.0, spread=0.8, chance=math.log(13)) is None
     assert "spread" in utils.collapse_warning(loss=2.0, spread=0.01, chance=math.log(13))
 
 
+def centre_clip(path, frames, stride, crop):
+    """The evaluation clip of a video by hand: decode-count its frames, take the centre clip,
+    resize and centre-crop -> (1, 3, T, crop, crop)."""
+    with data.VideoReader(path) as reader:
+        n = reader.count_frames()
+    start = data.uniform_starts(n, (frames - 1) * stride + 1, 1)[0]
+    return data.EvalTransform(crop)(read_clip(path, start, frames, stride))
+
+
+def naive_bn_estimate(encoder, clips):
+    """Precise BN for a set of clips that fits one batch: a copy of the encoder whose BN layers take
+    that batch's statistics as their running statistics (momentum 1), in eval mode."""
+    encoder = copy.deepcopy(encoder)
+    for m in encoder.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = 1.0
+    with torch.no_grad():
+        encoder.train()(clips)
+    return encoder.eval()
+
+
 def naive_knn_top1(encoder, train, test, frames, stride, crop, k=20, temperature=0.07):
-    """kNN top-1 by hand: decode each video's centre clip, pooled features one clip at a time,
-    cosine, a Python loop for the weighted vote."""
-    transform = data.EvalTransform(crop)
+    """kNN top-1 by hand: BN statistics of the training videos' centre clips (one batch), pooled
+    features one clip at a time, cosine, a Python loop for the weighted vote."""
+    encoder = naive_bn_estimate(encoder, torch.cat([centre_clip(p, frames, stride, crop)
+                                                    for p, _ in train]))
 
     def feature(path):
-        with data.VideoReader(path) as reader:
-            n = reader.count_frames()
-        start = data.uniform_starts(n, (frames - 1) * stride + 1, 1)[0]
-        clip = transform(read_clip(path, start, frames, stride))  # (1, 3, T, crop, crop)
-        with torch.no_grad(), utils.pooled_features(encoder):
-            f = encoder(clip)[0]
+        with torch.no_grad(), models.pooled_features(encoder):
+            f = encoder(centre_clip(path, frames, stride, crop))[0]
         return f / f.norm()
 
     gallery = [(feature(p), y) for p, y in train]
@@ -2174,6 +2318,7 @@ def naive_knn_top1(encoder, train, test, frames, stride, crop, k=20, temperature
 def test_knn_monitor_matches_a_naive_loop(small_tree):
     torch.manual_seed(0)
     encoder = models.build_encoder("tiny", 8).eval()
+    before = copy.deepcopy(encoder.state_dict())
     args = pretrain.get_args_parser().parse_args(["--dataset", "folder", "--data-root", small_tree,
                                                   "--frames", "4",
                                                   "--crop", "32"])
@@ -2182,7 +2327,38 @@ def test_knn_monitor_matches_a_naive_loop(small_tree):
     expected = naive_knn_top1(encoder, samples, samples, 4, 1, 32, k=3)
     assert monitor(encoder, torch.device("cpu"),
                    contextlib.nullcontext()) == pytest.approx(expected)
-    assert not encoder.training  # the monitor leaves the mode it found
+    assert not encoder.training  # the monitor leaves the mode it found, and the statistics
+    assert all(torch.equal(v, before[k]) for k, v in encoder.state_dict().items())
+
+
+def test_bn_statistics_are_the_mean_of_batch_statistics_over_training_clips(small_tree):
+    # estimate_bn_statistics against a loop: the first BN layer's running mean and variance are the
+    # averages over the batches of its input's per-channel mean and unbiased variance, whatever
+    # statistics the encoder had before (a pretrained encoder and a random init alike)
+    torch.manual_seed(1)
+    encoder = models.build_encoder("tiny", 8)
+    bn = encoder.features[1]
+    with torch.no_grad():
+        bn.running_mean.fill_(5.0)
+    samples, _, _ = data.list_videos("folder", small_tree)
+    clips = torch.cat([centre_clip(p, 4, 1, 32) for p, _ in samples])  # (8, 3, 4, 32, 32)
+    loader = [{"video": clips[i:i + 3, None], "valid": torch.ones(len(clips[i:i + 3]), dtype=bool)}
+              for i in range(0, 8, 3)]  # batches of 3, 3 and 2 clips
+    utils.estimate_bn_statistics(encoder, loader, torch.device("cpu"), contextlib.nullcontext())
+    assert not encoder.training and bn.momentum == 0.1  # the momentum is given back
+    with torch.no_grad():
+        inputs = [encoder.features[0](b["video"][:, 0]) for b in loader]
+    for c in range(bn.num_features):
+        means = [x[:, c].mean().item() for x in inputs]
+        variances = [x[:, c].var(unbiased=True).item() for x in inputs]
+        assert bn.running_mean[c].item() == pytest.approx(sum(means) / 3, rel=1e-4, abs=1e-6)
+        assert bn.running_var[c].item() == pytest.approx(sum(variances) / 3, rel=1e-4)
+    # with one batch, the same as the independent one-batch estimate used by the kNN reference
+    one = naive_bn_estimate(encoder, clips)
+    utils.estimate_bn_statistics(encoder, [{"video": clips[:, None],
+                                            "valid": torch.ones(8, dtype=bool)}],
+                                 torch.device("cpu"), contextlib.nullcontext())
+    torch.testing.assert_close(encoder.features[1].running_var, one.features[1].running_var)
 
 
 def test_pretrain_monitor_measures_random_init_first_then_logs_and_draws_curves(
@@ -2190,15 +2366,18 @@ def test_pretrain_monitor_measures_random_init_first_then_logs_and_draws_curves(
     pretrain.main(small_args(small_tree, tmp_path, "--knn-every", "1", "--epochs", "2"))
     out = capsys.readouterr().out
     with open(tmp_path / "log.jsonl") as f:
-        first = json.loads(f.readline())
-    # before any step
-    assert first["curve"] and first["epoch"] == 0 and "knn_top1" in first and "loss" not in first
+        first = [json.loads(f.readline()) for _ in range(2)]
+    # before any step: the queue-free metric, then kNN
+    assert all(r["curve"] and r["epoch"] == 0 and "loss" not in r for r in first)
+    assert "probe_loss" in first[0] and "knn_top1" in first[1]
     epochs = read_log(tmp_path, "epoch")
     assert [r["epoch"] for r in epochs if "knn_top1" in r] == [0, 1, 2]
+    assert [r["epoch"] for r in epochs if "probe_loss" in r] == [0, 1, 2]
     assert [r["epoch"] for r in epochs if "loss" in r] == [1, 2]
     knn = [r for r in epochs if "knn_top1" in r]
     assert all(0 <= r["knn_top1"] <= 1 and r["knn_chance"] == 0.5 for r in knn)
     assert "kNN top-1 on the test split went from" in out
+    assert "queue-free loss went from" in out
     img = cv2.imread(str(tmp_path / "curves.png"))
     assert img is not None and img.shape == (500, 800, 3)
 
@@ -2212,6 +2391,7 @@ def test_curves_plot_what_the_log_says(tmp_path):
         f.write(json.dumps({"epoch": 0, "step": 1, "loss_d": 9.0}) + "\n")
         for e in range(1, 11):
             f.write(json.dumps({"curve": True, "epoch": e, "loss": 5.0 - 0.4 * e, "chance": 5.0,
+                                "probe_loss": 4.0 - 0.3 * e, "probe_chance": 4.2,
                                 "acc": 0.05 * e, "spread": 0.5, "knn_top1": 0.2 + 0.04 * e,
                                 "knn_chance": 1 / 6}) + "\n")
         # a resumed run's later value
@@ -2227,9 +2407,10 @@ def test_curves_plot_what_the_log_says(tmp_path):
         return [np.nonzero(blue[:, a:b])[0].mean() for a, b in ((60, w // 3), (2 * w // 3, w - 20))]
 
     loss_left, loss_right = curve_rows(img[:250, :400])
+    probe_left, probe_right = curve_rows(img[:250, 400:])
     knn_left, knn_right = curve_rows(img[250:, 400:])
-    # the loss falls, kNN rises (image rows grow downwards)
-    assert loss_left < loss_right and knn_left > knn_right
+    # the losses fall, kNN rises (image rows grow downwards)
+    assert loss_left < loss_right and probe_left < probe_right and knn_left > knn_right
 
 
 # -----------------------------------------------------------------------------
@@ -2388,9 +2569,21 @@ def test_linear_probe_trains_only_the_head_and_finetune_resumes(small_tree, tmp_
             "--batch-size", "4", "--workers", "0"]
     model = finetune.main(argv)
     backbone = torch.load(pre / "backbone.pt", weights_only=True)
+    samples, _, _ = data.list_videos("folder", small_tree)
+    reference = models.build_encoder("tiny", 2)
+    reference.load_state_dict(backbone, strict=False)
+    # the frozen backbone's BN statistics, re-estimated on the training videos' centre clips
+    reference = naive_bn_estimate(reference, torch.cat([centre_clip(p, 4, 1, 32)
+                                                        for p, _ in samples]))
     for key, value in model.state_dict().items():
-        if not key.startswith("fc."):
-            assert torch.equal(value, backbone[key]), key  # frozen, BN statistics included
+        if key.startswith("fc."):
+            continue
+        if "running_" in key:
+            torch.testing.assert_close(value, reference.state_dict()[key], rtol=1e-4, atol=1e-6)
+        elif "num_batches" in key:
+            assert value == 1  # reset, then one batch of the 8 videos
+        else:
+            assert torch.equal(value, backbone[key]), key  # frozen
     assert torch.load(lin / "ckpt.pt",
                       weights_only=True)["args"]["lr"] == finetune.LINEAR_DEFAULTS["lr"]
     norm, fc = model.fc  # the probe: standardised features, then a linear layer
@@ -2481,10 +2674,46 @@ def test_two_phase_schedule_g_idle_then_trained_from_its_full_lr(small_tree, tmp
 
 
 def test_decay_start_uses_eq1_before_and_eq6_after(small_tree, tmp_path):
-    pretrain.main(small_args(small_tree, tmp_path, "--decay-start", "1", "--adv-start", "2"))
-    chance = [r["chance"] for r in read_log(tmp_path, "epoch") if "loss" in r]
-    assert chance == pytest.approx([math.log(13),
-                                    math.log(1 + sum(0.99 ** i for i in range(1, 13)))])
+    eq1, eq6 = math.log(13), math.log(1 + sum(0.99 ** i for i in range(1, 13)))
+    pretrain.main(small_args(small_tree, tmp_path / "a", "--decay-start", "1", "--adv-start", "2"))
+    chance = [r["chance"] for r in read_log(tmp_path / "a", "epoch") if "loss" in r]
+    assert chance == pytest.approx([eq1, eq6])
+    # by default Eq 6 starts with the adversarial phase (Sec 3.2: D alone with Eq 1 first), also
+    # without G (Table 2's "decay without adversarial" row)
+    for generator in ("convlstm", "none"):
+        out = tmp_path / generator
+        pretrain.main(small_args(small_tree, out, "--epochs", "3", "--adv-start", "2",
+                                 "--generator", generator))
+        chance = [r["chance"] for r in read_log(out, "epoch") if "loss" in r]
+        assert chance == pytest.approx([eq1, eq1, eq6])
+
+
+def test_finetune_and_evaluate_take_the_dataset_from_the_checkpoint(small_tree, tmp_path, capsys):
+    # the pretraining's dataset and root are the downstream default; a given dataset that differs
+    # is said in one line
+    pre = tmp_path / "pre"
+    pretrain.main(small_args(small_tree, pre, "--epochs", "1"))
+    run = ["--epochs", "1", "--batch-size", "4", "--workers", "0", "--linear"]
+    capsys.readouterr()
+    finetune.main(["--ckpt", str(pre / "ckpt.pt"), "--out", str(tmp_path / "same"), *run])
+    data_settings = torch.load(tmp_path / "same" / "ckpt.pt", weights_only=True)["data"]
+    assert data_settings["dataset"] == "folder" and data_settings["data_root"] == small_tree
+    assert "note:" not in capsys.readouterr().out
+    kinetics = tmp_path / "k400"  # the same videos in the Kinetics layout
+    for split in ("train", "val"):
+        shutil.copytree(os.path.join(small_tree, "c0"), kinetics / split / "c0")
+        shutil.copytree(os.path.join(small_tree, "c1"), kinetics / split / "c1")
+    other = ["--dataset", "kinetics", "--data-root", str(kinetics)]
+    finetune.main(["--ckpt", str(pre / "ckpt.pt"), "--out", str(tmp_path / "other"), *run, *other])
+    data_settings = torch.load(tmp_path / "other" / "ckpt.pt", weights_only=True)["data"]
+    assert data_settings["dataset"] == "kinetics" and data_settings["frames"] == 4
+    notes = [line for line in capsys.readouterr().out.splitlines() if "note:" in line]
+    assert notes == [f"note: finetuning on --dataset kinetics; {pre / 'ckpt.pt'} was pretrained "
+                     "on folder"]
+    evaluate.main(["--ckpt", str(pre / "ckpt.pt"), "--clips", "1", "--workers", "0", *other])
+    notes = [line for line in capsys.readouterr().out.splitlines() if "note:" in line]
+    assert notes == [f"note: evaluating on --dataset kinetics; {pre / 'ckpt.pt'} was trained on "
+                     "folder"]
 
 
 def test_cvrl_normalises_over_the_global_batch_under_ddp_on_cuda_only():

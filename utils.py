@@ -10,6 +10,7 @@ of a pretrained encoder into a downstream model.
 
 import argparse
 import contextlib
+import copy
 import inspect
 import json
 import math
@@ -29,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import loading
+from models import pooled_features
 
 
 # -----------------------------------------------------------------------------
@@ -41,16 +43,6 @@ def gather_objects(obj):
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, obj)
     return [x for part in parts for x in part]
-
-
-@contextlib.contextmanager
-def pooled_features(model):
-    """Inside the block model(x) gives the pooled backbone features, the input of the head `fc`."""
-    head, model.fc = model.fc, nn.Identity()
-    try:
-        yield model
-    finally:
-        model.fc = head
 
 
 @torch.no_grad()
@@ -83,6 +75,50 @@ def video_features(model, loader, device, ctx):
     return F.normalize(pooled, dim=1), index, skipped
 
 
+BN_CLIPS, BN_BATCH = 1024, 32
+
+
+def bn_loader(args, workers, clips=BN_CLIPS):
+    """The clips that BN statistics are estimated on before every frozen evaluation: the centre
+    clip (evaluation transform, one crop) of up to `clips` training videos, a fixed random subset
+    (the split files are ordered by class), in batches of BN_BATCH. Not sharded: every rank
+    estimates the same statistics."""
+    dataset, _, _ = loading.build_dataset(args, train=True, mode="test", clips=1,
+                                          transform=data.EvalTransform(args.crop))
+    keep = np.random.default_rng(0).permutation(len(dataset.samples))[:clips]
+    dataset.samples = [dataset.samples[i] for i in sorted(keep)]
+    return torch.utils.data.DataLoader(dataset, batch_size=BN_BATCH, num_workers=workers,
+                                       collate_fn=loading.collate,
+                                       worker_init_fn=loading.worker_init,
+                                       generator=torch.Generator())  # not the global RNG's draws
+
+
+@torch.no_grad()
+def estimate_bn_statistics(encoder, loader, device, ctx):
+    """Precise BN (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021), in place: the running
+    statistics of every BN layer become the average over the batches of `loader` of its batch
+    statistics in train-mode forwards. Returns the encoder in eval mode.
+
+    Every frozen evaluation (kNN, the linear probe, the kNN monitor) calls it first, so that every
+    encoder, pretrained or random, is read under statistics estimated the same way on full
+    training clips. The pretraining's own running statistics average whatever D was fed last
+    (full clips for MoCo, clips with k frames zeroed for the adversarial and random-drop rows, and
+    both where D(x) of Eq 4 runs in train mode), and a random init has none (mean 0, variance 1)."""
+    bns = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average, every batch weighted alike
+    encoder.train()
+    for batch in loader:
+        video = batch["video"][batch["valid"]].flatten(0, 1)  # (V*C, 3, T, H, W), bad ones out
+        with ctx:
+            encoder(video.to(device, non_blocking=True))
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    return encoder.eval()
+
+
 def knn_predict(query, gallery, gallery_labels, num_classes, k=20, temperature=0.07):
     """Weighted k-NN vote: each of the k nearest gallery items votes exp(cos / T) for its class."""
     sim, index = (query @ gallery.T).topk(min(k, gallery.shape[0]), dim=1)  # (Q, k)
@@ -98,6 +134,7 @@ class KNNMonitor:
 
     def __init__(self, args, workers, k=20):
         self.k = k
+        self.bn_loader = bn_loader(args, workers)
         loaders = []
         for train in (True, False):
             dataset, classes, _ = loading.build_dataset(args, train=train, mode="test", clips=1)
@@ -107,13 +144,10 @@ class KNNMonitor:
         self.labels = [torch.tensor([y for _, y in loader.dataset.samples]) for loader in loaders]
 
     def __call__(self, encoder, device, ctx):
-        was_training = encoder.training
-        encoder.eval()
-        try:
-            g, g_index, _ = video_features(encoder, self.gallery_loader, device, ctx)
-            q, q_index, _ = video_features(encoder, self.query_loader, device, ctx)
-        finally:
-            encoder.train(was_training)
+        # a copy under re-estimated BN statistics (estimate_bn_statistics); the encoder is untouched
+        encoder = estimate_bn_statistics(copy.deepcopy(encoder), self.bn_loader, device, ctx)
+        g, g_index, _ = video_features(encoder, self.gallery_loader, device, ctx)
+        q, q_index, _ = video_features(encoder, self.query_loader, device, ctx)
         pred = knn_predict(q, g, self.labels[0][g_index], self.num_classes, self.k)
         return (pred == self.labels[1][q_index]).float().mean().item()
 
@@ -124,13 +158,24 @@ class KNNMonitor:
             f"{self.k}-NN on the test split, 1 clip per video)", curve=True, epoch=epochs_done,
             knn_top1=top1, knn_chance=chance)
 
-    def summary(self, log, epochs):
-        """The run's first and last measurement in one line (rank 0: it reads the log)."""
-        curve = [r["knn_top1"] for r in read_epoch_log(log.path) if r.get("knn_top1") is not None]
-        if len(curve) > 1:
-            log(f"kNN top-1 on the test split went from {curve[0]:.3f} at random init to "
-                f"{curve[-1]:.3f} after {epochs} epochs "
-                f"(chance {1 / self.num_classes:.3f})")
+
+
+def learning_summary(log, epochs):
+    """The first and last measurement of the queue-free metric and of kNN in the run's log, one line
+    each (rank 0: it reads the log)."""
+    records = read_epoch_log(log.path)
+    probe = [r for r in records if r.get("probe_loss") is not None]
+    if len(probe) > 1:
+        a, b = probe[0], probe[-1]
+        log(f"queue-free loss went from {a['probe_loss']:.3f} at epoch {a['epoch']} to "
+            f"{b['probe_loss']:.3f} after {epochs} epochs (chance {b['probe_chance']:.3f}), "
+            f"its top-1 from {a['probe_top1']:.3f} to {b['probe_top1']:.3f} (chance "
+            f"{math.exp(-b['probe_chance']):.3f})")
+    knn = [r for r in records if r.get("knn_top1") is not None]
+    if len(knn) > 1:
+        log(f"kNN top-1 on the test split went from {knn[0]['knn_top1']:.3f} at epoch "
+            f"{knn[0]['epoch']} to {knn[-1]['knn_top1']:.3f} after {epochs} epochs "
+            f"(chance {knn[-1]['knn_chance']:.3f})")
 
 
 # -----------------------------------------------------------------------------
@@ -149,24 +194,25 @@ COLLAPSE_SPREAD = 0.1
 
 
 def collapse_warning(loss, spread, chance):
-    """One line for an epoch whose mean contrastive loss stayed within 2 % of its chance level or
-    whose mean feature spread stayed near 0, else None."""
+    """One line for an epoch whose queue-free loss `loss` ended within 2 % of its chance level or
+    whose mean feature spread stayed near 0, else None. (The training loss is no evidence either
+    way: against a stale queue it can sit far below chance with nothing learned.)"""
     if loss >= COLLAPSE_LOSS_FRACTION * chance:
-        why = (f"the contrastive loss ({loss:.3f}) stayed within 2% of its chance level "
-               f"{chance:.3f},")
+        why = (f"the queue-free loss ({loss:.3f}) ended an epoch within 2% of its chance level "
+               f"{chance:.3f}")
     elif spread < COLLAPSE_SPREAD:
-        why = f"the feature spread ({spread:.3f}) stayed near 0 (collapse),"
+        why = f"the feature spread ({spread:.3f}) stayed near 0 (collapse) for a whole epoch"
     else:
         return None
-    return (f"warning: {why} for a whole epoch: the pretext task is not learning; "
-            "see README, 'Does it learn?'")
+    return f"warning: {why}: the pretext task is not learning; see README, 'Does it learn?'"
 
 
 # -----------------------------------------------------------------------------
 # curves.png from log.jsonl
 
-CURVES = (("loss", "contrastive loss", "chance"), ("acc", "instance accuracy", None),
-          ("spread", "feature spread", None), ("knn_top1", "kNN top-1 (test split)", "knn_chance"))
+CURVES = (("loss", "training loss (against the queue)", "chance"),
+          ("probe_loss", "queue-free loss", "probe_chance"), ("spread", "feature spread", None),
+          ("knn_top1", "kNN top-1 (test split)", "knn_chance"))
 
 
 def read_epoch_log(path):
@@ -220,8 +266,8 @@ def _panel(records, key, title, ref_key, size=(400, 250)):
 
 
 def draw_curves(log_path, png_path):
-    """A 2x2 PNG of loss (chance dashed), accuracy, feature spread and kNN top-1 (chance dashed)
-    against epoch, from the per-epoch records of log.jsonl; written atomically."""
+    """A 2x2 PNG of the training loss, the queue-free loss, the feature spread and kNN top-1 (chance
+    dashed) against epoch, from the per-epoch records of log.jsonl; written atomically."""
     records = read_epoch_log(log_path)
     panels = [_panel(records, key, title, ref) for key, title, ref in CURVES]
     img = np.concatenate([np.concatenate(panels[:2], 1), np.concatenate(panels[2:], 1)], 0)
