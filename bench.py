@@ -273,7 +273,7 @@ def bench_step(args):
         torch.manual_seed(0)
         model = models.VideoMoCo(models.encoder_builder(arch, args.input), 128, args.moco_k,
                                  0.999, 0.07, 0.99999).to(device, memory_format=memory_format)
-        generator = models.ConvLSTMGenerator(3, 256, 32).to(device)
+        generator = models.ConvLSTMGenerator().to(device)
         if compiled:  # in place: the state_dict keys stay as they are (pretrain.py --compile)
             model.encoder_q.compile()
             model.encoder_k.compile()

@@ -210,7 +210,7 @@ class ConvLSTMGenerator(nn.Module):
     frames and any crop size: nothing depends on T, H or W.
     """
 
-    def __init__(self, in_channels=3, hidden=256, width=32):
+    def __init__(self, in_channels=3, hidden=256, width=16):
         super().__init__()
         layers, c_in = [], in_channels
         for c_out in (width, 2 * width, 4 * width, 4 * width):

@@ -2100,6 +2100,9 @@ def test_pretext_task_memorises_a_small_set(distinct_tree, tmp_path, method, arc
 
 
 def test_channels_last_step_matches_the_default_layout_and_compile_keeps_the_keys():
+    # inputs of their own seed: two SGD steps at lr 0.1 amplify the two layouts' rounding
+    # differences to 3e-5 here, but to 2e-4 for some other inputs
+    torch.manual_seed(0)
     x, x_key = torch.randn(4, 3, 4, 16, 16), torch.randn(4, 3, 4, 16, 16)
     outs = []
     for memory_format in (torch.contiguous_format, torch.channels_last_3d):
@@ -2648,8 +2651,8 @@ def test_drop_frames_defaults_to_a_quarter_of_the_clip(small_tree, tmp_path):
 
 
 def test_two_phase_schedule_g_idle_then_trained_from_its_full_lr(small_tree, tmp_path, monkeypatch):
-    # D alone before --adv-start (G takes no step), then G from the
-    # paper's lr, cosine over its own phase
+    # D alone before --adv-start (G takes no step), then G from D's initial lr (the paper: 0.02
+    # for both), cosine over its own phase
     saved, real_save = {}, utils.save_atomic
 
     def keep(obj, path):
@@ -2659,7 +2662,7 @@ def test_two_phase_schedule_g_idle_then_trained_from_its_full_lr(small_tree, tmp
 
     monkeypatch.setattr(utils, "save_atomic", keep)
     pretrain.main(small_args(small_tree, tmp_path, "--epochs", "3", "--adv-start", "1",
-                             "--g-lr", "0.02"))
+                             "--lr", "0.02"))
     assert saved[1]["opt_g"]["state"] == {} and saved[1]["opt_g"]["param_groups"][0]["lr"] == 0
     assert saved[2]["opt_g"]["state"]
     assert saved[2]["opt_g"]["param_groups"][0]["lr"] == pytest.approx(0.02)
