@@ -4,22 +4,20 @@ noise; ratios taken back to back are not).
 
     python bench.py            # both of the below
     python bench.py --loader   # the data pipelines against the sequential-decode limit
-    python bench.py --step     # the training step: adversarial vs MoCo, FLOPs, memory format,
-                               # torch.compile; Eq 6 vs Eq 1
+    python bench.py --step     # the step: adversarial vs MoCo, FLOPs, MFU, memory format, compile
 
 Targets: pipeline / limit >= 0.8, pipeline / naive >= 3, --repeat-sample 2 pipeline / limit >= 1.7,
-uint8 / float32 batch bytes = 0.25, worker time with the augmentation on the device <= 0.8 x in the
-workers, resident memory growth over 2,000 iterations < 5 %; adversarial step / MoCo step <= 1.75;
-decayed / plain InfoNCE <= 1.05. The limit and every pipeline run in DataLoader workers whose
-processes are warm (steady_malloc: a fresh process decodes its first ~100 clips 1.7x slower).
-On CPU the step runs at a reduced size (16 frames, crop 64, batch 4); on CUDA at the paper's, with
-FLOPs counted by torch.utils.flop_counter's formulas and MFU against the GPU's dense bf16 peak.
+worker time with the augmentation on the device <= 0.8 x in the workers, resident memory growth
+over 2,000 iterations < 5 %; adversarial / MoCo step <= 1.75 (1.6 on a GPU); decayed / plain
+InfoNCE <= 1.05. Every pipeline runs in warm DataLoader workers (steady_malloc). The step runs at
+the paper's size on CUDA (MFU against the dense bf16 peak), at 16 x 64 x 64, batch 4, on CPU.
 """
 
 import argparse
+import ctypes
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+import types
 
 import cv2
 import numpy as np
@@ -28,8 +26,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 import data
-import loading
 import models
+import pretrain
 import utils
 
 
@@ -74,53 +72,48 @@ def _jobs(paths, count, frames, seed=0):
 
 
 class DecodeOnly(torch.utils.data.Dataset):
-    """The sequential-decode limit, through the same DataLoader as the pipelines: open, seek,
-    decode exactly one clip's frames, return nothing of them (no augmentation, no transfer)."""
+    """Decoding alone, through the same DataLoader as the pipelines, nothing of it returned: the
+    limit (open, seek, decode exactly the clip's frames) or, whole=True, the naive way (decode the
+    whole video, then slice the clip out)."""
 
-    def __init__(self, jobs):
-        self.jobs, self.repeat = jobs, 1
+    def __init__(self, jobs, whole=False):
+        self.jobs, self.whole = jobs, whole
 
     def __len__(self):
         return len(self.jobs)
 
     def __getitem__(self, i):
-        return {"video": torch.zeros(1, dtype=torch.uint8), "frames": _limit_one(self.jobs[i]),
-                "bad": []}
+        path, u, frames = self.jobs[i]
+        if self.whole:  # every frame decoded and converted, as a naive loader does
+            cap, video = cv2.VideoCapture(path), []
+            while (frame := cap.read()[1]) is not None:
+                video.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+            cap.release()
+            np.stack(video[int(u * (len(video) - frames + 1)):][:frames])
+        else:
+            with data.VideoReader(path) as reader:
+                reader.clips([int(u * (reader.claimed_frames - frames + 1))], frames)
+        return {"video": torch.zeros(1, dtype=torch.uint8), "bad": []}
 
 
-def _limit_one(job):
-    # the physical limit: open, seek, decode exactly the frames the clip needs, nothing else
-    path, u, frames = job
-    with data.VideoReader(path) as reader:
-        start = int(u * (reader.claimed_frames - frames + 1))
-        return reader.clips([start], frames)[0].shape[0]
+def steady_malloc():
+    """Fixed glibc malloc thresholds for a decoding process. By default glibc hands freed frame
+    buffers (230 KB at 320x240, above its 128 KB mmap threshold) back to the OS and page-faults
+    them in again for the next clip, until its dynamic thresholds adapt: the first ~100 clips of a
+    fresh process decode 1.7x slower (measured: 13.1 against 7.5 ms a clip). A training loader's
+    persistent workers pass that phase once; the bench's short measurements would read it, so its
+    processes (and only they) set the thresholds where glibc's adaptation ends. No-op off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: buffers below 32 MB come from the heap
+    libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD: keep up to 64 MB of freed heap
 
 
-def _naive_one(job):
-    # the naive way: decode the whole video, then slice the clip out of it
-    path, u, frames = job
-    cap = cv2.VideoCapture(path)
-    video = []
-    while True:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        video.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-    cap.release()
-    start = int(u * (len(video) - frames + 1))
-    return np.stack(video[start:start + frames]).shape[0]
-
-
-def _init_process():
-    loading.worker_init(0)
-
-
-def _rate(fn, jobs, workers):
-    with ProcessPoolExecutor(workers, initializer=_init_process) as pool:
-        list(pool.map(fn, jobs[: workers * 2]))  # processes up (malloc: see steady_malloc)
-        t0 = time.perf_counter()
-        list(pool.map(fn, jobs, chunksize=4))
-        return len(jobs) / (time.perf_counter() - t0)
+def bench_worker_init(worker_id=0):
+    data.worker_init(worker_id)
+    steady_malloc()
 
 
 def _rss_mb():
@@ -128,11 +121,11 @@ def _rss_mb():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _pipeline_rate(dataset, count, workers, batch=8):
+def _pipeline_rate(dataset, count, workers, batch=8, repeat=1):
     # samples/s through a DataLoader: decode, augment (in the workers or not), collate
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch // dataset.repeat, shuffle=True, num_workers=workers,
-        collate_fn=loading.collate, worker_init_fn=loading.worker_init, persistent_workers=True,
+        dataset, batch_size=batch // repeat, shuffle=True, num_workers=workers,
+        collate_fn=data.collate, worker_init_fn=bench_worker_init, persistent_workers=True,
         prefetch_factor=4)
     n, it = 0, iter(loader)
     next(it)  # workers up and warm
@@ -163,7 +156,7 @@ def bench_loader(args):
 
     def clips(on_device, views=1, repeat=1):
         return data.VideoClips(samples, frames, 1, data.TrainTransform(args.crop,
-                               on_device=on_device), views=views, repeat=repeat)
+                               on_device=on_device), data.SameClip(views, repeat))
 
     # one view per sample, as the decode limit; interleaved twice, each one's best kept, so that a
     # noisy neighbour slows all of them rather than one
@@ -172,9 +165,9 @@ def bench_loader(args):
     rates = {name: [] for name in [*pipelines, "limit", "naive"]}
     for _ in range(2):
         for name, dataset in pipelines.items():
-            rates[name].append(_pipeline_rate(dataset, count, workers))
+            rates[name].append(_pipeline_rate(dataset, count, workers, repeat=dataset.pair.repeat))
         rates["limit"].append(_pipeline_rate(DecodeOnly(jobs * 4), count, workers))
-        rates["naive"].append(_rate(_naive_one, jobs[: count // 3], workers))
+        rates["naive"].append(_pipeline_rate(DecodeOnly(jobs, whole=True), count // 3, workers))
     best = {k: max(v) for k, v in rates.items()}
     print(f"clip: {frames} frames, crop {args.crop}; {workers} workers / processes each; "
           "samples/s of one view")
@@ -190,16 +183,10 @@ def bench_loader(args):
           f"{repeated / best['limit']:.2f}  (target >= 1.7); / the same pipeline without it = "
           f"{repeated / best['device']:.2f}")
 
-    # a pretraining sample (two views of one clip), in this process: bytes and worker time
+    # a pretraining sample (two views of one clip), in this process: worker time
     torch.set_num_threads(1)
     cv2.setNumThreads(0)
     two_views = {on_device: clips(on_device, views=2) for on_device in (False, True)}
-    batch = {k: loading.collate([dataset[(i, i)] for i in range(8)])
-             for k, dataset in two_views.items()}
-    size = {k: sum(v.nbytes for v in b.values() if torch.is_tensor(v)) for k, b in batch.items()}
-    print(f"bytes per batch of 8: {size[False] / 2**20:.1f} MiB float32 (workers), "
-          f"{size[True] / 2**20:.1f} MiB uint8 + parameters (device)")
-    print(f"ratio uint8 / float32 batch bytes = {size[True] / size[False]:.3f}  (target 0.25)")
     times = {False: [], True: []}
     for _ in range(3):
         for on_device in times:
@@ -237,9 +224,8 @@ def _time(fn, repeats, device):
 
 
 class CountFlops(TorchDispatchMode):
-    """FLOPs of every op torch.utils.flop_counter has a formula for (convolutions, matmuls,
-    attention, forward and backward). Its FlopCounterMode also tracks modules with hooks that
-    autograd.grad with respect to a leaf (G's straight-through path) does not support."""
+    """FLOPs of every op torch.utils.flop_counter has a formula for (its FlopCounterMode's module
+    hooks break the autograd.grad of G's straight-through path)."""
 
     def __init__(self):
         super().__init__()
@@ -261,16 +247,23 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 def bench_step(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
+    torch.backends.cudnn.benchmark = True  # as the stage scripts (utils.init_distributed)
     arch = args.arch or "r2plus1d_10"
-    batch = args.batch or (32 if cuda else 4)
-    frames = args.frames if cuda else min(args.frames, 16)
-    crop = args.crop if cuda else min(args.crop, 64)
+    # per-GPU batches of 16, 32, 64 (8 GPUs at the paper's global 128), and 128 on one GPU
+    batches = [args.batch] if args.batch else ([16, 32, 64, 128] if cuda else [4])
+    frames, crop = (args.frames, args.crop) if cuda else (min(args.frames, 16), min(args.crop, 64))
     ctx, scaler = utils.autocast_context(None, device)
-    x = torch.randn(batch, 3, frames, crop, crop, device=device)
-    x_key = torch.randn_like(x)
+    step_args = argparse.Namespace(method="videomoco", background_erasing=0,
+                                   drop_frames=max(1, frames // 4))
+    no_guard = types.SimpleNamespace(agree=lambda finite: bool(finite))  # one process, no signals
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items()
+                 if cuda and k in torch.cuda.get_device_name()), None)
+    print(f"step: {arch} on {args.input} input, {frames} frames, crop {crop}, K {args.moco_k}, on "
+          f"{device}" + (f" ({torch.cuda.get_device_name()})" if cuda else ""))
 
-    def make(memory_format=torch.contiguous_format, compiled=False):
+    def make(batch, memory_format=torch.contiguous_format, compiled=False):
         torch.manual_seed(0)
+        video = torch.randn(batch, 2, 3, frames, crop, crop, device=device)  # x and x_key
         model = models.VideoMoCo(models.encoder_builder(arch, args.input), 128, args.moco_k,
                                  0.999, 0.07, 0.99999).to(device, memory_format=memory_format)
         generator = models.ConvLSTMGenerator().to(device)
@@ -280,44 +273,39 @@ def bench_step(args):
         opt_d = torch.optim.SGD(model.encoder_q.parameters(), 0.02, momentum=0.9)
         opt_g = torch.optim.SGD(generator.parameters(), 0.02, momentum=0.9)
 
-        def step(phase="moco"):
-            models.videomoco_step(model, x, x_key, opt_d,
-                                  generator if phase == "adversarial" else None, opt_g,
-                                  max(1, frames // 4), autocast=ctx, scaler=scaler)
+        def step(phase="moco"):  # pretrain.py's step, in a world of one
+            pretrain.train_step(step_args, model, generator, video, [], opt_d, opt_g, ctx, scaler,
+                                no_guard, model.decay, adversarial=phase == "adversarial")
         return step
 
-    print(f"step: {arch} on {args.input} input, batch {batch}, {frames} frames, crop {crop}, K "
-          f"{args.moco_k}, on {device}"
-          + (f" ({torch.cuda.get_device_name()})" if cuda else ""))
-    step = make()
-    times = {"moco": [], "adversarial": []}
-    for _ in range(3):  # interleaved, best of three
-        for phase in times:
-            times[phase].append(_time(lambda: step(phase), args.repeats, device))
-    best = {phase: min(t) for phase, t in times.items()}
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items()
-                 if cuda and k in torch.cuda.get_device_name()), None)
-    for phase, seconds in best.items():
-        with CountFlops() as counter:
-            step(phase)
-        rate = counter.total / seconds
-        print(f"{phase + ' step':17s} {seconds * 1e3:8.1f} ms   {batch / seconds:7.1f} clips/s   "
-              f"{counter.total / batch / 1e9:.1f} GFLOP per clip   "
-              f"{rate / 1e12:.2f} TFLOP/s"
-              + (f"   MFU {100 * rate / peak:.1f} % of {peak / 1e12:.0f} bf16" if peak else ""))
-    print(f"ratio adversarial / MoCo step = {best['adversarial'] / best['moco']:.2f}  "
-          "(target <= 1.75)")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        step("adversarial")
-        print("peak GPU memory of an adversarial step: "
-              f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    for batch in batches:
+        step = make(batch)
+        times = {"moco": [], "adversarial": []}
+        for _ in range(3):  # interleaved, best of three
+            for phase in times:
+                times[phase].append(_time(lambda: step(phase), args.repeats, device))
+        best = {phase: min(t) for phase, t in times.items()}
+        for phase, seconds in best.items():
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            with CountFlops() as counter:
+                step(phase)
+            rate = counter.total / seconds
+            print(f"batch {batch:3d} {phase + ' step':17s} {seconds * 1e3:8.1f} ms "
+                  f"{batch / seconds:7.1f} clips/s {counter.total / batch / 1e9:6.1f} GFLOP/clip "
+                  f"{rate / 1e12:6.2f} TFLOP/s"
+                  + (f"  MFU {100 * rate / peak:.1f} % of {peak / 1e12:.0f} bf16" if peak else "")
+                  + (f"  peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else ""))
+        print(f"ratio adversarial / MoCo step = {best['adversarial'] / best['moco']:.2f}  "
+              "(target <= 1.75; <= 1.6 on a GPU)")
+        del step
 
     # the memory format and compilation, each against the same MoCo step in eager NCTHW
-    variants = {"channels_last_3d": make(torch.channels_last_3d)}
+    step = make(batches[0])
+    variants = {"channels_last_3d": make(batches[0], torch.channels_last_3d)}
     if args.compile:
         t0 = time.perf_counter()
-        variants["torch.compile"] = make(compiled=True)
+        variants["torch.compile"] = make(batches[0], compiled=True)
         variants["torch.compile"]()  # compiles
         print(f"torch.compile of both encoders: {time.perf_counter() - t0:.0f} s")
     times = {name: [] for name in ["eager", *variants]}
@@ -334,14 +322,11 @@ def bench_step(args):
     key = torch.nn.functional.normalize(torch.randn(n, 128, device=device), dim=1)
     queue = torch.nn.functional.normalize(torch.randn(128, k, device=device), dim=0)
     age = torch.arange(1, k + 1, device=device)
-
-    def loss(decay):
-        models.decayed_infonce(q, key, queue, age, 0.07, decay).backward()
-
     times = {1.0: [], 0.99999: []}
     for _ in range(5):
         for decay in times:
-            times[decay].append(_time(lambda: loss(decay), args.repeats * 4, device))
+            times[decay].append(_time(lambda: models.decayed_infonce(
+                q, key, queue, age, 0.07, decay).backward(), args.repeats * 4, device))
     plain, decayed = min(times[1.0]), min(times[0.99999])
     print(f"InfoNCE (Eq 1) {plain * 1e3:.2f} ms, decayed InfoNCE (Eq 6) {decayed * 1e3:.2f} ms "
           f"at N {n}, K {k}")
@@ -351,23 +336,19 @@ def bench_step(args):
 def main():
     parser = argparse.ArgumentParser(description="VideoMoCo speed and memory ratios")
     parser.add_argument("--loader", action="store_true", help="benchmark the data pipeline")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count()),
-                        help="loader workers")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count()))
     parser.add_argument("--frames", type=int, default=32, help="clip length T (paper: 32)")
     parser.add_argument("--crop", type=int, default=112, help="crop size (paper: 112)")
     parser.add_argument("--clips", type=int, default=240, help="clips per throughput measurement")
     parser.add_argument("--repeat", type=int, default=2, help="--repeat-sample N measured")
-    parser.add_argument("--memory-iters", type=int, default=2000,
-                        help="iterations for the RSS check")
-    parser.add_argument("--step", action="store_true",
-                        help="benchmark the training step and the loss")
+    parser.add_argument("--memory-iters", type=int, default=2000, help="for the RSS check")
+    parser.add_argument("--step", action="store_true", help="benchmark the step and the loss")
     parser.add_argument("--arch", default=None, help="encoder for --step (default r2plus1d_10)")
     parser.add_argument("--batch", type=int, default=None,
-                        help="per-step batch for --step (default 32 on CUDA, 4 on CPU)")
+                        help="per-step batch for --step (default 16, 32, 64, 128 on CUDA; 4)")
     parser.add_argument("--moco-k", type=int, default=65536, help="queue size for --step")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement")
-    parser.add_argument("--input", default="rgb", choices=models.INPUTS,
-                        help="encoder input for --step")
+    parser.add_argument("--input", default="rgb", choices=models.INPUTS)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="measure torch.compile in --step (about 2 minutes to compile on CPU)")
     args = parser.parse_args()

@@ -1,40 +1,37 @@
 """
-Video data for VideoMoCo: OpenCV clip reading, the official dataset layouts and temporally
-consistent augmentation. The built-in demo sets and the data tools are in datatools.py:
+Video data, standalone (it imports nothing of the project): OpenCV clip reading, the official
+dataset layouts, temporally consistent augmentation, the Dataset (what a training sample is comes
+from a `pair`: SameClip here, CVRL's and VCLR's in methods.py), its DataLoader, the demo sets.
 
     python data.py demo [DIR] [--name demo-motion]       # write a built-in demo set (UCF101 layout)
     python data.py check --dataset ucf101 --data-root R  # decode every listed video, list bad ones
     python data.py resize SRC DST --short-side 128       # re-encode a tree for faster loading
-
-What a clip is: `VideoReader` (seek-aware decoding), `list_videos` (layouts), `TrainTransform` and
-`augment` (in the loader workers, or batched on the training device from uint8 clips), `VideoClips`
-(the Dataset). loading.py turns the flags into a dataset and the dataset into this rank's batches.
 """
 
+import argparse
 import math
 import os
+import shutil
 import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
 
-# bad files are reported by us, once, in one line
-os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import methods  # noqa: E402  (CVRL's and VCLR's temporal sampling)
+import cv2
+import numpy as np
+import torch
+import torch.distributed as dist
 
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".m4v")
 DATASETS = ("ucf101", "hmdb51", "kinetics", "folder", "demo", "demo-motion")
 # Kinetics-400 statistics, the ones torchvision's video models are trained with.
 MEAN = (0.43216, 0.394666, 0.37645)
 STD = (0.22803, 0.22145, 0.216989)
-# Reading forward costs one decode per frame (~0.2 ms at 320x240); a seek costs a re-open of the
-# decoder at the previous keyframe plus the decodes from there (~3-5 ms measured on XVID 320x240,
-# i.e. ~20 frames). Seek only when the gap is larger than this.
+# Reading forward costs ~0.2 ms a frame at 320x240, a seek ~3-5 ms (XVID, measured): seek only
+# over gaps larger than this
 SEEK_AHEAD_FRAMES = 32
-# --repeat-sample N: the N clips of a video are drawn inside one window of this many clip spans,
-# decoded once
-REPEAT_WINDOW = 1.25
+REPEAT_WINDOW = 1.25  # repeated sampling: a video's clips lie in one window of this many spans
+MAX_BAD_FRACTION = 0.1  # more unreadable or missing videos than this stop a run
 
 
 class DataError(Exception):
@@ -43,6 +40,12 @@ class DataError(Exception):
 
 class VideoError(Exception):
     """One video cannot give the requested clip (unreadable, empty, truncated...)."""
+
+
+def quiet_opencv():
+    """Bad files are reported by us, once, in one line: OpenCV's own warnings off in this process
+    (the loader workers and the scripts call it)."""
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 
 # -----------------------------------------------------------------------------
@@ -62,13 +65,9 @@ def open_capture(path):
 
 
 class VideoReader:
-    """
-    Sequential, seek-aware frame access to one video file through cv2.VideoCapture.
-
-    `claimed_frames` is what the container says; it can lie (truncated downloads claim hundreds of
-    frames where a few dozen decode), so `real_frames` is only known once decoding hits the end, and
-    every read is checked. Frames are returned as uint8 RGB (H, W, 3).
-    """
+    """Sequential, seek-aware access to a video's frames (uint8 RGB) through cv2.VideoCapture.
+    `claimed_frames` is the container's count, which can lie (truncated downloads), so
+    `real_frames` is known only once decoding hits the end, and every read is checked."""
 
     def __init__(self, path):
         self.path = path
@@ -78,14 +77,11 @@ class VideoReader:
         self.pos = 0  # index of the frame the next grab() decodes
         self.seeked = False  # after a seek past the real end, pos says nothing about the length
 
-    def close(self):
-        self.cap.release()
-
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.close()
+        self.cap.release()
 
     def _reopen(self):
         self.cap.release()
@@ -117,8 +113,7 @@ class VideoReader:
         self.pos = math.inf
 
     def count_frames(self):
-        """Decode-count the frames (grab only: no colour conversion). Leaves the reader at the
-        end."""
+        """Decode-count the frames (grab only); leaves the reader at the end."""
         self._reopen()
         n = 0
         while self.cap.grab():
@@ -128,8 +123,7 @@ class VideoReader:
         return n
 
     def frames(self, indices):
-        """Decode the frames at sorted unique `indices`; returns {index: frame} for those that
-        exist."""
+        """{index: frame} for those of the sorted unique `indices` that exist."""
         out = {}
         for index in indices:
             if self.real_frames is not None and index >= self.real_frames:
@@ -147,17 +141,11 @@ class VideoReader:
         return out
 
     def clips(self, starts, num_frames, stride=1, min_frames=1, rng=None):
-        """
-        Clips of `num_frames` frames taken every `stride` frames from each start, as uint8 RGB
-        (len(starts), T, H, W, 3). Frames shared by overlapping clips are decoded once.
-
-        A clip that runs past the real end of the video (the container claimed more frames than
-        decode) is moved back to end at the last real frame, or, given `rng`, redrawn uniformly over
-        the real length (so a truncated training video still yields varied clips). A video shorter
-        than one clip's span is looped: frame i of the clip is frame (i * stride) mod real_length,
-        unless it has fewer than `min_frames` frames, which is a VideoError (a 3-frame "video" is
-        not a clip).
-        """
+        """Clips of `num_frames` frames every `stride` frames from each start, uint8 RGB
+        (len(starts), T, H, W, 3); frames shared by clips are decoded once. A clip past the real end
+        (a lying container) is moved back to end at the last frame, or, given `rng`, redrawn over
+        the real length. A video shorter than a clip loops (frame i is (i * stride) mod length),
+        unless under `min_frames` frames decode: a VideoError."""
         span = (num_frames - 1) * stride + 1
         wanted = [s + stride * np.arange(num_frames) for s in starts]
         got = self.frames(sorted(set(np.concatenate(wanted).tolist())))
@@ -196,8 +184,7 @@ def _stack(frames, wanted):
 
 
 def min_clip_frames(frames):
-    """A video with fewer decodable frames than this is bad; a longer one shorter than a clip
-    loops."""
+    """Fewer decodable frames than this make a bad video; more, but fewer than a clip, loop."""
     return max(1, frames // 2)
 
 
@@ -218,16 +205,13 @@ def _read_lines(path):
         return [line.strip() for line in f if line.strip()]
 
 
-def _is_video(name):
-    return name.lower().endswith(VIDEO_EXTENSIONS)
-
-
 def _class_folders(root):
     return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
 
 
 def _videos_in(folder):
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if _is_video(f))
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                  if f.lower().endswith(VIDEO_EXTENSIONS))
 
 
 def _require(path, what):
@@ -294,30 +278,25 @@ def list_folder(root, split, train):
     return samples, classes
 
 
-# the built-in sets (datatools.py): name -> version, in the cache name
+# the built-in sets (see below): name -> version, in the cache name
 DEMOS = {"demo": 2, "demo-motion": 1}
 
 
 def demo_root(name="demo"):
-    """Where the built-in demo set `name` is generated once and cached: ~/.cache/videomoco/NAME-vV
-    ($VIDEOMOCO_CACHE replaces ~/.cache/videomoco)."""
+    """Where demo set `name` is cached: ~/.cache/videomoco/NAME-vV (or $VIDEOMOCO_CACHE/NAME-vV)."""
     cache = os.environ.get("VIDEOMOCO_CACHE",
                            os.path.join(os.path.expanduser("~"), ".cache", "videomoco"))
     return os.path.join(cache, f"{name}-v{DEMOS[name]}")
 
 
 def list_videos(dataset, root, split=1, train=True):
-    """
-    (samples, classes, missing): samples is a list of (path, label) with 0-based labels, classes the
-    class names in label order, missing the listed paths that do not exist (skipped; they count as
-    bad videos). Raises DataError, one clear line, for an unknown dataset, a missing root or split
-    file, or a list that names no existing video.
-    """
+    """(samples [(path, 0-based label)], class names, listed paths that do not exist: bad
+    videos). DataError, one line, for an unknown dataset, a missing root or split file, or a list
+    that names no existing video."""
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
     if dataset in DEMOS:
-        import datatools  # (a module that imports this one)
-        root = datatools.ensure_demo(root or demo_root(dataset), dataset)
+        root = ensure_demo(root or demo_root(dataset), dataset)
         dataset = "ucf101"
     if not root:
         raise DataError(f"--data-root is required for --dataset {dataset}")
@@ -358,13 +337,10 @@ def _hue_matrix(angle):
 
 def color_matrix(rng, mean_rgb, jitter_p=0.8, grayscale_p=0.2, brightness=0.4, contrast=0.4,
                  saturation=0.4, hue=0.1):
-    """The 3x4 affine colour map of one clip (RGB in 0..255): colour jitter with probability
-    `jitter_p` (its four ops in a random order, as torchvision's ColorJitter), then grayscale with
-    probability `grayscale_p`. Brightness, contrast and saturation use torchvision's blend formulas;
-    contrast blends towards the clip's mean grey level, computed from `mean_rgb` (the clip's mean
-    colour) through the ops applied before it. Hue is a rotation of the YIQ chroma plane by
-    2*pi*h (linear, unlike torchvision's HSV shift, which is not affine): the same range of hue
-    changes, not the same per-pixel result."""
+    """The 3x4 affine colour map of one clip (RGB 0..255): colour jitter with probability
+    `jitter_p` (four ops in random order, torchvision's blend formulas; contrast towards the mean
+    grey of `mean_rgb` as transformed so far; hue a YIQ chroma rotation by 2 pi h, which is affine
+    where torchvision's HSV shift is not), then grayscale with probability `grayscale_p`."""
     m = np.concatenate([np.eye(3), np.zeros((3, 1))], 1)  # x -> m[:, :3] @ x + m[:, 3]
 
     def then(a, b=np.zeros(3)):
@@ -444,15 +420,11 @@ def denormalize(x):
 
 
 class TrainTransform:
-    """Random resized crop, horizontal flip, colour jitter (p 0.8), grayscale (p 0.2), normalise.
-    Every parameter is drawn once per clip from `rng` and applied to all frames (CVRL Sec 3.1).
-
-    on_device=False: all of it here, in the loader worker -> float (3, T, crop, crop).
-    on_device=True: only the crop and resize here -> (uint8 (T, crop, crop, 3), float (13,) the
-    flip and the 3x4 colour map); `augment` applies them to a whole batch on the training device.
-    Both draw the same parameters from the same `rng`, so they give the same distribution of
-    clips, and for the same parameters the same clip to within one grey level (the worker path
-    applies the colour map in cv2's 8-bit arithmetic, the device path in float)."""
+    """Random resized crop, flip, colour jitter (p 0.8), grayscale (p 0.2), normalisation, each
+    drawn once per clip from `rng` and applied to all its frames (CVRL Sec 3.1). on_device=False:
+    all here -> float (3, T, crop, crop); on_device=True: crop and resize here -> (uint8 (T, crop,
+    crop, 3), (13,) flip and 3x4 colour map), the rest by `augment` on the training device. Same
+    draws, same clip to within one grey level (cv2's 8-bit arithmetic here)."""
 
     def __init__(self, crop=112, scale=(0.2, 1.0), flip=0.5, jitter=0.8, grayscale=0.2,
                  on_device=False):
@@ -476,10 +448,8 @@ class TrainTransform:
 
 
 def augment(video, params):
-    """The device half of TrainTransform(on_device=True), batched: uint8 clips (*P, *S, T, H, W, 3)
-    and their parameters (*P, 13) -> normalised float (*P, *S, 3, T, H, W). The clips of the S
-    dimensions share their parameters (VCLR's tuples: one augmentation for all the clips of a
-    tuple)."""
+    """TrainTransform(on_device=True)'s second half, batched: uint8 clips (*P, *S, T, H, W, 3) and
+    parameters (*P, 13) -> float (*P, *S, 3, T, H, W); the S clips (a VCLR tuple) share them."""
     shape = (*params.shape[:-1], *[1] * (video.dim() - params.dim() - 3))  # (*P, *1s)
     flip = params[..., 0].view(*shape, 1, 1, 1, 1) > 0.5
     video = torch.where(flip, video.flip(-2), video)
@@ -492,8 +462,7 @@ def augment(video, params):
 
 
 def to_device(batch, device):
-    """A batch's clips on `device` as normalised float (N, ..., 3, T, H, W): uint8 clips are
-    augmented there (TrainTransform(on_device=True)), float ones were augmented in the workers."""
+    """A batch's clips on `device`, normalised float (N, ..., 3, T, H, W); uint8 ones augmented."""
     video = batch["video"].to(device, non_blocking=True)
     if "aug" in batch:
         video = augment(video, batch["aug"].to(device, non_blocking=True))
@@ -526,59 +495,54 @@ class EvalTransform:
 
 
 # -----------------------------------------------------------------------------
-# dataset
+# the dataset
+
+class SameClip:
+    """VideoMoCo's positive pair: `views` augmentations of one random clip. With repeat N (repeated
+    sampling, Feichtenhofer et al. 2022) one decode gives N samples, their clips in one window of
+    REPEAT_WINDOW spans. A pair says where a sample's clips start and how they become samples;
+    redraw: a clip past a lying container's end is redrawn, not moved back."""
+    redraw = True
+
+    def __init__(self, views=2, repeat=1):
+        self.views, self.repeat = views, repeat
+
+    def starts(self, rng, num_frames, span):
+        if self.repeat == 1:
+            return [int(rng.integers(0, max(num_frames - span, 0) + 1))]
+        window = min(span + int((REPEAT_WINDOW - 1) * span), num_frames)
+        first = int(rng.integers(0, max(num_frames - window, 0) + 1))
+        return [first + int(rng.integers(0, max(window - span, 0) + 1))
+                for _ in range(self.repeat)]
+
+    def samples(self, clips, rng, augment):
+        """[(video (views, ...), extra)], one per clip: augment(list of clips, rng) stacks them."""
+        return [augment([clip] * self.views, rng) for clip in clips]
+
 
 class VideoClips(torch.utils.data.Dataset):
-    """
-    Clips from a list of (path, label) videos.
+    """Clips of (path, label) videos. mode "train": the clips of `pair`, augmented ->
+    {"video": (views, 3, T, crop, crop), "label", "index", "bad", "valid", ...the pair's} (a list
+    of N with repeat N); mode "test": `clips` uniformly spaced clips x the eval crops.
+    Items are (index, seed) from EpochSampler: every random choice comes from the seed, whatever
+    worker loads it. A bad video is never a crash: replaced by a random one in training, valid=False
+    in testing; `bad` lists (index, reason) for BadVideos to log once in the main process."""
 
-    Videos shorter than a clip are looped if at least half the clip's frames decode, else bad.
-
-    mode "train", temporal "same": one random clip per video, `views` independently augmented
-        copies of it -> {"video": (views, 3, T, crop, crop), "label", "index", "bad"}
-    mode "train", temporal "cvrl": two clips whose starts are d ~ methods.interval_probs(`interval`)
-        apart, each with its own augmentation -> "video": (2, 3, T, crop, crop)
-    mode "train", temporal "vclr": an anchor and a positive tuple of one clip per segment, each
-        tuple with one augmentation for all its clips, each tuple's clips shuffled with probability
-        0.5 -> "video": (2, segments, 3, T, crop, crop), "order": 0 both tuples in order, 1 the
-        first shuffled, 2 the second, 3 both, "segments": (2, segments), each clip's segment
-    mode "test": `clips` uniformly spaced clips, each with the eval transform's crops
-        -> {"video": (clips * crops, 3, T, crop, crop), "label", "index", "bad", "valid"}
-
-    A video that cannot give a clip is never a crash: in train mode it is replaced by another random
-    video, in test mode the sample comes back with valid=False (evaluation must not silently swap a
-    test video). `bad` lists the (index, reason) of the videos that failed while producing this
-    sample; `loading.BadVideos` in the main process logs each once and enforces the bad fraction.
-    """
-
-    def __init__(self, samples, frames=32, stride=1, transform=None, mode="train", views=1,
-                 clips=10, temporal="same", interval="linear", segments=3, repeat=1):
-        assert mode in ("train", "test") and temporal in ("same", "cvrl", "vclr")
-        assert repeat == 1 or (mode, temporal) == ("train", "same"), "repeat: train, same only"
+    def __init__(self, samples, frames=32, stride=1, transform=None, pair=None, mode="train",
+                 clips=10):
+        assert mode in ("train", "test")
         self.samples, self.frames, self.stride = samples, frames, stride
-        self.transform, self.mode, self.views, self.clips = transform, mode, views, clips
-        self.temporal, self.interval, self.segments = temporal, interval, segments
-        self.repeat = repeat
+        self.transform, self.mode, self.clips = transform, mode, clips
+        self.pair = pair or SameClip()
         self.min_frames = min_clip_frames(frames)
         self.known_bad = set()  # per process: don't retry a video this worker already saw fail
-        self.warned_coincide = False
 
     def __len__(self):
         return len(self.samples)
 
-    @staticmethod
-    def _rng(seed):
-        # loading.EpochSampler hands every sample its own seed, from (run seed, epoch, index): the
-        # clip position, crop and colours then depend neither on which worker loads it nor on how
-        # many workers there are, and a run resumed mid-epoch draws exactly what it would have.
-        # Indexed directly (an int, no seed), a sample draws its seed from torch's RNG.
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        return np.random.default_rng(seed)
-
     def _augment(self, clips, rng):
         """Each uint8 clip through the transform, stacked: float (n, 3, T, ...) in the workers, or
-        uint8 (n, T, ..., 3) with its parameters (n, 13) for the device."""
+        uint8 (n, T, ..., 3) with its parameters {"aug": (n, 13)} for the device."""
         out = [self.transform(c, rng) for c in clips]
         if isinstance(out[0], tuple):
             return torch.stack([o[0] for o in out]), {"aug": torch.stack([o[1] for o in out])}
@@ -587,81 +551,541 @@ class VideoClips(torch.utils.data.Dataset):
     def _load(self, index, rng):
         path, label = self.samples[index]
         span = (self.frames - 1) * self.stride + 1
+        test = self.mode == "test"
         with VideoReader(path) as reader:
             n = reader.claimed_frames
-            if self.mode == "test":
-                starts = uniform_starts(n, span, self.clips)
-            elif self.temporal == "cvrl":
-                starts = methods.cvrl_starts(rng, n, span, self.interval)
-            elif self.temporal == "vclr":
-                anchor, positive, distinct = methods.tuple_starts(rng, n, span, self.segments)
-                if not distinct and not self.warned_coincide:
-                    self.warned_coincide = True  # once per loader process
-                    print(f"warning: {path} ({n} frames) has a segment too short for two clip "
-                          "positions: its VCLR anchor and positive clips coincide there",
-                          file=sys.stderr, flush=True)
-                starts = anchor + positive
-            elif self.repeat == 1:
-                starts = [int(rng.integers(0, max(n - span, 0) + 1))]
-            else:  # `repeat` clips in one window of REPEAT_WINDOW x span, decoded once
-                window = min(span + int((REPEAT_WINDOW - 1) * span), n)
-                first = int(rng.integers(0, max(n - window, 0) + 1))
-                starts = [first + int(rng.integers(0, max(window - span, 0) + 1))
-                          for _ in range(self.repeat)]
-            move_rng = rng if self.mode == "train" and self.temporal == "same" else None
+            starts = uniform_starts(n, span, self.clips) if test else self.pair.starts(rng, n, span)
             clips = reader.clips(starts, self.frames, self.stride, min_frames=self.min_frames,
-                                 rng=move_rng)
-        if self.mode == "test":  # float (clips * crops, 3, T, crop, crop)
+                                 rng=rng if not test and self.pair.redraw else None)
+        if test:  # float (clips * crops, 3, T, crop, crop)
             return [(torch.cat([self.transform(c, rng) for c in clips]), label, {})]
-        if self.temporal == "cvrl":
-            video, extra = self._augment(clips, rng)
-            return [(video, label, extra)]
-        if self.temporal == "same":
-            return [(video, label, extra) for video, extra in
-                    (self._augment([c] * self.views, rng) for c in clips)]
-        tuples, params, shuffled, segments = [], [], [], []
-        for clips_of_tuple in (clips[:self.segments], clips[self.segments:]):
-            # one augmentation for the whole tuple: its clips side by side in time
-            t, extra = self._augment([np.concatenate(clips_of_tuple)], rng)
-            if extra:  # uint8 (1, S*T, crop, crop, 3) -> (S, T, crop, crop, 3)
-                t = t.view(self.segments, self.frames, *t.shape[2:])
-                params.append(extra["aug"][0])
-            else:  # float (1, 3, S*T, crop, crop) -> (S, 3, T, crop, crop)
-                t = t.view(3, self.segments, self.frames, *t.shape[3:]).transpose(0, 1)
-            perm, was_shuffled = methods.order_shuffle(rng, self.segments)
-            tuples.append(t[perm])
-            shuffled.append(was_shuffled)
-            segments.append(perm)  # position j of the tuple holds the clip of segment perm[j]
-        extra = {"aug": torch.stack(params)} if params else {}
-        extra["order"] = int(shuffled[0]) + 2 * int(shuffled[1])
-        extra["segments"] = torch.tensor(segments)  # (2, S)
-        return [(torch.stack(tuples), label, extra)]  # (2, S, 3, T, crop, crop) or uint8
+        return [(video, label, extra) for video, extra in self.pair.samples(clips, rng,
+                                                                            self._augment)]
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, None)
-        rng = self._rng(seed)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
         bad = []
-        for _ in range(100):
-            if index not in self.known_bad:
-                try:
-                    out = [{"video": video, "label": label, "index": index, "bad": [],
-                            "valid": True, **extra}
-                           for video, label, extra in self._load(index, rng)]
-                    out[0]["bad"] = bad
-                    return out[0] if len(out) == 1 else out  # a list: --repeat-sample
-                except (VideoError, cv2.error) as e:
-                    self.known_bad.add(index)
-                    bad.append((index, str(e).strip().splitlines()[-1]))
-            if self.mode == "test":
-                shape = (self.clips * getattr(self.transform, "crops", 1), 3, self.frames,
-                         self.transform.crop, self.transform.crop)
-                return {"video": torch.zeros(shape), "label": self.samples[index][1],
-                        "index": index,
-                        "bad": bad, "valid": False}
-            index = int(rng.integers(0, len(self.samples)))
+        for attempt in range(100):
+            # each attempt draws from its own stream, so that a replacement depends neither on
+            # what a failed attempt consumed nor on whether this worker already knew it was bad
+            rng = np.random.default_rng(seed if attempt == 0 else [seed, attempt])
+            if attempt:
+                if self.mode == "test":
+                    shape = (self.clips * getattr(self.transform, "crops", 1), 3, self.frames,
+                             self.transform.crop, self.transform.crop)
+                    return {"video": torch.zeros(shape), "label": self.samples[index][1],
+                            "index": index, "bad": bad, "valid": False}
+                index = int(rng.integers(0, len(self.samples)))
+            if index in self.known_bad:
+                continue
+            try:
+                out = [{"video": video, "label": label, "index": index, "bad": [], "valid": True,
+                        **extra} for video, label, extra in self._load(index, rng)]
+                out[0]["bad"] = bad
+                return out[0] if len(out) == 1 else out  # a list: repeated sampling
+            except (VideoError, cv2.error) as e:
+                self.known_bad.add(index)
+                bad.append((index, str(e).strip().splitlines()[-1]))
         raise DataError("100 videos in a row failed to decode; is the data readable at all?")
 
 
+# -----------------------------------------------------------------------------
+# loading: this rank's batches
+
+def collate(batch):
+    """default_collate, except `bad` lists are concatenated rather than stacked, and the samples of
+    one video (a list, --repeat-sample) are samples of the batch."""
+    batch = [s for item in batch for s in (item if isinstance(item, list) else [item])]
+    bad = [b for sample in batch for b in sample["bad"]]
+    out = torch.utils.data.default_collate([{k: v for k, v in s.items() if k != "bad"}
+                                            for s in batch])
+    out["bad"] = bad
+    return out
+
+
+class BadVideos:
+    """Main-process record of skipped videos: logs each once, counts them (missing files from the
+    start), and stops the run (DataError) above `max_fraction`. Under torch.distributed `update`
+    collects and `flush` (a collective, at the same step on every rank) merges all ranks'
+    reports, so the count and the decision to stop are the same everywhere."""
+
+    def __init__(self, samples, missing=(), max_fraction=MAX_BAD_FRACTION, log=True):
+        self.samples, self.max_fraction, self.log = samples, max_fraction, log
+        self.total = len(samples) + len(missing)
+        self.paths, self.pending = {}, []
+        for path in missing:
+            self._add(path, "listed in the split file but does not exist")
+        self.check()
+
+    def _add(self, path, reason):
+        if path not in self.paths:
+            self.paths[path] = reason
+            if self.log:
+                print(f"skipping bad video {path}: {reason}", file=sys.stderr, flush=True)
+
+    def update(self, bad):
+        self.pending += bad
+        if _rank_world()[1] == 1:
+            self.flush()
+
+    def flush(self):
+        reports = [self.pending]
+        if _rank_world()[1] > 1:
+            reports = [None] * _rank_world()[1]
+            dist.all_gather_object(reports, self.pending)
+        self.pending = []
+        for index, reason in (b for report in reports for b in report):
+            self._add(self.samples[index][0], reason)
+        self.check()
+
+    def __len__(self):
+        return len(self.paths)
+
+    def check(self):
+        if len(self.paths) > self.max_fraction * self.total:
+            raise DataError(f"{len(self.paths)} of {self.total} videos are unreadable or missing "
+                            f"(more than {self.max_fraction:.0%}); fix the data "
+                            "(python data.py check)")
+
+    def write(self, path):
+        with open(path, "w") as f:
+            f.writelines(f"{p}\t{r}\n" for p, r in sorted(self.paths.items()))
+
+
+def worker_init(worker_id):
+    cv2.setNumThreads(0)  # OpenCV's own thread pool would oversubscribe the cores the workers share
+    torch.set_num_threads(1)
+    quiet_opencv()
+    seed = torch.initial_seed() % 2**32  # base_seed + worker_id, see EpochSampler.set_epoch
+    np.random.seed(seed)  # for third-party code in the workers; our own draws use per-sample seeds
+
+
+def _rank_world():
+    on = dist.is_available() and dist.is_initialized()
+    return (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """This rank's (index, seed) items for an epoch. Training: a permutation per (seed, epoch), in
+    equal shards (the tail dropped); test: rank r takes r, r + world, ... The seed comes from (seed,
+    epoch, index), so every choice for a sample is fixed whatever the workers; set_epoch(epoch,
+    skip) also reseeds the workers' base seed and skips what a resumed run already did."""
+
+    def __init__(self, size, train, seed=0):  # yields (index, per-sample seed)
+        self.size, self.train, self.seed = size, train, seed
+        self.rank, self.world = _rank_world()
+        self.epoch, self.skip, self.generator = 0, 0, None
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+        if self.generator is not None:
+            seed = np.random.SeedSequence([self.seed, self.rank, epoch]).generate_state(1)[0]
+            self.generator.manual_seed(int(seed))
+
+    def _indices(self):
+        if not self.train:
+            return list(range(self.rank, self.size, self.world))
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+        per_rank = self.size // self.world
+        return order[self.rank * per_rank:(self.rank + 1) * per_rank].tolist()
+
+    def __iter__(self):
+        for index in self._indices()[self.skip:]:
+            yield index, int(np.random.SeedSequence([self.seed, self.epoch, index])
+                             .generate_state(2, np.uint64)[0])
+
+    def __len__(self):
+        return len(self._indices()) - self.skip
+
+
+def build_loader(dataset, batch_size, workers, train, seed=0):
+    """DataLoader over this rank's EpochSampler shard, `batch_size` samples from batch_size / repeat
+    videos; training loaders keep their workers across epochs (no restart, no drained prefetch)."""
+    repeat = dataset.pair.repeat if train else 1
+    if batch_size % repeat:
+        raise DataError(f"--repeat-sample {repeat} does not divide the batch of {batch_size} per "
+                        "process")
+    sampler = EpochSampler(len(dataset), train, seed)
+    sampler.generator = torch.Generator()
+    sampler.set_epoch(0)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size // repeat, sampler=sampler, num_workers=workers,
+        collate_fn=collate, worker_init_fn=worker_init, generator=sampler.generator,
+        drop_last=train, pin_memory=torch.cuda.is_available(),
+        persistent_workers=train and workers > 0, prefetch_factor=4 if workers > 0 else None)
+    if train and len(loader) == 0:
+        raise DataError(f"{len(dataset)} videos give no full batch of {batch_size} per process")
+    return loader
+
+
+def test_loader(samples, args, batch_size, workers, clips=1, crops=1):
+    """This rank's share of `samples` in order, `clips` uniformly spaced clips of each (x `crops`),
+    for a frozen or finetuned model; args gives --frames --stride --crop."""
+    dataset = VideoClips(samples, args.frames, args.stride, EvalTransform(args.crop, crops=crops),
+                         mode="test", clips=clips)
+    return build_loader(dataset, batch_size, workers, train=False)
+
+
+BN_CLIPS, BN_BATCH = 1024, 32
+
+
+def bn_loader(samples, args, workers):
+    """The clips BN statistics are estimated on before a frozen evaluation: the centre clip of up to
+    BN_CLIPS training videos, a fixed random subset (split files go by class), not sharded. (Its
+    own generator: torch's global RNG is left alone.)"""
+    keep = np.random.default_rng(0).permutation(len(samples))[:BN_CLIPS]
+    dataset = VideoClips([samples[i] for i in sorted(keep)], args.frames, args.stride,
+                         EvalTransform(args.crop), mode="test", clips=1)
+    return torch.utils.data.DataLoader(dataset, batch_size=BN_BATCH, num_workers=workers,
+                                       collate_fn=collate, worker_init_fn=worker_init,
+                                       generator=torch.Generator())
+
+
+def add_data_args(p):
+    """The data flags of pretrain.py and finetune.py (paper defaults: 32 consecutive frames, crop
+    112)."""
+    p.add_argument("--dataset", default="demo", choices=DATASETS,
+                   help="dataset layout (demo: the built-in set)")
+    p.add_argument("--data-root", default=None,
+                   help="dataset root as the official archives unpack; none = demo preset")
+    p.add_argument("--split", type=int, default=1,
+                   help="official split for ucf101/hmdb51, 1-3 (paper: 1)")
+    p.add_argument("--frames", type=int, default=32, help="frames per clip T (paper: 32)")
+    p.add_argument("--stride", type=int, default=1,
+                   help="temporal stride between clip frames (paper: 1, consecutive)")
+    p.add_argument("--crop", type=int, default=112, help="crop size in pixels (paper: 112)")
+    p.add_argument("--workers", type=int, default=8, help="DataLoader workers per process")
+    p.add_argument("--augment-on", default="device" if torch.cuda.is_available() else "workers",
+                   choices=("workers", "device"), help="where flip, colour and normalisation run "
+                   "(device on CUDA, workers on CPU); the device path ships uint8 clips")
+    p.add_argument("--repeat-sample", type=int, default=1,
+                   help="training samples per decoded video (repeated sampling)")
+
+
+def is_demo(args):  # a built-in set, no --data-root: the stage scripts' demo presets apply
+    return args.dataset in DEMOS and args.data_root is None
+
+
+# -----------------------------------------------------------------------------
+# the built-in demo sets
+#
+# Both in the UCF101 layout (CRLF split files, 3 splits holding out the same groups, the first
+# groups as test split), 6 classes, 128x96 XVID clips of 32-48 frames. "demo": a group is one scene
+# of one class, its clips consecutive pieces of one take; a class is a scene type (the background's
+# texture: vertical stripes, checkerboard, horizontal stripes, with colours, period, phase and tilt
+# of its own) and one of two actions that differ only in motion, so appearance alone reaches at
+# most 1/2. "demo-motion": six motions on backgrounds and palettes shared by all classes, positions
+# on a torus, so a frame says nothing of the class. Every motion is symmetric under a flip.
+
+DEMO_SCENE_CLASSES = (("Rise", "vertical"), ("Fall", "vertical"), ("Grow", "checker"),
+                      ("Shrink", "checker"), ("SwingHorizontal", "horizontal"),
+                      ("SwingVertical", "horizontal"))
+DEMO_MOTION_CLASSES = ("MoveUp", "MoveDown", "Grow", "Shrink", "SwingHorizontal", "SwingVertical")
+# (groups per class, test groups, clips per group), UCF101 holds out 7 of 25 groups of 4-7 clips
+DEMO_GROUPS = {"demo": (16, 6, 3), "demo-motion": (10, 3, 4)}
+DEMO_SIZE, DEMO_FPS = (128, 96), 25
+
+
+def _smooth_noise(rng, h, w, cells):
+    noise = rng.random((cells, cells * w // h + 1, 3)).astype(np.float32)
+    return cv2.resize(noise, (w, h), interpolation=cv2.INTER_CUBIC)
+
+
+def _scene_background(rng, texture):
+    """A scene's background (H, W, 3) float: a smoothed square-wave grating of the scene type's
+    orientation (tilted by up to 20 degrees), or the product of two (a checkerboard), in two colours
+    of its own, one dark and one light."""
+    w, h = DEMO_SIZE
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    period, tilt = rng.uniform(6, 14), rng.uniform(-0.35, 0.35)
+
+    def grating(angle):  # stripes perpendicular to the direction `angle`
+        phase = rng.uniform(0, 2 * math.pi)
+        return np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period + phase)
+
+    if texture == "vertical":
+        a = grating(tilt)
+    elif texture == "horizontal":
+        a = grating(math.pi / 2 + tilt)
+    else:
+        a = grating(tilt) * grating(math.pi / 2 + tilt)
+    a = (np.tanh(2 * a) / 2 + 0.5)[..., None]  # (H, W, 1) in [0, 1]
+    dark, light = rng.uniform(0, 110, 3), rng.uniform(140, 255, 3)
+    return (dark * (1 - a) + light * a).astype(np.float32)
+
+
+def _demo_objects(rng, colors):
+    return [dict(x=rng.uniform(0, DEMO_SIZE[0]), y=rng.uniform(0, DEMO_SIZE[1]),
+                 phase=rng.uniform(0, 1), size=rng.uniform(8, 20), speed=rng.uniform(2.0, 3.5),
+                 shape=int(rng.integers(0, 3)),
+                 color=colors[int(rng.integers(0, len(colors)))] + rng.normal(0, 20, 3))
+            for _ in range(int(rng.integers(2, 4)))]
+
+
+def _render(rng, motion, background, objects, frames, t0=0):
+    """Frames t0 .. t0 + frames - 1 of `objects` moving by `motion` over `background`, uint8 RGB."""
+    w, h = DEMO_SIZE
+    out = []
+    for t in range(t0, t0 + frames):
+        frame = background.copy()
+        for o in objects:
+            x, y, size = o["x"], o["y"], o["size"]
+            swing = 2 * abs(((o["phase"] + t * o["speed"] / 40) % 1) - 0.5) - 0.5  # triangle wave
+            cycle = (o["phase"] + t * o["speed"] / 60) % 1  # sawtooth for the size classes
+            if motion in ("MoveUp", "Rise"):
+                y -= o["speed"] * t
+            elif motion in ("MoveDown", "Fall"):
+                y += o["speed"] * t
+            elif motion == "SwingHorizontal":
+                x += 40 * swing
+            elif motion == "SwingVertical":
+                y += 40 * swing
+            elif motion == "Grow":
+                size = 8 + 12 * cycle
+            elif motion == "Shrink":
+                size = 20 - 12 * cycle
+            x, y = x % w, y % h
+            for dx in (-w, 0, w):  # draw the wrapped copies so objects cross the edges smoothly
+                for dy in (-h, 0, h):
+                    _draw_shape(frame, o["shape"], x + dx, y + dy, size, o["color"])
+        frame = frame + rng.normal(0, 6, frame.shape)
+        out.append(frame.clip(0, 255).astype(np.uint8))
+    return out
+
+
+def _draw_shape(frame, shape, x, y, size, color):
+    color, s = tuple(float(c) for c in np.clip(color, 0, 255)), size / 2
+    if shape == 0:
+        cv2.circle(frame, (int(x), int(y)), int(s), color, -1, cv2.LINE_AA)
+    elif shape == 1:
+        cv2.rectangle(frame, (int(x) - int(s), int(y) - int(s)), (int(x) + int(s), int(y) + int(s)),
+                      color, -1)
+    else:
+        pts = np.array([[x, y - s], [x - s, y + s], [x + s, y + s]], np.int32)
+        cv2.fillPoly(frame, [pts], color, cv2.LINE_AA)
+
+
+def _write_video(path, frames):
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"XVID"), DEMO_FPS, DEMO_SIZE)
+    for f in frames:
+        writer.write(f)
+    writer.release()
+
+
+def _write_splits(root, classes, videos, test_groups):
+    """UCF101 split files for `videos` [(rel, label, group)], CRLF as the official ones; groups
+    1..test_groups are the test split."""
+    lists = os.path.join(root, "ucfTrainTestlist")
+    os.makedirs(lists, exist_ok=True)
+    train = [(rel, label) for rel, label, g in videos if g > test_groups]
+    test = [(rel, label) for rel, label, g in videos if g <= test_groups]
+    for split in (1, 2, 3):
+        with open(os.path.join(lists, f"trainlist0{split}.txt"), "w", newline="\r\n") as f:
+            f.writelines(f"{rel} {label + 1}\n" for rel, label in train)
+        with open(os.path.join(lists, f"testlist0{split}.txt"), "w", newline="\r\n") as f:
+            f.writelines(f"{rel}\n" for rel, _ in test)
+    with open(os.path.join(lists, "classInd.txt"), "w", newline="\r\n") as f:
+        f.writelines(f"{i + 1} {name}\n" for i, name in enumerate(classes))
+
+
+def make_demo(root, seed=0):
+    """Write the default demo set (scenes within classes, see above) under `root`; a few seconds."""
+    rng = np.random.default_rng(seed)
+    classes = [name for name, _ in DEMO_SCENE_CLASSES]
+    groups, test_groups, clips = DEMO_GROUPS["demo"]
+    videos = []
+    for label, (motion, texture) in enumerate(DEMO_SCENE_CLASSES):
+        os.makedirs(os.path.join(root, "UCF-101", motion), exist_ok=True)
+        for g in range(1, groups + 1):
+            background = _scene_background(rng, texture)
+            objects = _demo_objects(rng, rng.uniform(0, 255, (3, 3)))
+            lengths = rng.integers(32, 49, clips)
+            # one take of the scene
+            take = _render(rng, motion, background, objects, int(lengths.sum()))
+            for c, start in enumerate(np.cumsum(lengths) - lengths, 1):
+                rel = f"{motion}/v_{motion}_g{g:02d}_c{c:02d}.avi"
+                _write_video(os.path.join(root, "UCF-101", rel), take[start:start + lengths[c - 1]])
+                videos.append((rel, label, g))
+    _write_splits(root, classes, videos, test_groups)
+    return root
+
+
+def make_demo_motion(root, seed=0):
+    """Write the demo-motion set (classes differ only in motion, see above) under `root`."""
+    rng = np.random.default_rng(seed)
+    w, h = DEMO_SIZE
+    groups, test_groups, clips = DEMO_GROUPS["demo-motion"]
+    videos = []
+    for g in range(1, groups + 1):
+        background = (_smooth_noise(rng, h, w, 4) * 160 + rng.uniform(0, 95, 3)).astype(np.float32)
+        palette = rng.uniform(0, 255, (3, 3))
+        for label, motion in enumerate(DEMO_MOTION_CLASSES):
+            os.makedirs(os.path.join(root, "UCF-101", motion), exist_ok=True)
+            for c in range(1, clips + 1):
+                rel = f"{motion}/v_{motion}_g{g:02d}_c{c:02d}.avi"
+                frames = int(rng.integers(32, 49))  # drawn before the objects, as version 1 did
+                objects = _demo_objects(rng, palette)
+                _write_video(os.path.join(root, "UCF-101", rel),
+                             _render(rng, motion, background, objects, frames))
+                videos.append((rel, label, g))
+    _write_splits(root, DEMO_MOTION_CLASSES, videos, test_groups)
+    return root
+
+
+def ensure_demo(root, name="demo"):
+    """Generate demo set `name` into `root` unless it is there, atomically."""
+    if os.path.isfile(os.path.join(root, "ucfTrainTestlist", "classInd.txt")):
+        return root
+    parent = os.path.dirname(os.path.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".demo-", dir=parent)
+    t0 = time.time()
+    (make_demo_motion if name == "demo-motion" else make_demo)(tmp)
+    try:
+        os.replace(tmp, root)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote the built-in {name} set to {root} ({time.time() - t0:.1f} s)", file=sys.stderr)
+    return root
+
+
+# -----------------------------------------------------------------------------
+# data tools
+
+def _check_one(job):
+    path, min_frames = job
+    try:
+        with VideoReader(path) as reader:
+            claimed, real = reader.claimed_frames, reader.count_frames()
+    except VideoError as e:
+        return path, "unreadable", str(e)
+    if real == 0:
+        return path, "unreadable", "no decodable frames"
+    if real < min_frames:
+        return path, "too short", f"{real} frames, a clip needs at least {min_frames} to loop"
+    if claimed != real:
+        return path, "frame-count mismatch", f"container claims {claimed}, {real} decode"
+    return path, "ok", ""
+
+
+def check(args):
+    """Decode every listed video of both splits: a summary and a file of the bad ones."""
+    jobs, missing = [], []
+    for train in (True, False):
+        samples, _, miss = list_videos(args.dataset, args.data_root, args.split, train)
+        jobs += [(p, min_clip_frames(args.frames)) for p, _ in samples]
+        missing += miss
+    jobs = sorted(set(jobs))
+    counts = dict.fromkeys(("ok", "unreadable", "too short", "frame-count mismatch"), 0)
+    counts["missing"] = len(missing)
+    bad = [(p, "missing", "listed in the split file but does not exist")
+           for p in sorted(set(missing))]
+    with ProcessPoolExecutor(max(args.workers, 1), initializer=quiet_opencv) as pool:
+        for path, status, reason in pool.map(_check_one, jobs, chunksize=8):
+            counts[status] += 1
+            if status != "ok":
+                bad.append((path, status, reason))
+    print(f"{len(jobs) + len(missing)} videos: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    with open(args.bad_list, "w") as f:
+        f.writelines(f"{p}\t{s}\t{r}\n" for p, s, r in bad)
+    print(f"wrote {len(bad)} problem videos to {args.bad_list} "
+          "(frame-count mismatches still load: the reader trusts decoding, not the container)")
+
+
+def _resize_one(job):
+    src, dst, short_side = job
+    try:
+        cap = open_capture(src)
+    except VideoError as e:
+        return src, str(e)
+    fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
+    writer, n = None, 0
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        h, w = frame.shape[:2]
+        s = short_side / min(h, w)
+        size = (max(2, round(w * s / 2) * 2), max(2, round(h * s / 2) * 2))  # even sizes for codecs
+        if writer is None:
+            fourcc = cv2.VideoWriter_fourcc(*("mp4v" if dst.lower().endswith(".mp4") else "XVID"))
+            writer = cv2.VideoWriter(dst + ".tmp" + os.path.splitext(dst)[1], fourcc, fps, size)
+        writer.write(cv2.resize(frame, size, interpolation=cv2.INTER_AREA))
+        n += 1
+    cap.release()
+    if writer is None:
+        return src, "no decodable frames"
+    writer.release()
+    os.replace(dst + ".tmp" + os.path.splitext(dst)[1], dst)
+    return src, None
+
+
+def resize(args):
+    """Every video under SRC re-encoded into DST, short side resized, other files copied; videos
+    already there are skipped, so it resumes."""
+    if not os.path.isdir(args.src):
+        raise DataError(f"source is not a folder: {args.src}")
+    jobs = []
+    for folder, _, files in os.walk(args.src):
+        out = os.path.join(args.dst, os.path.relpath(folder, args.src))
+        os.makedirs(out, exist_ok=True)
+        for name in files:
+            src, dst = os.path.join(folder, name), os.path.join(out, name)
+            if name.lower().endswith(VIDEO_EXTENSIONS):
+                if not os.path.exists(dst):
+                    jobs.append((src, dst, args.short_side))
+            else:
+                shutil.copy2(src, dst)
+    failed = 0
+    with ProcessPoolExecutor(max(args.workers, 1), initializer=quiet_opencv) as pool:
+        for i, (src, error) in enumerate(pool.map(_resize_one, jobs, chunksize=4), 1):
+            if error:
+                failed += 1
+                print(f"skipping {src}: {error}", file=sys.stderr)
+            if i % 500 == 0:
+                print(f"{i}/{len(jobs)} videos re-encoded", flush=True)
+    print(f"re-encoded {len(jobs) - failed} videos into {args.dst} ({failed} unreadable, skipped)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description="VideoMoCo data tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="write a built-in demo set (UCF101 layout)")
+    p.add_argument("dir", nargs="?", default=None, help="output folder (default: the demo cache)")
+    p.add_argument("--name", default="demo", choices=tuple(DEMOS))
+    p = sub.add_parser("check", help="decode every listed video and report the bad ones")
+    p.add_argument("--dataset", default="demo", choices=DATASETS)
+    p.add_argument("--data-root", default=None, help="dataset root as unpacked from the archives")
+    p.add_argument("--split", type=int, default=1, help="official split (1-3)")
+    p.add_argument("--frames", type=int, default=32, help="clip length; under T/2 is 'too short'")
+    p.add_argument("--bad-list", default="bad_videos.txt", help="where to write the problem videos")
+    p = sub.add_parser("resize", help="re-encode a dataset tree with a smaller short side")
+    p.add_argument("src", help="dataset root to read")
+    p.add_argument("dst", help="dataset root to write (same layout, split files copied)")
+    p.add_argument("--short-side", type=int, default=128, help="pixels of the short side")
+    for p in sub.choices.values():
+        p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes")
+    args = parser.parse_args()
+    quiet_opencv()
+    try:
+        if args.command == "demo":
+            if args.dir:
+                if os.path.exists(os.path.join(args.dir, "ucfTrainTestlist", "classInd.txt")):
+                    raise DataError(f"{args.dir} already holds a dataset")
+                t0 = time.time()
+                (make_demo_motion if args.name == "demo-motion" else make_demo)(args.dir)
+                print(f"wrote the {args.name} set to {args.dir} in {time.time() - t0:.1f} s")
+            else:
+                print(ensure_demo(demo_root(args.name), args.name))
+        elif args.command == "check":
+            check(args)
+        else:
+            resize(args)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
 if __name__ == "__main__":
-    import datatools  # the demo sets and the check / resize tools live there
-    datatools.main()
+    main()

@@ -1,16 +1,14 @@
 """
 Supervised finetuning (or a linear probe) of a pretrained encoder on an action-recognition dataset.
 
-    python finetune.py --ckpt runs/demo/ckpt.pt   # demo set, the pretraining's clip settings
+    python finetune.py --ckpt runs/demo/ckpt.pt   # the pretraining's dataset and clip settings
     python finetune.py                            # demo set, random init (the baseline)
     torchrun --nproc_per_node=8 finetune.py --ckpt k400/ckpt.pt --dataset ucf101 --data-root UCF
     python finetune.py --ckpt runs/k400/backbone.pt --arch r2plus1d_10 --linear ...   # linear probe
 
-The paper's protocol (Sec 4.2): 10 epochs, batch 32, lr 0.05, 32 frames, 112 crop, UCF101/HMDB51
-split 1; testing averages 10 uniformly spaced clips (python evaluate.py --ckpt OUT/ckpt.pt).
-Weight transfer is explicit: the query encoder D of the pretraining checkpoint (or backbone.pt) is
-loaded into the classifier without its projection head, missing and unexpected keys are reported,
-and an architecture mismatch stops with one line. The classifier head is always new.
+The paper's protocol (Sec 4.2): 10 epochs, batch 32, lr 0.05, UCF101/HMDB51 split 1; the 10-clip
+test is evaluate.py's. The pretraining's encoder D is loaded without its head (a mismatch stops
+with one line); the classifier head is new.
 """
 
 import argparse
@@ -21,33 +19,26 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
-import loading
 import models
 import utils
 
 
 def get_args_parser():
     p = argparse.ArgumentParser("VideoMoCo finetuning / linear probe")
-    p.add_argument("--ckpt", default=None,
-                   help="pretraining checkpoint (ckpt.pt) or backbone.pt; none = random init")
+    p.add_argument("--ckpt", default=None, help="ckpt.pt or backbone.pt; none = random init")
     p.add_argument("--linear", action="store_true",
-                   help="freeze the backbone (BN in eval mode) and train the classifier only")
-    # --dataset --data-root --split --frames --stride --crop --workers --max-bad-fraction
-    loading.add_data_args(p)
+                   help="freeze the backbone (BN statistics re-estimated on training clips, "
+                        "then eval mode) and train the classifier only")
+    data.add_data_args(p)  # --dataset --data-root --split --frames --stride --crop --workers ...
     p.add_argument("--arch", default="r2plus1d_10", choices=models.ARCHS,
-                   help="encoder; the pretraining checkpoint's by default (backbone.pt needs it)")
-    p.add_argument("--input", default=None, choices=models.INPUTS,
-                   help="encoder input; the pretraining's by default (rgb for random init); a "
-                        "mismatch is refused")
-    p.add_argument("--epochs", type=int, default=10,
-                   help="epochs (paper: 10; linear probe default 30)")
+                   help="encoder (the checkpoint's; backbone.pt needs it)")
+    p.add_argument("--input", default=None, choices=models.INPUTS, help="(the checkpoint's)")
+    p.add_argument("--epochs", type=int, default=10, help="(paper: 10; linear probe 30)")
     p.add_argument("--batch-size", type=int, default=32, help="global batch size (paper: 32)")
-    p.add_argument("--lr", type=float, default=0.05,
-                   help="SGD lr, cosine decay (paper: 0.05; also the linear probe's)")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD lr, cosine decay (paper: 0.05)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--wd", type=float, default=5e-4, help="weight decay (linear probe default 0)")
-    p.add_argument("--amp", default=None, choices=("bf16", "fp16", "none"),
-                   help="autocast dtype (default: bf16 on CUDA, none on CPU)")
+    p.add_argument("--amp", default=None, choices=("bf16", "fp16", "none"), help="(bf16 on CUDA)")
     p.add_argument("--out", default="runs/finetune", help="output folder: ckpt.pt, log.jsonl")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--print-freq", type=int, default=20, help="steps between log lines")
@@ -76,35 +67,40 @@ def quick_test(model, loader, device, ctx):
     return (correct[0] / correct[1].clamp(min=1)).item()
 
 
-def settle_args(args, given):
-    """The source checkpoint (arch, backbone state, checkpoint or Nones); fills in its arch, dataset
-    and clip settings and input mode unless given, then the demo preset and the linear probe's
-    defaults. Returns (state, source, preset, note): note says where a given dataset differs from
-    the pretraining's."""
-    source_arch, state, source, note = None, None, None, None
+def parse_args(argv):
+    """The flags, with the source checkpoint's architecture, dataset, clip settings and input mode,
+    then the demo preset and the linear probe's, as defaults (a given flag wins). Returns (args,
+    backbone state, source checkpoint, preset, note); state and source are None without --ckpt, and
+    note says when a given dataset differs from the pretraining's."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    state, source, settings, note = None, None, {}, None
     if args.ckpt:
-        source_arch, state, source = utils.backbone_from_checkpoint(args.ckpt)
-    if "arch" in given and source_arch and args.arch != source_arch:
-        raise SystemExit(f"error: --arch {args.arch} but {args.ckpt} was pretrained with "
-                         f"{source_arch}")
-    # finetune on the pretraining's dataset, with its architecture and clip settings, by default
+        _, state, source = utils.backbone_from_checkpoint(args.ckpt)
     if source is not None:
         settings = {k: source["args"][k] for k in ("arch", "dataset", "data_root", "split",
                                                    "frames", "stride", "crop")}
-        if "dataset" in given and args.dataset != settings["dataset"]:
+        settings["input"] = source["args"].get("input", "rgb")
+        if args.input and args.input != settings["input"]:
+            raise SystemExit(f"error: {args.ckpt} was pretrained on {settings['input']} input; "
+                             f"--input {args.input} does not match")
+        parser.set_defaults(**settings)
+        args = parser.parse_args(argv)
+        if args.arch != settings["arch"]:  # given
+            raise SystemExit(f"error: --arch {args.arch} but {args.ckpt} was pretrained with "
+                             f"{settings['arch']}")
+        if args.dataset != settings["dataset"]:  # given: its root and split are not the source's
             note = (f"note: finetuning on --dataset {args.dataset}; {args.ckpt} was pretrained "
                     f"on {settings['dataset']}")
             settings = {k: v for k, v in settings.items() if k not in ("data_root", "split")}
-        given |= set(utils.apply_preset(args, given, settings))
-    source_input = source["args"].get("input", "rgb") if source is not None else None
-    if args.input and source_input and args.input != source_input:
-        raise SystemExit(f"error: {args.ckpt} was pretrained on {source_input} input; --input "
-                         f"{args.input} does not match")
-    args.input = args.input or source_input or "rgb"
-    preset = utils.apply_preset(args, given, DEMO_PRESET) if utils.is_demo(args) else {}
-    if args.linear:
-        utils.apply_preset(args, given, LINEAR_DEFAULTS)
-    return state, source, preset, note
+            parser.set_defaults(data_root=None, split=1)
+            args = parser.parse_args(argv)
+    preset = {**(DEMO_PRESET if data.is_demo(args) else {}),
+              **(LINEAR_DEFAULTS if args.linear else {})}
+    parser.set_defaults(**{**preset, **settings})
+    args = parser.parse_args(argv)
+    args.input = args.input or "rgb"
+    return args, state, source, preset, note
 
 
 def build_model(args, state, num_classes, device, ctx, log):
@@ -120,7 +116,9 @@ def build_model(args, state, num_classes, device, ctx, log):
     else:
         log(f"random init of {args.arch} (no --ckpt): the baseline")
     if args.linear:
-        utils.estimate_bn_statistics(model, utils.bn_loader(args, args.workers), device, ctx)
+        samples, _, _ = data.list_videos(args.dataset, args.data_root, args.split, train=True)
+        utils.estimate_bn_statistics(model, data.bn_loader(samples, args, args.workers), device,
+                                     ctx)
         utils.add_probe_norm(model).to(device)
         for name, param in model.named_parameters():
             param.requires_grad = name.startswith("fc.")
@@ -132,8 +130,7 @@ def occlusion_source(source):
     if source is None or source.get("generator") is None:
         return None
     a = source["args"]
-    return {"state": source["generator"], "hidden": a["g_hidden"], "width": a["g_width"],
-            "drop_frames": a["drop_frames"], "frames": a["frames"]}
+    return {"state": source["generator"], "drop_frames": a["drop_frames"], "frames": a["frames"]}
 
 
 def train_epoch(epoch, step, model, model_ddp, loader, bad, optimizer, ctx, scaler, args, progress,
@@ -165,8 +162,8 @@ def train_epoch(epoch, step, model, model_ddp, loader, bad, optimizer, ctx, scal
 
 
 def main(argv=None):
-    args, given = utils.parse_args(get_args_parser(), argv)
-    state, source, preset, note = settle_args(args, given)
+    args, state, source, preset, note = parse_args(argv)
+    data.quiet_opencv()
     rank, world, device = utils.init_distributed()
     per_rank = utils.per_rank(args.batch_size, world)
     log, ctx, scaler = utils.start_run(args, rank, device, preset)
@@ -175,13 +172,17 @@ def main(argv=None):
 
     # data
     try:
-        train_set, classes, bad = loading.build_dataset(
-            args, train=True, transform=data.TrainTransform(
-                args.crop, jitter=0.0, grayscale=0.0, on_device=args.augment_on == "device"))
-        test_set, _, _ = loading.build_dataset(args, train=False)
-        loader = loading.build_loader(train_set, per_rank, args.workers, train=True, seed=args.seed)
-        test_loader = loading.build_loader(test_set, per_rank, args.workers, train=False,
-                                           seed=args.seed)
+        samples, classes, missing = data.list_videos(args.dataset, args.data_root, args.split,
+                                                     train=True)
+        transform = data.TrainTransform(args.crop, jitter=0.0, grayscale=0.0,
+                                        on_device=args.augment_on == "device")
+        train_set = data.VideoClips(samples, args.frames, args.stride, transform,
+                                    data.SameClip(views=1, repeat=args.repeat_sample))
+        loader = data.build_loader(train_set, per_rank, args.workers, train=True, seed=args.seed)
+        bad = data.BadVideos(samples, missing, log=rank == 0)
+        test_samples, _, _ = data.list_videos(args.dataset, args.data_root, args.split,
+                                              train=False)
+        test_loader = data.test_loader(test_samples, args, per_rank, args.workers)
         # model: pretrained backbone, new classifier head
         model = build_model(args, state, len(classes), device, ctx, log)
     except data.DataError as e:

@@ -1,10 +1,9 @@
-"""VideoMoCo (Pan et al., CVPR 2021): encoders, generator G, the MoCo wrapper and the losses.
+"""VideoMoCo (Pan et al., CVPR 2021): the encoders (the discriminator D), the ConvLSTM generator G
+and its frame dropping (Eq 3), the VideoMoCo wrapper (Eq 2, the queue and the ages of Eq 6), the
+losses (Eq 1/5/6 and Eq 4) and the routed backward. It imports only torch and torchvision, so it can
+be copied alone; pretrain.py's train_step is the whole step, in the paper's order.
 
-Sections follow the paper: encoders (the discriminator D), the ConvLSTM generator G (Eq 3), the
-VideoMoCo wrapper (Eq 2, the queue and the ages of Eq 6), the losses (Eq 1/5/6 and Eq 4).
-
-Gradient routing in the adversarial phase (the authors' code left this ad hoc and let both losses
-reach both nets; we follow the paper):
+Gradient routing in the adversarial phase, as Eq 4-6 say (the authors' code differs, see README):
   - D (encoder_q) is trained only by the decayed contrastive loss, Eq 5/6 (`loss_d`).
   - G is trained only by Eq 4 (`loss_g`, the negated L1 distance, minimised).
   One forward of D on x_query serves both losses. G's output `x_query` is detached into
@@ -17,7 +16,6 @@ import contextlib
 import copy
 import functools
 import math
-from collections import OrderedDict
 
 import torch
 import torch.distributed as dist
@@ -32,48 +30,16 @@ from torchvision.models.video.resnet import (BasicBlock, BasicStem, Conv2Plus1D,
 # (N, 3, T, H, W) to (N, dim) and its last layer is the nn.Linear `fc` (the projection head), so
 # `enc.fc.in_features` is the feature width and `enc.fc = nn.Identity()` gives pooled features.
 
-ARCHS = ("tiny", "r3d_10", "r2plus1d_10", "r3d_18", "r2plus1d_18", "mc3_18", "c3d")
+ARCHS = ("tiny", "r3d_10", "r2plus1d_10", "r3d_18", "r2plus1d_18", "mc3_18")
 
-# Parameters without fc, measured with count_parameters (torch 2.14.1 / torchvision 0.29.1):
-#   r3d_10 14.36M (the paper's Table 3: 14.4M), r2plus1d_10 12.49M (Table 3: 14.4M; torchvision's
-#   (2+1)D blocks and stem are lighter than VCOP's own R(2+1)D), r3d_18 33.17M, r2plus1d_18 31.30M,
-#   mc3_18 11.49M, c3d 27.66M (Table 3's 58.3M is the original C3D with fc6/fc7), tiny 0.29M.
+# Parameters without fc (count_parameters): r3d_10 14.36M (Table 3: 14.4M), r2plus1d_10 12.49M
+# (Table 3: 14.4M; torchvision's (2+1)D blocks are lighter than VCOP's), r3d_18 33.17M, r2plus1d_18
+# 31.30M, mc3_18 11.49M, tiny 0.29M.
 
 
 def count_parameters(module):
     """Number of parameters of `module` (trainable or not)."""
     return sum(p.numel() for p in module.parameters())
-
-
-class C3D(nn.Module):
-    """C3D, the small BN variant of VCOP that VideoMoCo uses: conv1..conv5b (3x3x3, BN, ReLU),
-    max-pooling (1,2,2) then (2,2,2), global average pool (VCOP's pool5) and `fc`.
-
-    The (2,2,2) pools use ceil_mode so that clips as short as T=4 still reach conv5; for the even
-    sizes VCOP uses (16x112x112) the shapes are the same as VCOP's.
-    """
-
-    def __init__(self, num_classes):
-        super().__init__()
-        widths = [("1", 3, 64), ("2", 64, 128), ("3a", 128, 256), ("3b", 256, 256),
-                  ("4a", 256, 512), ("4b", 512, 512), ("5a", 512, 512), ("5b", 512, 512)]
-        pool_after = {"1": (1, 2, 2), "2": (2, 2, 2), "3b": (2, 2, 2), "4b": (2, 2, 2)}
-        layers = []
-        for name, c_in, c_out in widths:
-            layers += [(f"conv{name}", nn.Conv3d(c_in, c_out, kernel_size=3, padding=1)),
-                       (f"bn{name}", nn.BatchNorm3d(c_out)),
-                       (f"relu{name}", nn.ReLU(inplace=True))]
-            if name in pool_after:
-                size = pool_after[name]
-                layers.append((f"pool{name[0]}", nn.MaxPool3d(size, size, ceil_mode=True)))
-        self.features = nn.Sequential(OrderedDict(layers))
-        self.avgpool = nn.AdaptiveAvgPool3d(1)
-        self.fc = nn.Linear(512, num_classes)
-        _init_weights(self)
-
-    def forward(self, x):  # (N, 3, T, H, W)
-        x = self.avgpool(self.features(x)).flatten(1)  # (N, 512)
-        return self.fc(x)  # (N, num_classes)
 
 
 class TinyEncoder(nn.Module):
@@ -130,15 +96,10 @@ def _residual_input(module, args):
 
 
 def build_encoder(arch, num_classes, input="rgb"):
-    """The encoder D (theta_q): (N, 3, T, H, W) -> (N, num_classes), last layer `fc`.
-
-    r3d_18 / r2plus1d_18 / mc3_18 are torchvision's models; r3d_10 / r2plus1d_10 are torchvision's
-    VideoResNet with one BasicBlock per stage (the 14.4M-parameter nets of VCOP and the paper), so
-    their state dicts load strictly into torchvision's classes. input="residual" makes the encoder
-    turn every clip it is given into residual frames first (a forward pre-hook: no parameters, the
-    state dict and its torchvision compatibility are unchanged; the mode is recorded in
-    checkpoints).
-    """
+    """The encoder D (theta_q): (N, 3, T, H, W) -> (N, num_classes), last layer `fc`. r3d_10 and
+    r2plus1d_10 are torchvision's VideoResNet with one block per stage (the paper's 14.4M nets), so
+    state dicts load into torchvision's classes. input="residual": a parameter-free forward
+    pre-hook turns every clip into residual frames (the mode is recorded in checkpoints)."""
     if arch in ("r3d_18", "r2plus1d_18", "mc3_18"):
         encoder = getattr(tv_video, arch)(weights=None, num_classes=num_classes)
     elif arch == "r3d_10":
@@ -147,8 +108,6 @@ def build_encoder(arch, num_classes, input="rgb"):
     elif arch == "r2plus1d_10":
         encoder = VideoResNet(BasicBlock, [Conv2Plus1D] * 4, [1, 1, 1, 1], R2Plus1dStem,
                               num_classes=num_classes)
-    elif arch == "c3d":
-        encoder = C3D(num_classes)
     elif arch == "tiny":
         encoder = TinyEncoder(num_classes)
     else:
@@ -180,18 +139,11 @@ def encoder_builder(arch, input="rgb"):
 
 
 def projection_head(in_features, dim, mlp=False):
-    """The projection from pooled features to the contrastive embedding: MoCo v1's linear layer, or
-    MoCo v2's MLP (Linear, ReLU, Linear; --mlp). (in_features,) -> (dim,).
-
-    Initialised with nn.Linear's own default (uniform, std 1/sqrt(3 * fan_in)), as MoCo's builder
-    gets from torchvision's image ResNet, and *not* with the normal(0, 0.01) that torchvision's
-    video ResNets (and `_init_weights`) give a classifier. The embedding is L2-normalised, so the
-    forward ignores the head's scale, but SGD does not: the gradient w.r.t. W scales as 1/|W|, so a
-    step changes W's direction in proportion to lr / |W|^2, 6x (R(2+1)D/R3D, 512 -> 128) to 25x
-    (tiny, 128 -> 128) more than with the default init. Pooled post-ReLU features share a large mean
-    mu, so a large step dW ~ g mu^T adds the same vector to every output: the embeddings collapse
-    onto one direction, where InfoNCE's gradient (proportional to their spread) vanishes and the
-    loss sits at ln(K+1). Measured in RESULTS.md, "Why the pretraining did not learn"."""
+    """Pooled features -> the embedding: MoCo v1's linear layer or MoCo v2's MLP (--mlp).
+    nn.Linear's default init, not the normal(0, 0.01) of torchvision's video classifiers: on an
+    L2-normalised output a step turns W by lr / |W|^2, 6-25x more with the small init, and the
+    shared mean of pooled post-ReLU features then collapses the embeddings (RESULTS.md, "Why the
+    pretraining did not learn")."""
     if mlp:
         return nn.Sequential(nn.Linear(in_features, in_features), nn.ReLU(inplace=True),
                              nn.Linear(in_features, dim))
@@ -202,13 +154,9 @@ def projection_head(in_features, dim, mlp=False):
 # Generator G (Eq 3): frame importance from a ConvLSTM, and the temporal dropout it drives.
 
 class ConvLSTMGenerator(nn.Module):
-    """G of Eq 3: predicts the importance of each frame, (N, C, T, H, W) -> (N, T).
-
-    Per-frame 2D convolutions (stride 2, BN, ReLU; `width`, 2*`width`, 4*`width`, 4*`width`
-    channels), a global average pool per frame to a vector, a one-layer LSTM over time
-    (`hidden` units, 256 in the paper) and a linear layer to one score per frame. Any number of
-    frames and any crop size: nothing depends on T, H or W.
-    """
+    """G of Eq 3, the importance of each frame, (N, C, T, H, W) -> (N, T): per-frame 2D convs
+    (stride 2, BN, ReLU; width, 2, 4, 4 x width channels), pooled to a vector per frame, an LSTM
+    over time (`hidden` units, the paper's 256), a linear score per frame. Any T, H, W."""
 
     def __init__(self, in_channels=3, hidden=256, width=16):
         super().__init__()
@@ -237,22 +185,13 @@ def _apply_frame_mask(x, mask):
 
 
 def drop_frames(x, importance, k, temperature=1.0):
-    """Eq 3, x_query = G(x) (x) x: drop the k frames of highest importance in each clip.
+    """Eq 3, x_query = G(x) (x) x: the k frames of highest importance (N, T) of each clip x
+    (N, C, T, H, W) dropped. Returns (x_query, mask (N, T), 1 = dropped).
 
-    x: (N, C, T, H, W); importance: (N, T) from ConvLSTMGenerator. Returns (x_query, mask) with
-    x_query of x's shape and mask (N, T) float, 1 = dropped.
-
-    The selection is discrete, so G gets a straight-through gradient: the forward value is the hard
-    top-k mask, the backward is that of soft = sigmoid((importance - thr) / temperature), thr the
-    midpoint between the k-th and (k+1)-th largest importance (no gradient through thr). We write
-    mask = hard + (soft - soft.detach()): the bracket is exactly zero, so the forward mask is
-    exactly 0 or 1 (hard + soft - soft.detach() could round 1 to 1 - 2^-24) and kept frames are
-    bit-identical. Trained this way against a fixed D, G learns to drop the frames whose removal
-    moves D most (see the test
-    test_generator_trained_against_a_fixed_d_drops_frames_that_move_d_more_than_random); the
-    estimate is only informative once D responds sensibly to clips, which is why the paper first
-    trains D alone.
-    """
+    The selection is discrete, so G's gradient is straight-through: the forward is the hard top-k
+    mask, the backward that of sigmoid((importance - thr) / temperature), thr midway between the
+    k-th and (k+1)-th importance. mask = hard + (soft - soft.detach()) keeps the forward exactly 0
+    or 1. Against a fixed D, G so learns to drop the frames that move D most (a test checks it)."""
     n, t = importance.shape
     if not 0 <= k < t:
         raise ValueError(f"drop_frames needs 0 <= k < T, got k={k}, T={t}")
@@ -268,9 +207,7 @@ def drop_frames(x, importance, k, temperature=1.0):
 
 
 def random_drop(x, k, generator=None):
-    """The paper's "random dropout" ablation (Table 1): k uniformly random frames per clip are
-    dropped as in `drop_frames` (zeros), no gradient.
-    Returns (x_query, mask (N, T), 1 = dropped)."""
+    """Table 1's "random dropout": k random frames per clip dropped as in `drop_frames`."""
     n, t = x.shape[0], x.shape[2]
     if not 0 <= k < t:
         raise ValueError(f"random_drop needs 0 <= k < T, got k={k}, T={t}")
@@ -305,30 +242,17 @@ def momentum_update_(params_k, params_q, m):
 
 
 class VideoMoCo(nn.Module):
-    """MoCo with temporal decay (Eq 6) for video; D = encoder_q (theta_q), momentum encoder
-    encoder_k (theta_k, Eq 2).
-
-    Buffers (in state_dict, so they survive resume and move with .to(device)):
-      queue     (dim, K) float: the keys, L2-normalised columns, FIFO at queue_ptr.
-      queue_ptr (1,) long: the slot the next key is written to (that slot holds the oldest key).
-      queue_age (K,) long: the age i of each key in t^i of Eq 6.
-    decay_unit="key": the age of a key is its rank counted in keys, newest = 1, so the oldest key of
-      a full queue has age K and weight t^K (0.99999^65536 = 0.52, the paper's Sec 4.3.2).
-    decay_unit="step": the authors' code's counting, enqueue steps since the key was written (new
-      keys have age 1), so with batch B the oldest key is about K / B steps old.
-    The initial random keys are aged as if enqueued one key per step in slot order: slot j has age
-    K - j, so slot 0 (where queue_ptr starts) is the oldest and the first to be overwritten.
-    """
+    """MoCo with temporal decay (Eq 6) for video: D = encoder_q (theta_q), encoder_k (Eq 2).
+    Buffers (in the state dict): queue (dim, K), unit keys, FIFO at queue_ptr (1,), the slot of the
+    oldest; queue_age (K,), the age i of t^i in Eq 6 counted in keys, newest 1, the oldest of a
+    full queue K (0.99999^65536 = 0.52, Sec 4.3.2). The initial keys are aged K - j by slot."""
 
     def __init__(self, base_encoder, dim=128, K=65536, m=0.999, T=0.07, decay=0.99999,
-                 decay_unit="key", shuffle_splits=2, mlp=True):
+                 shuffle_splits=2, mlp=True):
         super().__init__()
-        if decay_unit not in ("key", "step"):
-            raise ValueError(f"decay_unit must be 'key' or 'step', got {decay_unit!r}")
         if not 0 < decay <= 1:
             raise ValueError(f"decay t of Eq 6 must be in (0, 1], got {decay}")
-        self.K, self.m, self.T = K, m, T
-        self.decay, self.decay_unit, self.shuffle_splits = decay, decay_unit, shuffle_splits
+        self.K, self.m, self.T, self.decay, self.shuffle_splits = K, m, T, decay, shuffle_splits
 
         self.encoder_q = base_encoder(num_classes=dim)  # as MoCo's builder; its last layer is `fc`
         self.encoder_q.fc = projection_head(self.encoder_q.fc.in_features, dim, mlp)
@@ -339,26 +263,20 @@ class VideoMoCo(nn.Module):
         self.add_queue("queue", dim)
 
     def add_queue(self, name, dim):
-        """Buffers NAME (dim, K) of random unit keys, NAME_ptr and NAME_age, as the class docstring
-        describes; `dequeue_and_enqueue(keys, NAME)` updates them."""
+        """Buffers NAME, NAME_ptr, NAME_age as the class docstring says (VCLR has two queues)."""
         self.register_buffer(name, F.normalize(torch.randn(dim, self.K), dim=0))
         self.register_buffer(name + "_ptr", torch.zeros(1, dtype=torch.long))
         self.register_buffer(name + "_age", torch.arange(self.K, 0, -1, dtype=torch.long))
 
     @torch.no_grad()
     def momentum_update(self):
-        """Eq 2 on the parameters, as MoCo: encoder_k's BN running statistics are its own (keys
-        are encoded in train mode, so they are never read during pretraining; only encoder_q is
-        exported)."""
+        """Eq 2 on the parameters, as MoCo (encoder_k's BN statistics are its own, never read)."""
         momentum_update_(self.encoder_k.parameters(), self.encoder_q.parameters(), self.m)
 
     def encode_query(self, x_query):
-        """encoder_q on the queries (N, dim), not normalised. MoCo normalises each process's queries
-        with that process's BN statistics; in a world of one, `shuffle_splits` processes are
-        emulated (as MoCo's single-GPU CIFAR demo does with SplitBatchNorm): the queries are
-        normalised in that many contiguous sub-batches, and `encode_key` gives the keys shuffled
-        sub-batches of the same size, so a query and its key share BN statistics no more than
-        across S real processes."""
+        """encoder_q on the queries (N, dim). MoCo normalises each process's queries with that
+        process's BN statistics; in a world of one `shuffle_splits` processes are emulated (MoCo's
+        SplitBatchNorm demo): contiguous sub-batches here, shuffled ones in `encode_key`."""
         if is_distributed() or not self.training or self.shuffle_splits <= 1:
             return self.encoder_q(x_query)
         chunks = torch.tensor_split(x_query, min(self.shuffle_splits, x_query.shape[0]))
@@ -366,13 +284,9 @@ class VideoMoCo(nn.Module):
 
     @torch.no_grad()
     def encode_key(self, x_key):
-        """encoder_k on the keys (N, dim), not normalised, with MoCo's shuffle-BN.
-
-        Distributed: the global batch is shuffled with a permutation from rank 0 and each process
-        forwards its shard, so BN statistics never mix a query with its own key. In a world of one
-        the same is emulated: shuffle, forward in `shuffle_splits` sub-batches, restore the order.
-        As in MoCo, every process must pass the same batch size (drop_last in the loader).
-        """
+        """encoder_k on the keys (N, dim) with MoCo's shuffle-BN: the global batch shuffled by rank
+        0's permutation, each process forwarding a shard (emulated in `shuffle_splits` sub-batches
+        in a world of one), the order restored; every process passes the same N."""
         if is_distributed():
             n_local = x_key.shape[0]
             x_all = concat_all_gather(x_key)  # (N_global, C, T, H, W)
@@ -391,10 +305,8 @@ class VideoMoCo(nn.Module):
 
     @torch.no_grad()
     def dequeue_and_enqueue(self, keys, name="queue"):
-        """FIFO update of the queue with the keys of all processes (in rank order), wrapping
-        around the end; any K and batch size. Equivalent to enqueueing the keys one at a time: a
-        batch larger than K leaves its newest K keys. Ages as in the class docstring. `name`: the
-        buffers NAME, NAME_ptr and NAME_age (VCLR keeps a second queue of clip-level keys)."""
+        """FIFO update with the keys of all processes in rank order, as if enqueued one at a time
+        (any K and batch); ages as in the class docstring."""
         queue, queue_ptr, queue_age = (getattr(self, name + end) for end in ("", "_ptr", "_age"))
         keys = concat_all_gather(keys)  # (B, dim)
         if not torch.isfinite(keys).all():
@@ -405,43 +317,15 @@ class VideoMoCo(nn.Module):
         ptr = int(queue_ptr)
         slots = (ptr + torch.arange(batch - kept, batch, device=keys.device)) % self.K  # (kept,)
         queue[:, slots] = keys[batch - kept:].T.to(queue.dtype)
-        if self.decay_unit == "key":
-            queue_age += batch
-            queue_age[slots] = torch.arange(kept, 0, -1, device=keys.device)
-        else:
-            queue_age += 1
-            queue_age[slots] = 1
+        queue_age += batch
+        queue_age[slots] = torch.arange(kept, 0, -1, device=keys.device)
         queue_ptr[0] = (ptr + batch) % self.K
 
-    @torch.no_grad()
-    def random_drop_distance(self, x, q_full, k):
-        """Table 1's yardstick for G: Eq 4's distance E|D(x') - D(x)|_1 with x' = x with k frames
-        dropped at random, on the clips G saw (q_full = D(x), normalised). BN running statistics are
-        left as they were: the BN layers update clones, swapped in and out (restoring them in
-        place would break D's backward, which holds the originals)."""
-        bns = [m for m in self.encoder_q.modules()
-               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-        stats = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in bns]
-        for m, (mean, var, count) in zip(bns, stats):
-            m.running_mean, m.running_var = mean.clone(), var.clone()
-            m.num_batches_tracked = count.clone()
-        try:
-            q = F.normalize(self.encode_query(random_drop(x, k)[0]), dim=1)
-        finally:
-            for m, (mean, var, count) in zip(bns, stats):
-                m.running_mean, m.running_var, m.num_batches_tracked = mean, var, count
-        return (q.float() - q_full.float()).abs().sum(dim=1).mean()
-
     def forward(self, x_query, x_key, x_full=None, decay=None):
-        """One MoCo step. x_query: the query clip (G's output in the adversarial phase, Eq 3),
-        x_key: the other view, x_full: the query clip before dropout (adversarial phase only),
-        decay: t of Eq 6 for this step (default self.decay; 1 gives Eq 1).
-
-        Returns {"loss_d": Eq 6 (Eq 5 if decay == 1), "loss_g": Eq 4 or None, "q", "k", "q_full"
-        (D(x_full), or None), "acc"}.
-        The momentum update and the enqueue happen only in training mode, so an eval-mode forward
-        leaves encoder_k and the queue untouched.
-        """
+        """x_query: the query clip (G's output, Eq 3), x_key: the other view, x_full: the clip
+        before the drop (adversarial phase), decay: t of Eq 6 (default self.decay; 1 gives Eq 1).
+        Returns {"loss_d": Eq 5/6, "loss_g": Eq 4 or None, "q", "k", "q_full", "acc"}. Only in
+        training mode: the momentum update and the enqueue."""
         q = F.normalize(self.encode_query(x_query), dim=1)  # (N, dim)
         with torch.no_grad():
             if self.training:
@@ -472,20 +356,15 @@ def decay_weights(age, decay):
 
 
 def infonce_chance(age, decay):
-    """The value of Eq 6 when every logit is the same (collapsed features, or a model that has
-    learned nothing): ln(1 + sum_i t^age_i) over the queue's ages; ln(K + 1) for Eq 1 (decay 1)."""
+    """Eq 6 when every logit is the same: ln(1 + sum_i t^age_i); ln(K + 1) for Eq 1."""
     return math.log1p(decay_weights(age, decay).sum().item())
 
 
 def decayed_infonce(q, k, queue, age, tau, decay, return_logits=False):
     """Eq 6 (Eq 1/5 when decay == 1), mean over the batch:
-    -log( exp(q.k+/tau) / (exp(q.k+/tau) + sum_i t^age_i exp(q.k_i/tau)) ).
-
-    q, k: (N, dim) L2-normalised; queue: (dim, K) the negatives; age: (K,) their ages.
-    The weight t^age multiplies exp(), so it is added as age * log(t) to the negative logits and the
-    log-sum-exp of cross-entropy stays stable; the positive is not decayed. With decay == 1 the
-    addition is skipped and this is MoCo's loss op for op. Computed in float32 even under autocast.
-    """
+    -log( exp(q.k+/tau) / (exp(q.k+/tau) + sum_i t^age_i exp(q.k_i/tau)) ), q, k (N, dim)
+    normalised, queue (dim, K), age (K,). t^age is added as age * log t to the negative logits (a
+    stable log-sum-exp; the positive is not decayed); decay 1 is MoCo's loss op for op. float32."""
     with torch.autocast(device_type=q.device.type, enabled=False):
         q, k, queue = q.float(), k.float(), queue.float()
         l_pos = (q * k).sum(dim=1, keepdim=True)  # (N, 1)
@@ -511,71 +390,12 @@ def generator_loss(q_query, q_full):
 
 
 def adversarial_backward(loss_d, loss_g, x_query, x_query_in, d_params, scale=None):
-    """Backward of one adversarial step with the paper's routing: D gets only loss_d (Eq 5/6),
-    G gets only loss_g (Eq 4). See the comment at the top of this file.
-
-    x_query: G's output (graph to G); x_query_in = x_query.detach().requires_grad_(), what D saw.
-    d_params: D's trainable parameters; loss_d's backward is restricted to them, so it skips the
-    gradient w.r.t. the clip that only loss_g needs (the first conv's input gradient is not free).
-    scale: a GradScaler's `scale` for float16 AMP; both losses are scaled, so step both optimizers
-    through the same scaler.
-    """
+    """The adversarial backward with the paper's routing (top of this file): D gets only loss_d
+    (Eq 5/6), G only loss_g (Eq 4). x_query: G's output; x_query_in: its detached copy D saw;
+    d_params: D's parameters (loss_d's backward stops there, skipping the clip's gradient);
+    scale: a GradScaler's, for both losses (step both optimizers through it)."""
     if scale is None:
         scale = lambda loss: loss  # noqa: E731
     grad_in, = torch.autograd.grad(scale(loss_g), x_query_in, retain_graph=True)
     torch.autograd.backward(scale(loss_d), inputs=list(d_params))
     x_query.backward(grad_in)
-
-
-def videomoco_step(model, x, x_key, opt_d, generator=None, opt_g=None, k=8, temperature=1.0,
-                   decay=None,
-                   random_k=False, compare_random=False, autocast=contextlib.nullcontext(),
-                   scaler=None,
-                   agree=None):
-    """One whole VideoMoCo step. x, x_key: (N, 3, T, H, W), two augmentations of the same clips.
-
-    With G (`generator`, the adversarial phase, Sec 3.3): G scores every frame of x, its k most
-    important frames are dropped (Eq 3), D (model.encoder_q) minimises the decayed InfoNCE with
-    x_query as the query (Eq 5/6) and G maximises |D(x_query) - D(x)|_1 (Eq 4); each net is updated
-    by its own loss only (adversarial_backward). Without G: D alone, MoCo's step with x as the query
-    (Eq 1, decayed by Eq 6); random_k drops k frames at random instead (Table 1's random-drop row).
-
-    model: a VideoMoCo, or one wrapped in DistributedDataParallel. decay: t of Eq 6 for this step
-    (default model.decay; 1 = Eq 1). compare_random (with G): also "l1_random", Eq 4's distance for
-    k frames dropped at random from the same clips, with the same D. autocast: the forward's
-    autocast context; scaler: a torch.amp.GradScaler (None: plain optimizer steps). The nets are
-    updated only if agree(finite) is true, finite = both losses are finite (default: agree = the
-    identity); a distributed caller makes every rank decide alike there.
-    Returns the model's dict plus "x_query" and "updated".
-    """
-    with autocast:
-        if generator is not None:
-            x_query, _ = drop_frames(x, generator(x), k, temperature)
-        elif random_k:
-            x_query, _ = random_drop(x, k)
-        else:
-            x_query = x
-        # see adversarial_backward
-        x_query_in = x_query.detach().requires_grad_(generator is not None)
-        out = model(x_query_in, x_key, x if generator is not None else None, decay)
-        if generator is not None and compare_random:
-            videomoco = getattr(model, "module", model)  # under DistributedDataParallel
-            out["l1_random"] = videomoco.random_drop_distance(x, out["q_full"], k)
-    loss_d, loss_g = out["loss_d"], out["loss_g"]
-    finite = bool(torch.isfinite(loss_d)) and (loss_g is None or bool(torch.isfinite(loss_g)))
-    out.update(x_query=x_query, updated=agree(finite) if agree is not None else finite)
-    if not out["updated"]:
-        return out
-    scaler = scaler if scaler is not None else torch.amp.GradScaler(x.device.type, enabled=False)
-    opts = (opt_d, opt_g) if generator is not None else (opt_d,)
-    for opt in opts:
-        opt.zero_grad(set_to_none=True)
-    if generator is not None:
-        adversarial_backward(loss_d, loss_g, x_query, x_query_in, opt_d.param_groups[0]["params"],
-                             scale=scaler.scale)
-    else:
-        scaler.scale(loss_d).backward()
-    for opt in opts:  # both through the one scaler under float16
-        scaler.step(opt)
-    scaler.update()
-    return out

@@ -1,25 +1,23 @@
 """
-Self-supervised pretraining: VideoMoCo (Pan et al., CVPR 2021).
+Self-supervised pretraining: VideoMoCo (Pan et al., CVPR 2021), and the methods it is compared with.
 
-    python pretrain.py                  # demo preset: built-in data, CPU, a few minutes
+    python pretrain.py                  # demo preset: built-in data, CPU, under 3 minutes
     torchrun --nproc_per_node=8 pretrain.py --dataset kinetics --data-root /data/k400 --out k400
-    torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT pretrain.py
 
-The step, in paper terms. x is a clip, x_key another augmentation of the same clip. Before
---adv-start, D is trained alone with MoCo's InfoNCE (Eq 1, with the decay of Eq 6). From --adv-start
-on, G scores every frame, the k most important frames are dropped (Eq 3), D minimises the decayed
-InfoNCE with x_query as the query (Eq 5/6), and G maximises |D(x_query) - D(x)|_1 (Eq 4), each net
-updated only by its own loss (models.adversarial_backward). The momentum encoder follows Eq 2.
-
-Rerunning the same command with the same --out resumes from OUT/ckpt.pt. SIGTERM / SIGUSR1 (cluster
-pre-emption) saves a checkpoint and exits cleanly.
+One step is `train_step` below, with models.py: x is a clip, x_key another augmentation of it. D
+is trained alone with MoCo's InfoNCE (Eq 1) before --adv-start; from then on G scores every frame,
+the k most important are dropped (Eq 3), D minimises the decayed InfoNCE with x_query as the query
+(Eq 5/6) and G maximises |D(x_query) - D(x)|_1 (Eq 4), each by its own loss; Eq 2 moves the
+momentum encoder. The same command with the same --out resumes; SIGTERM / SIGUSR1 save and exit.
 """
 
 import argparse
 import copy
 import functools
+import json
 import math
 import os
+import signal
 import time
 
 import numpy as np
@@ -29,134 +27,100 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-import loading
 import methods
 import models
 import utils
 
-
 METHODS = ("videomoco", "moco", "cvrl", "vclr")
 G_RATIO_STEPS = 5  # steps of an adversarial epoch, evenly spaced, that measure G against random
+SAVE_EVERY_MIN, MAX_NONFINITE = 30, 20  # mid-epoch saves; non-finite losses in a row that stop
+PROBE_CLIPS = 64  # the queue-free metric's probe set: chance ln 64
 
 
 def get_args_parser():
     p = argparse.ArgumentParser("VideoMoCo pretraining", add_help=True)
-    loading.add_data_args(p)  # --dataset --data-root --split --frames --stride --crop --workers ...
+    data.add_data_args(p)  # --dataset --data-root --split --frames --stride --crop --workers ...
     # model
     p.add_argument("--arch", default="r2plus1d_10", choices=models.ARCHS, help="encoder D")
     p.add_argument("--input", default="rgb", choices=models.INPUTS, help="rgb or residual frames")
-    p.add_argument("--moco-dim", type=int, default=128, help="feature dimension (MoCo: 128)")
     p.add_argument("--moco-k", type=int, default=65536, help="queue size K in keys (paper: 65536)")
     p.add_argument("--moco-m", type=float, default=0.999, help="momentum m, Eq 2 (paper: 0.999)")
-    p.add_argument("--moco-t", type=float, default=0.07, help="temperature tau, Eq 1 (paper: 0.07)")
-    p.add_argument("--decay", type=float, default=0.99999,
-                   help="t of Eq 6; 1 = MoCo (paper: 0.99999)")
+    p.add_argument("--moco-t", type=float, default=0.07,
+                   help="temperature tau, Eq 1 (MoCo: 0.07; CVRL, VCLR: 0.1)")
+    p.add_argument("--decay", type=float, default=0.99999, help="t of Eq 6 (paper: 0.99999)")
     p.add_argument("--decay-start", type=int, default=None,
                    help="epoch from which D's loss is Eq 6, not Eq 1 (default: --adv-start)")
-    p.add_argument("--decay-unit", default="key", choices=("key", "step"),
-                   help="age i of Eq 6 in keys (paper) or in enqueue steps (authors' code)")
-    p.add_argument("--shuffle-splits", type=int, default=2,
-                   help="shuffle-BN processes emulated in one")
+    p.add_argument("--shuffle-splits", type=int, default=2, help="shuffle-BN processes emulated")
     p.add_argument("--mlp", action=argparse.BooleanOptionalAction, default=True,
                    help="MoCo v2's MLP projection head (default) or --no-mlp, MoCo v1's linear one")
-    p.add_argument("--jitter", type=float, default=0.8,
-                   help="P(colour jitter) per clip (MoCo v2: 0.8)")
-    p.add_argument("--grayscale", type=float, default=0.2,
-                   help="P(grayscale) per clip (MoCo v2: 0.2)")
+    p.add_argument("--jitter", type=float, default=0.8, help="P(colour jitter) (MoCo v2: 0.8)")
+    p.add_argument("--grayscale", type=float, default=0.2, help="P(grayscale) (MoCo v2: 0.2)")
     # method: VideoMoCo, its MoCo baseline, and the methods users compare it with (methods.py)
     p.add_argument("--method", default="videomoco", choices=METHODS,
                    help="videomoco; moco (= --generator none --decay 1); cvrl; vclr")
-    methods.add_method_args(p)  # CVRL, VCLR and background erasing
+    p.add_argument("--clip-weight", type=float, default=1.0,
+                   help="VCLR: weight of L_clip (0: the 2-D recipe)")
+    p.add_argument("--background-erasing", type=float, default=0.0,
+                   help="P(a random frame of the query clip is mixed into all its frames)")
     # generator G
     p.add_argument("--generator", default="convlstm", choices=("convlstm", "random", "none"),
                    help="frames dropped by G (adversarial), at random (Table 1), or none (MoCo)")
     p.add_argument("--drop-frames", type=int, default=None, help="k of Eq 3 (default T/4: 8 of 32)")
-    p.add_argument("--g-hidden", type=int, default=256, help="LSTM hidden units of G (paper: 256)")
-    p.add_argument("--g-width", type=int, default=16, help="channels of G's first conv layer")
-    p.add_argument("--g-temperature", type=float, default=1.0,
-                   help="of the straight-through soft mask")
-    p.add_argument("--adv-start", type=int, default=None,
-                   help="first adversarial epoch (default: half)")
-    # optimisation
+    p.add_argument("--adv-start", type=int, default=None, help="first adversarial epoch (half)")
+    # optimisation: SGD with momentum 0.9 for D (weight decay 1e-4, MoCo's) and G (none)
     p.add_argument("--epochs", type=int, default=200, help="training epochs (paper: 200)")
     p.add_argument("--batch-size", type=int, default=128, help="global batch size (paper: 128)")
-    p.add_argument("--lr", type=float, default=0.02, help="D's SGD lr, cosine decay (paper: 0.02)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
-    p.add_argument("--wd", type=float, default=1e-4, help="D's weight decay (MoCo: 1e-4)")
+    p.add_argument("--lr", type=float, default=0.02,
+                   help="initial lr of D and G, cosine decay (paper: 0.02)")
     p.add_argument("--amp", default=None, choices=("bf16", "fp16", "none"),
                    help="autocast dtype (default: bf16 on CUDA, none on CPU)")
-    p.add_argument("--channels-last", action="store_true",
-                   help="encoders in channels_last_3d memory (bench.py --step measures it)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the encoders (bench.py --step measures it)")
+    p.add_argument("--channels-last", action="store_true", help="encoders in channels_last_3d")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoders")
     # run
-    p.add_argument("--out", default="runs/pretrain",
-                   help="ckpt.pt, backbone.pt, log.jsonl, curves.png")
+    p.add_argument("--out", default="runs/pretrain", help="ckpt.pt, backbone.pt, log.jsonl")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--print-freq", type=int, default=20, help="steps between log lines")
-    p.add_argument("--save-every-min", type=float, default=30,
-                   help="minutes between mid-epoch saves")
-    p.add_argument("--max-nonfinite", type=int, default=20,
-                   help="non-finite losses in a row that stop")
     p.add_argument("--knn-every", type=int, default=0, help="epochs between kNN monitors; 0 = off")
     return p
 
 
-# The demo preset: `python pretrain.py` without --data-root, about 2.5 minutes on 2 CPU cores; flags
-# given win. K = 64 against 180 training videos (K/N 0.36; the paper's 65536 of Kinetics' 240k is
-# 0.27); t makes the oldest key weigh 0.52 (0.9898^64) as the paper's 0.99999^65536; no colour
-# jitter, which holds the loss at 0.75 of chance at this budget (RESULTS.md); grayscale stays.
-DEMO_PRESET = dict(**utils.DEMO_CLIPS, batch_size=32, epochs=30, workers=2,
-                   moco_k=64, moco_m=0.99, decay=0.9898, lr=0.1, jitter=0.0, knn_every=5,
-                   print_freq=10, out="runs/demo")
-# per method, on top of DEMO_PRESET: VCLR's three clips must fit in the demo's 32-48 frame videos
-METHOD_DEMO_PRESET = {"vclr": dict(frames=8, stride=1)}
-# a method's own defaults for the shared flags (the official VCLR code's tau and K); the demo
-# preset's K wins over them
-METHOD_DEFAULTS = {"vclr": dict(moco_t=0.1, moco_k=131072)}
+# The presets, defaults for the flags not given. The demo preset: `python pretrain.py` without
+# --data-root, under 3 minutes on 2 CPU cores. K = 64 against 180 training videos (K/N 0.36; the
+# paper's 65536 of Kinetics' 240k is 0.27); t makes the oldest key weigh 0.52 (0.9898^64) as the
+# paper's 0.99999^65536; no colour jitter, which holds the loss at 0.75 of chance at this budget
+# (RESULTS.md). Per method on top of it: VCLR's three clips must fit in the 32-48 frame videos.
+DEMO_PRESET = dict(**utils.DEMO_CLIPS, batch_size=32, epochs=30, workers=2, moco_k=64,
+                   moco_m=0.99, decay=0.9898, lr=0.1, jitter=0.0, knn_every=5, print_freq=10,
+                   out="runs/demo")
+METHOD_DEMO_PRESET = {"vclr": dict(frames=8, stride=1, moco_k=64)}
+# a method's own defaults for the shared flags: MoCo is VideoMoCo without G and decay; CVRL's and
+# the official VCLR code's tau, VCLR's K; G belongs to VideoMoCo
+METHOD_DEFAULTS = {"moco": dict(generator="none", decay=1.0),
+                   "cvrl": dict(generator="none", moco_t=0.1),
+                   "vclr": dict(generator="none", moco_t=0.1, moco_k=131072)}
 
 
-# -----------------------------------------------------------------------------
-# one step of the chosen method
-
-def train_step(model, generator, video, order, phase, args, opt_d, opt_g, ctx, scaler, agree, decay,
-               compare_random):
-    """One step on a batch. video: (N, 2, 3, T, H, W), x and x_key, two augmentations of the same
-    clip (VCLR: (N, 2, S, 3, T, H, W), two tuples, with `order` = (order label, segments)). Phases
-    "moco", "random-drop" and "adversarial" are models.videomoco_step; "cvrl" and "vclr" are
-    methods.contrastive_step. Returns the model's dict with "loss_d" (the encoder's loss), "loss_g"
-    (G's, or None) and "updated"."""
-    x, x_key = video[:, 0], video[:, 1]
-    if args.background_erasing > 0:  # on the query view (every clip of VCLR's anchor tuple)
-        x = methods.background_erasing(x.flatten(0, x.dim() - 5), args.background_erasing,
-                                       args.be_weight)[0].view_as(x)
-    if phase in ("cvrl", "vclr"):
-        inputs = (x, x_key) if phase == "cvrl" else (x, x_key, *order)
-        return methods.contrastive_step(model, inputs, opt_d, ctx, scaler, agree)
-    generator = generator if phase == "adversarial" else None
-    return models.videomoco_step(model, x, x_key, opt_d, generator, opt_g, args.drop_frames,
-                                 args.g_temperature, decay, random_k=phase == "random-drop",
-                                 compare_random=compare_random, autocast=ctx, scaler=scaler,
-                                 agree=agree)
+def parse_args(argv):
+    """The flags, with the presets as defaults (a given flag wins); returns (args, the preset)."""
+    parser = get_args_parser()
+    first = parser.parse_args(argv)  # what the presets depend on: --method, --dataset, --data-root
+    demo = data.is_demo(first)
+    preset = {**(DEMO_PRESET if demo else {}), **METHOD_DEFAULTS.get(first.method, {}),
+              **(METHOD_DEMO_PRESET.get(first.method, {}) if demo else {})}
+    parser.set_defaults(**preset)
+    return parser.parse_args(argv), preset
 
 
-def settle_args(args, given):
+def settle_args(args):
     """Defaults that depend on other flags, and one-line errors for flags that do not fit."""
-    if args.method == "moco":  # the paper's baseline row: no generator, no decay
-        changed_g = "generator" in given and args.generator != "none"
-        if changed_g or ("decay" in given and args.decay != 1):
-            raise SystemExit("error: --method moco means --generator none --decay 1")
-        args.generator, args.decay = "none", 1.0
-    if args.method in ("cvrl", "vclr"):
-        args.generator = "none"  # G belongs to VideoMoCo
+    if args.method == "moco" and (args.generator != "none" or args.decay != 1):
+        raise SystemExit("error: --method moco means --generator none --decay 1")
+    if args.method in ("cvrl", "vclr") and args.generator != "none":
+        raise SystemExit(f"error: --method {args.method} has no generator (G is VideoMoCo's)")
     if args.adv_start is None:
         args.adv_start = args.epochs // 2  # the paper: D alone for the first half (Sec 4.2)
     if args.decay_start is None:  # Sec 3.2: "Initially, we train D ... only use ... Eq. (1)"
         args.decay_start = args.adv_start
-    if args.method == "vclr" and args.segments < 3:
-        raise SystemExit(f"error: --segments must be at least 3 for --method vclr (its order task "
-                         f"shuffles a tuple into neither its order nor the reverse), got "
-                         f"{args.segments}")
     if args.drop_frames is None:
         args.drop_frames = max(args.frames // 4, 1)  # the paper's ratio, 8 of 32 (Sec 3.1: 25 %)
     if args.generator != "none" and not 0 < args.drop_frames < args.frames:
@@ -164,18 +128,35 @@ def settle_args(args, given):
                          f"{args.frames} (no dropping is --generator none)")
 
 
+def build_data(args, per_rank, rank):
+    """(training dataset, its loader, the record of bad videos): two augmented views of one clip
+    (VideoMoCo, MoCo), or CVRL's or VCLR's positive pair."""
+    samples, _, missing = data.list_videos(args.dataset, args.data_root, args.split, train=True)
+    transform = data.TrainTransform(args.crop, jitter=args.jitter, grayscale=args.grayscale,
+                                    on_device=args.augment_on == "device")
+    pair = {"cvrl": methods.CVRLPair(), "vclr": methods.VCLRTuples()}.get(
+        args.method, data.SameClip(views=2, repeat=args.repeat_sample))
+    if args.repeat_sample > 1 and args.method in ("cvrl", "vclr"):
+        raise data.DataError(f"--repeat-sample {args.repeat_sample}: only where a sample is one "
+                             "clip (not --method cvrl or vclr)")
+    dataset = data.VideoClips(samples, args.frames, args.stride, transform, pair)
+    loader = data.build_loader(dataset, per_rank, args.workers, train=True, seed=args.seed)
+    return dataset, loader, data.BadVideos(samples, missing, log=rank == 0)
+
+
 def build_models(args, device, world, log):
     """(model, G or None, and the two as the loop calls them: DDP-wrapped in a world of several)."""
     base_encoder = models.encoder_builder(args.arch, args.input)
     if args.method == "cvrl":
-        model = methods.CVRL(base_encoder, args.moco_dim, args.cvrl_hidden, args.cvrl_t)
+        model = methods.CVRL(base_encoder, T=args.moco_t)
     elif args.method == "vclr":
-        model = methods.VCLR(base_encoder, args.moco_dim, args.moco_k, args.moco_m, args.moco_t,
-                             args.segments, args.order_weight, args.shuffle_splits, args.mlp,
-                             args.clip_weight)
+        model = methods.VCLR(base_encoder, K=args.moco_k, m=args.moco_m, T=args.moco_t,
+                             shuffle_splits=args.shuffle_splits, mlp=args.mlp,
+                             clip_weight=args.clip_weight)
     else:
-        model = models.VideoMoCo(base_encoder, args.moco_dim, args.moco_k, args.moco_m, args.moco_t,
-                                 args.decay, args.decay_unit, args.shuffle_splits, args.mlp)
+        model = models.VideoMoCo(base_encoder, K=args.moco_k, m=args.moco_m, T=args.moco_t,
+                                 decay=args.decay, shuffle_splits=args.shuffle_splits,
+                                 mlp=args.mlp)
     model = methods.global_batchnorm(model, args.method, device, world, log).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
@@ -183,9 +164,7 @@ def build_models(args, device, world, log):
         if hasattr(model, name):  # in place, so that the state_dict keys stay torchvision's
             getattr(model, name).compile()
     # G exists only where it is used: --method videomoco with --generator convlstm
-    generator = None
-    if args.generator == "convlstm":
-        generator = models.ConvLSTMGenerator(3, args.g_hidden, args.g_width).to(device)
+    generator = models.ConvLSTMGenerator().to(device) if args.generator == "convlstm" else None
     log(f"{args.method}: encoder {args.arch} on {args.input} input, "
         f"{models.count_parameters(model.encoder_q) / 1e6:.2f}M parameters"
         + (f"; G: ConvLSTM, {models.count_parameters(generator) / 1e6:.2f}M" if generator else "")
@@ -196,23 +175,74 @@ def build_models(args, device, world, log):
     return model, generator, utils.wrap_ddp(model, sync_buffers=False), utils.wrap_ddp(generator)
 
 
-def save_checkpoint(path, args, parts, scaler, epoch, step, epoch_step, rank):
-    """ckpt.pt (everything a resume needs) and backbone.pt (the query encoder without its
-    projection head, keyed as torchvision's model of the same arch), both written atomically by
-    rank 0. Collective: every rank calls it."""
-    utils.save_checkpoint(path, "pretrain", parts, scaler, rank, method=args.method, epoch=epoch,
-                          step=step, epoch_step=epoch_step, args=vars(args))
-    if rank == 0:
-        backbone = {k: v for k, v in parts["model"].encoder_q.state_dict().items()
-                    if not k.startswith("fc.")}
-        utils.save_atomic(backbone, os.path.join(os.path.dirname(path), "backbone.pt"))
+# -----------------------------------------------------------------------------
+# one step
+
+def train_step(args, model, generator, video, extra, opt_d, opt_g, ctx, scaler, guard, decay,
+               adversarial, random_drop=False, measure_random=False):
+    """One step on a batch, in the paper's order. video: (N, 2, 3, T, H, W), x and x_key, two
+    augmentations of each clip (CVRL: two clips; VCLR: (N, 2, S, 3, T, H, W), two tuples, with
+    extra = (order labels, segments)). adversarial: G drops k frames; random_drop: k random frames
+    are dropped (Table 1); decay: t of Eq 6 (1 = Eq 1). Returns the model's dict with "loss_d"
+    (the encoder's loss), "loss_g" (G's, or None), "updated" and, when measure_random,
+    "l1_random"."""
+    x, x_key = video[:, 0], video[:, 1]
+    if args.background_erasing > 0:  # on the query view (every clip of VCLR's anchor tuple)
+        x = methods.background_erasing(x.flatten(0, x.dim() - 5),
+                                       args.background_erasing)[0].view_as(x)
+    with ctx:
+        if args.method in ("cvrl", "vclr"):
+            out = model(x, x_key, *extra)
+            out.update(loss_d=out["loss"], loss_g=None)
+        else:
+            if adversarial:  # Eq 3: G scores every frame, its k most important are dropped
+                x_query, _ = models.drop_frames(x, generator(x), args.drop_frames)
+            elif random_drop:  # Table 1's random-drop row
+                x_query, _ = models.random_drop(x, args.drop_frames)
+            else:
+                x_query = x
+            # D sees a detached copy, so that loss_d's backward stops at D's input
+            x_query_in = x_query.detach().requires_grad_(adversarial)
+            # Eq 2, the keys (shuffle-BN), Eq 5/6 for D (Eq 1 if decay is 1) and Eq 4 for G
+            out = model(x_query_in, x_key, x if adversarial else None, decay)
+            if measure_random:
+                out["l1_random"] = random_drop_distance(model, x, out["q_full"], args.drop_frames)
+    # a non-finite loss skips the step on every rank alike (the guard's one all-reduce)
+    finite = bool(torch.isfinite(out["loss_d"])) and (out["loss_g"] is None
+                                                      or bool(torch.isfinite(out["loss_g"])))
+    out["updated"] = guard.agree(finite)
+    if not out["updated"]:
+        return out
+    opts = (opt_d, opt_g) if adversarial else (opt_d,)
+    for opt in opts:
+        opt.zero_grad(set_to_none=True)
+    if adversarial:  # D by Eq 5/6 alone, G by Eq 4 alone
+        models.adversarial_backward(out["loss_d"], out["loss_g"], x_query, x_query_in,
+                                    opt_d.param_groups[0]["params"], scale=scaler.scale)
+    else:
+        scaler.scale(out["loss_d"]).backward()
+    for opt in opts:  # both through the one scaler under float16
+        scaler.step(opt)
+    scaler.update()
+    return out
+
+
+@torch.no_grad()
+def random_drop_distance(model, x, q_full, k):
+    """Table 1's yardstick for G: Eq 4's distance for x' = x with k frames dropped at random, on the
+    clips G saw (q_full = D(x)). On a copy: a train-mode forward moves BN running statistics."""
+    copy_ = copy.deepcopy(getattr(model, "module", model))  # (the module under DDP)
+    q = F.normalize(copy_.encode_query(models.random_drop(x, k)[0]), dim=1)
+    return (q.float() - q_full.float()).abs().sum(dim=1).mean()
 
 
 def epoch_schedule(args, epoch, opt_d, opt_g):
-    """Set both learning rates for `epoch`; returns (phase, t of Eq 6 for this epoch)."""
-    for group in opt_d.param_groups:  # cosine, per epoch (MoCo v2)
+    """Both learning rates for `epoch`: D's cosine over the run (MoCo v2), G's from the same initial
+    lr (the paper's 0.02 for both) over its own phase. Returns (the phase, for the log:
+    "adversarial", "random-drop", "moco", "cvrl" or "vclr"; t of Eq 6)."""
+    for group in opt_d.param_groups:
         group["lr"] = args.lr * utils.cosine(epoch, 0, args.epochs)
-    for group in opt_g.param_groups if opt_g else []:  # G's own cosine over its own phase
+    for group in opt_g.param_groups if opt_g else []:
         group["lr"] = args.lr * utils.cosine(epoch, args.adv_start, args.epochs)
     phase = args.method if args.method in ("cvrl", "vclr") else "moco"
     if epoch >= args.adv_start and args.generator != "none":
@@ -222,31 +252,34 @@ def epoch_schedule(args, epoch, opt_d, opt_g):
 
 def train_epoch(epoch, skip, step, loader, bad, model, generator, opt_d, opt_g, ctx, scaler, args,
                 guard, progress, save, log, device):
-    """One epoch, from its step `skip` on. Returns (step, phase, decay, sums, stopped): sums (6,)
-    over the updated steps: the contrastive loss, the instance accuracy, the feature spread, 1, and
-    Eq 4's distance for G's drops and for random ones (on the steps that measure it); stopped: by a
-    signal."""
+    """One epoch, from its step `skip` on. Returns (step, phase, t of Eq 6, sums over the updated
+    steps, stopped by a signal)."""
     phase, decay = epoch_schedule(args, epoch, opt_d, opt_g)
+    adversarial = phase == "adversarial"
     loader.sampler.set_epoch(epoch, skip * loader.batch_size)  # in videos
     model.train()
     if generator is not None:
         generator.train()
     progress.restart()
-    sums = torch.zeros(6, device=device)
+    sums = {k: torch.zeros((), device=device) for k in ("loss", "acc", "spread", "steps", "l1_g",
+                                                        "l1_random")}
     for epoch_step, batch in enumerate(loader, start=skip):
         bad.update(batch["bad"])
-        # (N, 2, 3, T, H, W); VCLR (N, 2, S, ...)
-        video = data.to_device(batch, device)
-        order = [batch[k].to(device) for k in ("order", "segments")] if "order" in batch else None
-        out = train_step(model, generator, video, order, phase, args, opt_d, opt_g, ctx, scaler,
-                         guard.agree, decay,
-                         compare_random=epoch_step % max(len(loader) // G_RATIO_STEPS, 1) == 0)
+        video = data.to_device(batch, device)  # (N, 2, 3, T, H, W); VCLR (N, 2, S, ...)
+        extra = [batch[k].to(device) for k in ("order", "segments")] if "order" in batch else []
+        measure = adversarial and epoch_step % max(len(loader) // G_RATIO_STEPS, 1) == 0
+        out = train_step(args, model, generator, video, extra, opt_d, opt_g, ctx, scaler, guard,
+                         decay, adversarial, phase == "random-drop", measure)
         guard.count(out, step)
-        spread = utils.feature_spread(out["q"])
+        spread = feature_spread(out["q"])
         if out["updated"]:
-            eq4 = (-out["loss_g"].detach(), out["l1_random"]) if "l1_random" in out else (0, 0)
-            sums += torch.stack([torch.as_tensor(v, device=device).float() for v in (
-                out.get("loss_nce", out["loss_d"]).detach(), out["acc"], spread, 1, *eq4)])
+            sums["loss"] += out.get("loss_nce", out["loss_d"]).detach().float()  # VCLR's: L_v
+            sums["acc"] += out["acc"].float()
+            sums["spread"] += spread
+            sums["steps"] += 1
+            if measure:
+                sums["l1_g"] += -out["loss_g"].detach().float()
+                sums["l1_random"] += out["l1_random"].float()
         step += 1
         progress.clips += args.batch_size
         if step % args.print_freq == 0 or epoch_step + 1 == len(loader):
@@ -269,61 +302,64 @@ def train_epoch(epoch, skip, step, loader, bad, model, generator, opt_d, opt_g, 
     return step, phase, decay, sums, False
 
 
-def log_epoch(epoch, phase, sums, chance, probe, path, bad, log):
-    """The epoch's record for curves.png (the means over its updated steps, and the queue-free
-    metric `probe` = (loss, top-1, chance)); returns the collapse warning, or None. Collective (one
-    all-reduce)."""
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-    loss, acc, spread = (sums[:3] / sums[3].clamp(min=1)).tolist()
-    # G's drops against random drops of as many frames, Eq 4's distance on the same clips (Table 1)
-    g_vs_random = (sums[4] / sums[5]).item() if phase == "adversarial" and sums[5] > 0 else None
-    probe_loss, probe_top1, probe_chance = probe
-    log(f"epoch {epoch} done: loss {loss:.4f} (chance {chance:.4f}) acc {acc:.3f} "
-        f"spread {spread:.3f}; queue-free loss {probe_loss:.4f} (chance {probe_chance:.4f}) "
-        f"top-1 {probe_top1:.3f}"
-        + (f"; Eq 4 distance of G's drops / random drops {g_vs_random:.3f}" if g_vs_random else "")
-        + f"; {bad} bad videos skipped so far; saved {path}",
-        curve=True, epoch=epoch + 1, loss=loss, acc=acc, spread=spread, chance=chance,
-        probe_loss=probe_loss, probe_top1=probe_top1, probe_chance=probe_chance,
-        g_vs_random=g_vs_random)
-    return utils.collapse_warning(probe_loss, spread, probe_chance)
+class Guard:
+    """What every rank decides alike at each step, in one all-reduce: skip a non-finite step (stop
+    after MAX_NONFINITE in a row), stop on SIGTERM / SIGUSR1 (pre-emption), save every
+    SAVE_EVERY_MIN minutes."""
+
+    def __init__(self, device, log):
+        self.device, self.log, self.last_save = device, log, time.time()
+        self.signal = self.stop = self.save_due = False
+        self.nonfinite = 0
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, lambda signum, frame: setattr(self, "signal", True))
+
+    def agree(self, finite):
+        """Whether to update, the same on every rank; sets stop and save_due."""
+        due = time.time() - self.last_save > SAVE_EVERY_MIN * 60
+        flags = torch.tensor([float(self.signal), float(not finite), float(due)],
+                             device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        self.stop, nonfinite, self.save_due = (bool(v) for v in flags.tolist())
+        return not nonfinite
+
+    def count(self, out, step):
+        if out["updated"]:
+            self.nonfinite = 0
+            return
+        self.nonfinite += 1
+        self.log(f"non-finite loss at step {step} (loss_d {out['loss_d'].item()}, "
+                 f"{self.nonfinite} in a row): step skipped")
+        if self.nonfinite >= MAX_NONFINITE:
+            raise SystemExit(f"error: {self.nonfinite} non-finite losses in a row; "
+                             "lower --lr or try --amp none")
 
 
 # -----------------------------------------------------------------------------
-# the queue-free learning metric
+# watching the run: the queue-free metric, the feature spread, kNN on the test split
 
-PROBE_CLIPS = 64  # its probe set: chance ln 64
-
-
-def build_probe(dataset, workers):
-    """The queue-free metric's probe set, as one batch: two augmentations of one clip of each of
-    PROBE_CLIPS training videos, the same videos, positions and augmentations at every measurement
-    and for every --seed (a fixed subset and fixed per-sample seeds)."""
+def build_probe(dataset):
+    """The queue-free metric's probe set, one batch: two augmentations of a clip of PROBE_CLIPS
+    training videos, the same at every measurement and for every --seed (fixed per-sample seeds;
+    the loader's own generator leaves torch's global RNG alone)."""
     rng = np.random.default_rng(0)
     order = rng.permutation(len(dataset.samples))[:PROBE_CLIPS]
     items = [(int(i), int(rng.integers(2**62))) for i in order]
     probe = data.VideoClips(dataset.samples, dataset.frames, dataset.stride, dataset.transform,
-                            views=2)
-    # (a generator of its own: the loader's base seed must not come from torch's global RNG,
-    # which the training draws from)
+                            data.SameClip(views=2))
     return torch.utils.data.DataLoader(probe, batch_size=len(items), sampler=items,
-                                       num_workers=workers, collate_fn=loading.collate,
-                                       worker_init_fn=loading.worker_init,
-                                       generator=torch.Generator())
+                                       collate_fn=data.collate, generator=torch.Generator())
 
 
 @torch.no_grad()
 def queue_free_metric(model, probe, bn_batch, device, ctx):
-    """The pretext task scored without a queue: the query of each probe clip (first view,
-    encoder_q) against the keys of all P probe clips (second view) from the *current* key encoder,
-    InfoNCE with the method's tau, the positive on the diagonal; chance is ln P. The training loss
-    scores the positive against queue keys written up to K/B steps ago: a collapsed embedding that
-    drifts with the lr beats those stale keys, and the training loss then sits well below chance
-    with no instance discrimination (../shared/notes/learning-evidence.md). Fresh keys are not
-    fooled. As in the training step the forwards run in train mode, queries in contiguous
-    sub-batches of `bn_batch` and keys in shuffled ones, on copies of the encoders: the model's
-    state is untouched. Returns (loss, top-1, chance)."""
+    """The pretext task scored without a queue: each probe clip's query (first view, encoder_q)
+    against the keys of all P probe clips (second view) from the *current* key encoder, InfoNCE
+    with the method's tau; chance is ln P. The training loss scores against keys up to K/B steps
+    old, which a collapsed embedding drifting with the lr beats with nothing learned; fresh keys
+    are not fooled. Train-mode forwards as in the step (queries in contiguous sub-batches of
+    `bn_batch`, keys in shuffled ones) on copies of the encoders. Returns (loss, top-1, chance)."""
     video = data.to_device(next(iter(probe)), device)  # (P, 2, 3, T, H, W)
     x, x_key = video[:, 0], video[:, 1]
     p = x.shape[0]
@@ -342,23 +378,121 @@ def queue_free_metric(model, probe, bn_batch, device, ctx):
     return F.cross_entropy(logits, labels).item(), top1, math.log(p)
 
 
+def feature_spread(z):
+    """sqrt(D) x the mean per-dimension std over the batch of L2-normalised z (N, D): SimSiam's
+    collapse monitor (Chen & He 2021, Sec 4.1), ~1 for isotropic features, 0 for collapsed ones."""
+    z = F.normalize(z.detach().float(), dim=1)
+    return z.std(dim=0).mean() * math.sqrt(z.shape[1])
+
+
+def collapse_warning(loss, spread, chance):
+    """One line for an epoch whose queue-free loss ended within 2 % of its chance level or whose
+    mean feature spread stayed near 0, else None (the training loss is no evidence either way)."""
+    if loss >= 0.98 * chance:
+        why = (f"the queue-free loss ({loss:.3f}) ended an epoch within 2% of its chance level "
+               f"{chance:.3f}")
+    elif spread < 0.1:
+        why = f"the feature spread ({spread:.3f}) stayed near 0 (collapse) for a whole epoch"
+    else:
+        return None
+    return f"warning: {why}: the pretext task is not learning; see README, 'Does it learn?'"
+
+
+class KNNMonitor:
+    """Weighted 20-NN top-1 of pooled features during pretraining (MoCo's CIFAR demo): train split
+    as gallery, test split as queries, one centre clip per video, BN statistics re-estimated on
+    training clips in a copy of the encoder."""
+
+    def __init__(self, args, workers, k=20):
+        self.k = k
+        lists = [data.list_videos(args.dataset, args.data_root, args.split, train)[:2]
+                 for train in (True, False)]
+        self.bn_loader = data.bn_loader(lists[0][0], args, workers)
+        self.loaders = [data.test_loader(samples, args, 16, workers) for samples, _ in lists]
+        self.labels = [torch.tensor([y for _, y in samples]) for samples, _ in lists]
+        self.num_classes = len(lists[0][1])
+
+    def __call__(self, encoder, device, ctx):
+        encoder = utils.estimate_bn_statistics(copy.deepcopy(encoder), self.bn_loader, device, ctx)
+        with models.pooled_features(encoder):
+            (g, g_index, _), (q, q_index, _) = (utils.video_features(encoder, loader, device, ctx)
+                                                for loader in self.loaders)
+        pred = utils.knn_predict(q, g, self.labels[0][g_index], self.num_classes, self.k)
+        return (pred == self.labels[1][q_index]).float().mean().item()
+
+    def measure(self, encoder, epochs_done, device, ctx, log):
+        top1, chance = self(encoder, device, ctx), 1 / self.num_classes
+        log(f"kNN top-1 after {epochs_done} epochs: {top1:.3f} (chance {chance:.3f}; "
+            f"{self.k}-NN on the test split, 1 clip per video)", curve=True, epoch=epochs_done,
+            knn_top1=top1, knn_chance=chance)
+
+
+def log_epoch(epoch, phase, sums, chance, probe, path, bad, log):
+    """The epoch's record (the means over its updated steps, and the queue-free metric `probe` =
+    (loss, top-1, chance)); returns the collapse warning, or None. Collective (one all-reduce)."""
+    totals = torch.stack(list(sums.values()))
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    s = dict(zip(sums, totals))
+    loss, acc, spread = ((s[k] / s["steps"].clamp(min=1)).item() for k in ("loss", "acc", "spread"))
+    # G's drops against random drops of as many frames, Eq 4's distance on the same clips (Table 1)
+    g_vs_random = (s["l1_g"] / s["l1_random"]).item() if s["l1_random"] > 0 else None
+    probe_loss, probe_top1, probe_chance = probe
+    log(f"epoch {epoch} done: loss {loss:.4f} (chance {chance:.4f}) acc {acc:.3f} "
+        f"spread {spread:.3f}; queue-free loss {probe_loss:.4f} (chance {probe_chance:.4f}) "
+        f"top-1 {probe_top1:.3f}"
+        + (f"; Eq 4 distance of G's drops / random drops {g_vs_random:.3f}" if g_vs_random else "")
+        + f"; {bad} bad videos skipped so far; saved {path}",
+        curve=True, epoch=epoch + 1, loss=loss, acc=acc, spread=spread, chance=chance,
+        probe_loss=probe_loss, probe_top1=probe_top1, probe_chance=probe_chance,
+        g_vs_random=g_vs_random)
+    return collapse_warning(probe_loss, spread, probe_chance)
+
+
+def learning_summary(log, epochs):
+    """The first and last queue-free and kNN measurements of the run, a line each (rank 0)."""
+    records = {}
+    with open(log.path) as f:  # the per-epoch records; a resumed run's later ones replace
+        for r in filter(lambda r: r.get("curve"), map(json.loads, f)):
+            records.setdefault(r["epoch"], {}).update(r)
+    records = [records[e] for e in sorted(records)]
+    probe = [r for r in records if r.get("probe_loss") is not None]
+    if len(probe) > 1:
+        a, b = probe[0], probe[-1]
+        log(f"queue-free loss went from {a['probe_loss']:.3f} at epoch {a['epoch']} to "
+            f"{b['probe_loss']:.3f} after {epochs} epochs (chance {b['probe_chance']:.3f}), "
+            f"its top-1 from {a['probe_top1']:.3f} to {b['probe_top1']:.3f} (chance "
+            f"{math.exp(-b['probe_chance']):.3f})")
+    knn = [r for r in records if r.get("knn_top1") is not None]
+    if len(knn) > 1:
+        log(f"kNN top-1 on the test split went from {knn[0]['knn_top1']:.3f} at epoch "
+            f"{knn[0]['epoch']} to {knn[-1]['knn_top1']:.3f} after {epochs} epochs "
+            f"(chance {knn[-1]['knn_chance']:.3f})")
+
+
 # -----------------------------------------------------------------------------
 
+def save_checkpoint(path, args, parts, scaler, epoch, step, epoch_step, rank):
+    """ckpt.pt (all a resume needs) and backbone.pt (encoder_q without its head), by rank 0."""
+    utils.save_checkpoint(path, "pretrain", parts, scaler, rank, method=args.method, epoch=epoch,
+                          step=step, epoch_step=epoch_step, args=vars(args))
+    if rank == 0:
+        backbone = {k: v for k, v in parts["model"].encoder_q.state_dict().items()
+                    if not k.startswith("fc.")}
+        utils.save_atomic(backbone, os.path.join(os.path.dirname(path), "backbone.pt"))
+
+
 def main(argv=None):
-    args, given = utils.parse_args(get_args_parser(), argv)
-    utils.apply_preset(args, given, METHOD_DEFAULTS.get(args.method, {}))
-    demo = {**DEMO_PRESET, **METHOD_DEMO_PRESET.get(args.method, {})}
-    preset = utils.apply_preset(args, given, demo) if utils.is_demo(args) else {}
+    args, preset = parse_args(argv)
+    data.quiet_opencv()
     rank, world, device = utils.init_distributed()
     per_rank = utils.per_rank(args.batch_size, world)
-    settle_args(args, given)
+    settle_args(args)
     log, ctx, scaler = utils.start_run(args, rank, device, preset)
 
     # data
     try:
-        temporal = {"cvrl": "cvrl", "vclr": "vclr"}.get(args.method, "same")
-        dataset, _, bad = loading.build_dataset(args, train=True, views=2, temporal=temporal)
-        loader = loading.build_loader(dataset, per_rank, args.workers, train=True, seed=args.seed)
+        dataset, loader, bad = build_data(args, per_rank, rank)
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
 
@@ -366,9 +500,8 @@ def main(argv=None):
     # (no weight decay: it is a scorer, not a feature)
     model, generator, model_ddp, generator_ddp = build_models(args, device, world, log)
     opt_d = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], args.lr,
-                            momentum=args.momentum, weight_decay=args.wd)
-    opt_g = torch.optim.SGD(generator.parameters(), args.lr,
-                            momentum=args.momentum) if generator else None
+                            momentum=0.9, weight_decay=1e-4)
+    opt_g = torch.optim.SGD(generator.parameters(), args.lr, momentum=0.9) if generator else None
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     parts = {"model": model, "generator": generator, "opt_d": opt_d, "opt_g": opt_g}
     ckpt = utils.resume(ckpt_path, "pretrain", parts, scaler, rank, log, args, must_match=(
@@ -380,10 +513,9 @@ def main(argv=None):
 
     # watching the run: the loss against its chance level, the queue-free metric, the feature
     # spread, kNN on the test split; the first measurements are the random-init anchors
-    knn = utils.KNNMonitor(args, args.workers) if args.knn_every > 0 else None
-    probe = build_probe(dataset, args.workers)
+    knn = KNNMonitor(args, args.workers) if args.knn_every > 0 else None
+    probe = build_probe(dataset)
     bn_batch = max(per_rank // args.shuffle_splits, 2)
-    curves = os.path.join(args.out, "curves.png")
     if start_epoch == 0 and skip == 0:
         loss, top1, chance = queue_free_metric(model, probe, bn_batch, device, ctx)
         log(f"queue-free loss at random init: {loss:.4f} (chance {chance:.4f}) top-1 {top1:.3f}",
@@ -392,7 +524,7 @@ def main(argv=None):
             knn.measure(model.encoder_q, 0, device, ctx, log)
 
     # loop
-    guard = utils.Guard(args, device, log)
+    guard = Guard(device, log)
     progress = utils.Progress(step, args.epochs * len(loader))
     stopped = warned = False
     try:  # a DataError (too many bad videos) is raised on every rank at the same flush
@@ -414,16 +546,14 @@ def main(argv=None):
                 warned = True
             if knn is not None and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
                 knn.measure(model.encoder_q, epoch + 1, device, ctx, log)
-            if rank == 0:
-                utils.draw_curves(log.path, curves)
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
     if not stopped:
         if len(bad) and rank == 0:
             bad.write(os.path.join(args.out, "bad_videos.txt"))
         if rank == 0:
-            utils.learning_summary(log, args.epochs)
-        log(f"done. curves: {curves}; backbone: {os.path.join(args.out, 'backbone.pt')}\n"
+            learning_summary(log, args.epochs)
+        log(f"done. log: {log.path}; backbone: {os.path.join(args.out, 'backbone.pt')}\n"
             f"next: python evaluate.py --ckpt {ckpt_path}  (kNN retrieval of the features)\n"
             f"      python finetune.py --ckpt {ckpt_path} --out {args.out}-finetune")
     if dist.is_initialized():

@@ -5,6 +5,7 @@ naive loop. Run: python -m pytest -q test_videomoco.py
 """
 
 import argparse
+import ast
 import contextlib
 import copy
 import itertools
@@ -16,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import types
 
 import cv2
 import numpy as np
@@ -30,12 +32,13 @@ from torchvision.models.video.resnet import (BasicBlock, BasicStem, Conv2Plus1D,
                                              R2Plus1dStem, VideoResNet)
 
 import data
-import loading
-import datatools
+import evaluate
+import finetune
 import methods
 import models
 import pretrain
 import utils
+
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = models.encoder_builder("tiny")  # base_encoder of the small models in these tests
@@ -81,12 +84,12 @@ def write_index_video(path, n, **kw):
 
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
-    return datatools.make_demo(str(tmp_path_factory.mktemp("demo")))
+    return data.make_demo(str(tmp_path_factory.mktemp("demo")))
 
 
 @pytest.fixture(scope="session")
 def demo_motion_root(tmp_path_factory):
-    return datatools.make_demo_motion(str(tmp_path_factory.mktemp("demo-motion")))
+    return data.make_demo_motion(str(tmp_path_factory.mktemp("demo-motion")))
 
 
 @pytest.fixture(scope="session")
@@ -106,8 +109,7 @@ def small_args(root, out, *extra):
             "--frames", "4",
             "--crop", "32", "--batch-size", "4", "--epochs", "2", "--adv-start", "1",
             "--moco-k", "12",
-            "--decay", "0.99", "--workers", "0", "--g-hidden", "8", "--g-width", "4",
-            "--drop-frames", "1",
+            "--decay", "0.99", "--workers", "0", "--drop-frames", "1",
             "--print-freq", "1", "--lr", "0.05", *extra]
 
 
@@ -136,7 +138,6 @@ def distinct_tree(tmp_path_factory):
 
 # -----------------------------------------------------------------------------
 # naive references (each equation as an independent Python loop) and shared helpers
-
 
 def naive_decayed_infonce(q, k, queue, age, tau, decay):
     """Eq 6 written out, one sample and one negative at a time, in float64."""
@@ -192,6 +193,45 @@ def naive_cross_entropy(logits, labels):
 def clip_embedding(encoder, clip):
     """L2-normalised embedding of one clip (3, T, H, W), forwarded alone."""
     return F.normalize(encoder(clip[None]), dim=1)[0]
+
+
+def fit_batchnorm(net, x):
+    """Set BN running statistics to those of x (a D that has seen data), then eval mode."""
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    net.train()
+    with torch.no_grad():
+        net(x)
+    net.eval()
+
+
+def centre_clip(path, frames, stride, crop):
+    """The evaluation clip of a video by hand: decode-count its frames, take the centre clip,
+    resize and centre-crop -> (1, 3, T, crop, crop)."""
+    with data.VideoReader(path) as reader:
+        n = reader.count_frames()
+    start = data.uniform_starts(n, (frames - 1) * stride + 1, 1)[0]
+    return data.EvalTransform(crop)(read_clip(path, start, frames, stride))
+
+
+def naive_bn_estimate(encoder, clips):
+    """Precise BN for a set of clips that fits one batch: a copy of the encoder whose BN layers take
+    that batch's statistics as their running statistics (momentum 1), in eval mode."""
+    encoder = copy.deepcopy(encoder)
+    for m in encoder.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = 1.0
+    with torch.no_grad():
+        encoder.train()(clips)
+    return encoder.eval()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # -----------------------------------------------------------------------------
@@ -362,9 +402,9 @@ def test_bad_videos_are_skipped_logged_once_and_batches_stay_full(tmp_path, caps
     samples, _, missing = data.list_videos("folder", str(tmp_path), 1)
     missing = [str(tmp_path / "good" / "listed_but_gone.avi")]  # as a split file would name it
     dataset = data.VideoClips(samples, frames=8, stride=1,
-                              transform=data.TrainTransform(32), views=2)
-    bad = loading.BadVideos(samples, missing, max_fraction=0.5)
-    loader = loading.build_loader(dataset, batch_size=4, workers=2, train=True, seed=0)
+                              transform=data.TrainTransform(32), pair=data.SameClip(views=2))
+    bad = data.BadVideos(samples, missing, max_fraction=0.5)
+    loader = data.build_loader(dataset, batch_size=4, workers=2, train=True, seed=0)
     batches = 0
     for epoch in range(3):
         for batch in loader:
@@ -384,7 +424,7 @@ def test_bad_videos_are_skipped_logged_once_and_batches_stay_full(tmp_path, caps
 def test_too_many_bad_videos_stop_the_run(tmp_path):
     make_tree_with_bad_videos(str(tmp_path), n_good=4)
     samples, _, _ = data.list_videos("folder", str(tmp_path), 1)
-    bad = loading.BadVideos(samples, max_fraction=0.1, log=False)
+    bad = data.BadVideos(samples, max_fraction=0.1, log=False)
     with pytest.raises(data.DataError, match="unreadable or missing"):
         bad.update([(i, "x") for i, (p, _) in enumerate(samples) if "/bad/" in p])
 
@@ -399,8 +439,35 @@ def test_test_mode_marks_bad_videos_invalid_instead_of_swapping(tmp_path):
     assert all(o["video"].shape == (12, 3, 8, 32, 32) for o in out)
 
 
+def _bad_videos_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    samples = [(f"/v{i}.avi", 0) for i in range(20)]
+    bad = data.BadVideos(samples, max_fraction=0.25, log=False)
+    bad.update([(rank, "broken")])  # each rank meets a different bad video
+    counts = [len(bad)]
+    bad.flush()
+    counts.append(len(bad))
+    # 6 of 20 bad in all: over 25 %, but 3 per rank
+    bad.update([(10 + rank, "x"), (12 + rank, "y")])
+    try:
+        bad.flush()
+        counts.append("no stop")
+    except data.DataError:
+        counts.append("stopped")
+    torch.save(counts, os.path.join(out, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_bad_videos_are_counted_over_all_ranks(tmp_path):
+    port = _free_port()
+    mp.spawn(_bad_videos_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        assert torch.load(tmp_path / f"{rank}.pt") == [0, 2, "stopped"]
+
+
 # -----------------------------------------------------------------------------
-# data.py: augmentation and seeding
+# data.py: temporally consistent augmentation, in the workers or on the device
 
 def test_augmentation_is_identical_across_the_frames_of_a_clip():
     rng = np.random.default_rng(0)
@@ -464,25 +531,6 @@ def test_composed_color_matrix_equals_the_ops_applied_one_by_one(seed):
     assert np.abs(saturated - exact).max() <= 1.0  # cv2 rounds and saturates
 
 
-def _first_batches(dataset, seed, workers):
-    loader = loading.build_loader(dataset, batch_size=2, workers=workers, train=True, seed=seed)
-    return [b["video"] for _, b in zip(range(3), loader)]
-
-
-def test_workers_draw_different_augmentations_and_seeded_runs_repeat(tmp_path):
-    path = write_video(str(tmp_path / "same.avi"),
-                       [np.random.default_rng(1).integers(0, 255, (48, 64, 3),
-                                                          dtype=np.uint8)] * 12)
-    dataset = data.VideoClips([(path, 0)] * 12, 8, 1, data.TrainTransform(32), views=1)
-    a = _first_batches(dataset, seed=3, workers=2)
-    b = _first_batches(dataset, seed=3, workers=2)
-    c = _first_batches(dataset, seed=4, workers=2)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))  # reproducible
-    assert not all(torch.equal(x, y) for x, y in zip(a, c))
-    clips = torch.cat(a).flatten(1)  # 6 clips of one video, from two workers: all distinct
-    assert len({tuple(c[:64].tolist()) for c in clips}) == 6
-
-
 def test_eval_transform_three_crops_cover_the_long_side():
     frames = np.zeros((2, 60, 120, 3), np.uint8)
     frames[:, :, :40] = 255  # left third white
@@ -492,13 +540,167 @@ def test_eval_transform_three_crops_cover_the_long_side():
     assert means[0] > means[1] > means[2]  # left crop sees the white, right crop none
 
 
+def naive_augment(clip, params):
+    """TrainTransform's device half, one pixel at a time: uint8 (T, H, W, 3) and (13,) parameters
+    (flip, 3x4 colour map) -> float64 (3, T, H, W)."""
+    t, h, w, _ = clip.shape
+    m = np.asarray(params[1:], np.float64).reshape(3, 4)
+    out = np.zeros((3, t, h, w))
+    for f in range(t):
+        for y in range(h):
+            for x in range(w):
+                rgb = clip[f, y, w - 1 - x if params[0] > 0.5 else x].astype(np.float64)
+                for c in range(3):
+                    v = min(max(sum(m[c, j] * rgb[j] for j in range(3)) + m[c, 3], 0.0), 255.0)
+                    out[c, f, y, x] = (v / 255 - data.MEAN[c]) / data.STD[c]
+    return out
+
+
+def test_augment_on_the_device_matches_a_per_pixel_loop():
+    rng = np.random.default_rng(0)
+    video = torch.from_numpy(rng.integers(0, 256, (2, 3, 2, 3, 4, 5, 3), dtype=np.uint8))
+    params = torch.from_numpy(np.concatenate([  # (2 samples, 3 views, 13); S = 2 clips share them
+        rng.integers(0, 2, (2, 3, 1)), rng.normal(0, 0.8, (2, 3, 12)) + [
+            1, 0, 0, 10, 0, 1, 0, -10, 0, 0, 1, 0]], -1).astype(np.float32))
+    out = data.augment(video, params)  # (2, 3, 2, 3, T, H, W)
+    assert out.shape == (2, 3, 2, 3, 3, 4, 5) and out.dtype == torch.float32
+    for n, v, s in itertools.product(range(2), range(3), range(2)):
+        expected = naive_augment(video[n, v, s].numpy(), params[n, v].tolist())
+        assert np.allclose(out[n, v, s].numpy(), expected, atol=1e-4)
+
+
+def colour_tree(root, n=4, frames=20):
+    """Videos of smooth moving colour fields: a crop, a flip and a colour map all show."""
+    rng = np.random.default_rng(3)
+    samples = []
+    for i in range(n):
+        field = cv2.resize(rng.uniform(0, 255, (4, 6, 3)).astype(np.float32), (96, 48))
+        clip = [np.roll(field, 2 * t, axis=1).astype(np.uint8) for t in range(frames)]
+        samples.append((write_video(os.path.join(root, f"v{i}.avi"), clip), i))
+    return samples
+
+
+@pytest.mark.parametrize("pair,frames", [(data.SameClip(views=2), 8), (methods.CVRLPair(), 8),
+                                         (methods.VCLRTuples(3), 4)])
+def test_device_augmentation_gives_the_worker_clip_for_the_same_draws(tmp_path, pair, frames):
+    # The two paths draw the same parameters from the same per-sample seed, so the same draws must
+    # give the same clip: to within one grey level, cv2's 8-bit colour arithmetic in the workers
+    samples = colour_tree(str(tmp_path))
+    batches = {}
+    for on_device in (False, True):
+        dataset = data.VideoClips(samples, frames, 1, data.TrainTransform(32, on_device=on_device),
+                                  pair)
+        batches[on_device] = data.collate([dataset[(i, 10 + i)] for i in range(4)])
+    uint8, float32 = batches[True]["video"], batches[False]["video"]
+    assert uint8.dtype == torch.uint8 and float32.dtype == torch.float32
+    assert uint8.nbytes * 4 == float32.nbytes  # a quarter of the bytes through the loader
+    device = data.to_device(batches[True], "cpu")
+    assert device.shape == float32.shape
+    level = torch.tensor([1 / (255 * s) for s in data.STD]).view(3, 1, 1, 1)
+    diff = (device - float32).abs() / level  # in grey levels
+    assert diff.max() <= 1.0 and diff.mean() < 0.35, (diff.max(), diff.mean())
+    flipped = dict(batches[True], aug=batches[True]["aug"].clone())
+    flipped["aug"][..., 0] = 1 - flipped["aug"][..., 0]  # a wrong flip is far outside it
+    assert ((data.to_device(flipped, "cpu") - float32).abs() / level).max() > 20
+
+
 # -----------------------------------------------------------------------------
-# data.py: the demo set
+# data.py: loading, seeding, repeated sampling
+
+def _first_batches(dataset, seed, workers):
+    loader = data.build_loader(dataset, batch_size=2, workers=workers, train=True, seed=seed)
+    return [b["video"] for _, b in zip(range(3), loader)]
+
+
+def test_workers_draw_different_augmentations_and_seeded_runs_repeat(tmp_path):
+    path = write_video(str(tmp_path / "same.avi"),
+                       [np.random.default_rng(1).integers(0, 255, (48, 64, 3),
+                                                          dtype=np.uint8)] * 12)
+    dataset = data.VideoClips([(path, 0)] * 12, 8, 1, data.TrainTransform(32),
+                              data.SameClip(views=1))
+    a = _first_batches(dataset, seed=3, workers=2)
+    b = _first_batches(dataset, seed=3, workers=2)
+    c = _first_batches(dataset, seed=4, workers=2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # reproducible
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    clips = torch.cat(a).flatten(1)  # 6 clips of one video, from two workers: all distinct
+    assert len({tuple(c[:64].tolist()) for c in clips}) == 6
+
+
+def test_epoch_sampler_shards_cover_the_data_once_and_repeat_per_epoch():
+    shards = []
+    for rank in range(3):
+        s = data.EpochSampler(20, train=True, seed=5)
+        s.rank, s.world = rank, 3
+        s.set_epoch(2)
+        shards.append(list(s))
+    flat = [i for shard in shards for i, _ in shard]
+    assert all(len(x) == 6 for x in shards) and len(set(flat)) == 18  # disjoint, tail of 2 dropped
+    seeds = [seed for shard in shards for _, seed in shard]
+    assert len(set(seeds)) == 18  # one seed per sample
+    s = data.EpochSampler(20, train=True, seed=5)
+    s.rank, s.world = 0, 3
+    s.set_epoch(2, skip=4)
+    assert list(s) == shards[0][4:] and len(s) == 2
+    s.set_epoch(3)
+    assert [i for i, _ in s] != [i for i, _ in shards[0]]
+    t = data.EpochSampler(7, train=False)
+    t.rank, t.world = 1, 2
+    assert [i for i, _ in t] == [1, 3, 5]
+
+
+def test_batches_do_not_depend_on_the_number_of_workers(tmp_path):
+    rng = np.random.default_rng(2)
+    samples = [(write_video(str(tmp_path / f"v{i}.avi"),
+                            [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)] * 20), 0)
+               for i in range(6)]
+    dataset = data.VideoClips(samples, 8, 1, data.TrainTransform(32), data.SameClip(views=2))
+    a = _first_batches(dataset, seed=7, workers=0)
+    b = _first_batches(dataset, seed=7, workers=2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_repeat_sample_draws_its_clips_in_one_window_and_fills_the_batch(tmp_path, monkeypatch):
+    samples = colour_tree(str(tmp_path), frames=60)
+    starts = []
+    clips = data.VideoReader.clips
+
+    def spy(self, s, *a, **k):
+        starts.append(list(s))
+        return clips(self, s, *a, **k)
+
+    monkeypatch.setattr(data.VideoReader, "clips", spy)
+    dataset = data.VideoClips(samples, 8, 1, data.TrainTransform(32, on_device=True),
+                              data.SameClip(views=2, repeat=3))
+    span, window = 8, 8 + int((data.REPEAT_WINDOW - 1) * 8)
+    for i in range(40):
+        item = dataset[(i % 4, i)]
+        assert len(item) == 3 and all(s["video"].shape == (2, 8, 32, 32, 3) for s in item)
+        assert all(s["aug"].shape == (2, 13) for s in item)
+        assert not torch.equal(item[0]["aug"], item[1]["aug"])  # each sample its own views
+        assert max(starts[-1]) - min(starts[-1]) <= window - span
+    assert all(len(s) == 3 for s in starts)  # one decode per video
+    assert sum(len(set(s)) > 1 for s in starts) > 20  # the positions differ
+    loader = data.build_loader(dataset, batch_size=6, workers=0, train=True)
+    batch = next(iter(loader))
+    assert batch["video"].shape[0] == 6 and len(set(batch["index"].tolist())) == 2
+    os.makedirs(tmp_path / "c0", exist_ok=True)
+    shutil.copy(samples[0][0], tmp_path / "c0")
+    args, _ = pretrain.parse_args(["--dataset", "folder", "--data-root", str(tmp_path), "--frames",
+                                   "8", "--crop", "32", "--repeat-sample", "2", "--method", "cvrl"])
+    with pytest.raises(data.DataError, match="repeat-sample"):
+        pretrain.build_data(args, 2, 0)
+    with pytest.raises(data.DataError, match="does not divide"):
+        data.build_loader(dataset, batch_size=4, workers=0, train=True)
+
+
+# -----------------------------------------------------------------------------
+# data.py: the demo sets
 
 def test_demo_set_layout_and_split_by_group(demo_root):
     train, classes, _ = data.list_videos("ucf101", demo_root, 1, train=True)
     test, _, _ = data.list_videos("ucf101", demo_root, 1, train=False)
-    groups, test_groups, clips = datatools.DEMO_GROUPS["demo"]
+    groups, test_groups, clips = data.DEMO_GROUPS["demo"]
     assert len(classes) == 6
     assert len(train) == 6 * (groups - test_groups) * clips
     assert len(test) == 6 * test_groups * clips
@@ -582,7 +784,7 @@ def test_demo_motion_classes_cannot_be_told_apart_from_a_single_frame(demo_motio
 
 
 # -----------------------------------------------------------------------------
-# data.py: tools
+# data.py: the tools, and data.py alone
 
 def test_check_and_resize_tools(tmp_path):
     make_tree_with_bad_videos(str(tmp_path / "src"), n_good=2)
@@ -604,297 +806,36 @@ def test_check_and_resize_tools(tmp_path):
     assert clip.shape == (20, 24, 32, 3)
 
 
-def test_epoch_sampler_shards_cover_the_data_once_and_repeat_per_epoch():
-    shards = []
-    for rank in range(3):
-        s = loading.EpochSampler(20, train=True, seed=5)
-        s.rank, s.world = rank, 3
-        s.set_epoch(2)
-        shards.append(list(s))
-    flat = [i for shard in shards for i, _ in shard]
-    assert all(len(x) == 6 for x in shards) and len(set(flat)) == 18  # disjoint, tail of 2 dropped
-    seeds = [seed for shard in shards for _, seed in shard]
-    assert len(set(seeds)) == 18  # one seed per sample
-    s = loading.EpochSampler(20, train=True, seed=5)
-    s.rank, s.world = 0, 3
-    s.set_epoch(2, skip=4)
-    assert list(s) == shards[0][4:] and len(s) == 2
-    s.set_epoch(3)
-    assert [i for i, _ in s] != [i for i, _ in shards[0]]
-    t = loading.EpochSampler(7, train=False)
-    t.rank, t.world = 1, 2
-    assert [i for i, _ in t] == [1, 3, 5]
+DATA_ALONE = """
+import numpy as np
+import cv2
+import data  # the copy, alone in this folder
+frames = [np.roll(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8), 2 * t, 1)
+          for t in range(20)]
+writer = cv2.VideoWriter("v.avi", cv2.VideoWriter_fourcc(*"XVID"), 25, (64, 48))
+for f in frames:
+    writer.write(f)
+writer.release()
+with data.VideoReader("v.avi") as reader:
+    clip = reader.clips([3], 8, 2)[0]
+assert clip.shape == (8, 48, 64, 3) and clip.dtype == np.uint8
+dataset = data.VideoClips([("v.avi", 0)], 8, 2, data.TrainTransform(32), data.SameClip(views=2))
+sample = dataset[(0, 1)]
+assert sample["video"].shape == (2, 3, 8, 32, 32) and sample["valid"]
+assert not (sample["video"][0] == sample["video"][1]).all()  # two augmentations of the clip
+print("alone", data.__file__)
+"""
 
 
-def test_batches_do_not_depend_on_the_number_of_workers(tmp_path):
-    rng = np.random.default_rng(2)
-    samples = [(write_video(str(tmp_path / f"v{i}.avi"),
-                            [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)] * 20), 0)
-               for i in range(6)]
-    dataset = data.VideoClips(samples, 8, 1, data.TrainTransform(32), views=2)
-    a = _first_batches(dataset, seed=7, workers=0)
-    b = _first_batches(dataset, seed=7, workers=2)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-
-
-def naive_augment(clip, params):
-    """TrainTransform's device half, one pixel at a time: uint8 (T, H, W, 3) and (13,) parameters
-    (flip, 3x4 colour map) -> float64 (3, T, H, W)."""
-    t, h, w, _ = clip.shape
-    m = np.asarray(params[1:], np.float64).reshape(3, 4)
-    out = np.zeros((3, t, h, w))
-    for f in range(t):
-        for y in range(h):
-            for x in range(w):
-                rgb = clip[f, y, w - 1 - x if params[0] > 0.5 else x].astype(np.float64)
-                for c in range(3):
-                    v = min(max(sum(m[c, j] * rgb[j] for j in range(3)) + m[c, 3], 0.0), 255.0)
-                    out[c, f, y, x] = (v / 255 - data.MEAN[c]) / data.STD[c]
-    return out
-
-
-def test_augment_on_the_device_matches_a_per_pixel_loop():
-    rng = np.random.default_rng(0)
-    video = torch.from_numpy(rng.integers(0, 256, (2, 3, 2, 3, 4, 5, 3), dtype=np.uint8))
-    params = torch.from_numpy(np.concatenate([  # (2 samples, 3 views, 13); S = 2 clips share them
-        rng.integers(0, 2, (2, 3, 1)), rng.normal(0, 0.8, (2, 3, 12)) + [
-            1, 0, 0, 10, 0, 1, 0, -10, 0, 0, 1, 0]], -1).astype(np.float32))
-    out = data.augment(video, params)  # (2, 3, 2, 3, T, H, W)
-    assert out.shape == (2, 3, 2, 3, 3, 4, 5) and out.dtype == torch.float32
-    for n, v, s in itertools.product(range(2), range(3), range(2)):
-        expected = naive_augment(video[n, v, s].numpy(), params[n, v].tolist())
-        assert np.allclose(out[n, v, s].numpy(), expected, atol=1e-4)
-
-
-def colour_tree(root, n=4, frames=20):
-    """Videos of smooth moving colour fields: a crop, a flip and a colour map all show."""
-    rng = np.random.default_rng(3)
-    samples = []
-    for i in range(n):
-        field = cv2.resize(rng.uniform(0, 255, (4, 6, 3)).astype(np.float32), (96, 48))
-        clip = [np.roll(field, 2 * t, axis=1).astype(np.uint8) for t in range(frames)]
-        samples.append((write_video(os.path.join(root, f"v{i}.avi"), clip), i))
-    return samples
-
-
-@pytest.mark.parametrize("temporal,views,frames", [("same", 2, 8), ("cvrl", 1, 8), ("vclr", 1, 4)])
-def test_device_augmentation_gives_the_worker_clip_for_the_same_draws(tmp_path, temporal, views,
-                                                                      frames):
-    # The two paths draw the same parameters from the same per-sample seed, so the same draws must
-    # give the same clip: to within one grey level, cv2's 8-bit colour arithmetic in the workers
-    samples = colour_tree(str(tmp_path))
-    batches = {}
-    for on_device in (False, True):
-        dataset = data.VideoClips(samples, frames, 1, data.TrainTransform(32, on_device=on_device),
-                                  views=views, temporal=temporal, segments=3)
-        batches[on_device] = loading.collate([dataset[(i, 10 + i)] for i in range(4)])
-    uint8, float32 = batches[True]["video"], batches[False]["video"]
-    assert uint8.dtype == torch.uint8 and float32.dtype == torch.float32
-    assert uint8.nbytes * 4 == float32.nbytes  # a quarter of the bytes through the loader
-    device = data.to_device(batches[True], "cpu")
-    assert device.shape == float32.shape
-    level = torch.tensor([1 / (255 * s) for s in data.STD]).view(3, 1, 1, 1)
-    diff = (device - float32).abs() / level  # in grey levels
-    assert diff.max() <= 1.0 and diff.mean() < 0.35, (diff.max(), diff.mean())
-    flipped = dict(batches[True], aug=batches[True]["aug"].clone())
-    flipped["aug"][..., 0] = 1 - flipped["aug"][..., 0]  # a wrong flip is far outside it
-    assert ((data.to_device(flipped, "cpu") - float32).abs() / level).max() > 20
-
-
-def test_repeat_sample_draws_its_clips_in_one_window_and_fills_the_batch(tmp_path, monkeypatch):
-    samples = colour_tree(str(tmp_path), frames=60)
-    starts = []
-    clips = data.VideoReader.clips
-
-    def spy(self, s, *a, **k):
-        starts.append(list(s))
-        return clips(self, s, *a, **k)
-
-    monkeypatch.setattr(data.VideoReader, "clips", spy)
-    dataset = data.VideoClips(samples, 8, 1, data.TrainTransform(32, on_device=True), views=2,
-                              repeat=3)
-    span, window = 8, 8 + int((data.REPEAT_WINDOW - 1) * 8)
-    for i in range(40):
-        item = dataset[(i % 4, i)]
-        assert len(item) == 3 and all(s["video"].shape == (2, 8, 32, 32, 3) for s in item)
-        assert all(s["aug"].shape == (2, 13) for s in item)
-        assert not torch.equal(item[0]["aug"], item[1]["aug"])  # each sample its own views
-        assert max(starts[-1]) - min(starts[-1]) <= window - span
-    assert all(len(s) == 3 for s in starts)  # one decode per video
-    assert sum(len(set(s)) > 1 for s in starts) > 20  # the positions differ
-    loader = loading.build_loader(dataset, batch_size=6, workers=0, train=True)
-    batch = next(iter(loader))
-    assert batch["video"].shape[0] == 6 and len(set(batch["index"].tolist())) == 2
-    args = argparse.Namespace(dataset="folder", data_root=str(tmp_path), split=1, frames=8,
-                              stride=1, crop=32, repeat_sample=2)
-    os.makedirs(tmp_path / "c0", exist_ok=True)
-    shutil.copy(samples[0][0], tmp_path / "c0")
-    with pytest.raises(data.DataError, match="repeat-sample"):
-        loading.build_dataset(args, train=True, temporal="cvrl")
-    with pytest.raises(data.DataError, match="does not divide"):
-        loading.build_loader(dataset, batch_size=4, workers=0, train=True)
-
-
-# -----------------------------------------------------------------------------
-# data.py: the positive-pair samplers of CVRL and VCLR
-
-@pytest.mark.parametrize("shape", methods.INTERVALS)
-def test_cvrl_interval_distribution_matches_its_definition(shape):
-    rng = np.random.default_rng(0)
-    n, span, draws = 60, 11, 20000
-    last = n - span
-    d = []
-    for _ in range(draws):
-        a, b = methods.cvrl_starts(rng, n, span, shape)
-        assert 0 <= a <= last and 0 <= b <= last
-        d.append(abs(b - a))
-    counts = np.bincount(d, minlength=last + 1)
-    # the definition, written out: weight of distance d
-    weight = np.array([{"linear": last + 1 - k, "quadratic": (last + 1 - k) ** 2,
-                        "uniform": 1}[shape]
-                       for k in range(last + 1)], dtype=float)
-    expected = draws * weight / weight.sum()
-    chi2 = ((counts - expected) ** 2 / expected).sum()
-    assert chi2 < 100  # df = 49: p ~ 3e-5 under the null; a wrong shape gives thousands
-    if shape != "uniform":
-        wrong = draws * np.ones(last + 1) / (last + 1)
-    else:
-        wrong = draws * weight[::-1] / weight.sum()
-    assert shape == "uniform" or ((counts - wrong) ** 2 / wrong).sum() > 1000
-    if shape != "uniform":
-        assert np.all(np.diff(methods.interval_probs(last, shape)) < 0)  # monotonically decreasing
-
-
-def naive_tuple_candidates(n, span, segments):
-    """The start frames a clip of segment j of VCLR's tuple may take, by a loop over the frames: a
-    frame f is in segment j when j n / S <= f < (j + 1) n / S; the starts whose clip ends inside
-    the segment where two or more do, else the segment's starts whose clip ends in the video (or
-    its first frame if none)."""
-    out = []
-    for j in range(segments):
-        frames = [f for f in range(n) if j * n / segments <= f < (j + 1) * n / segments]
-        inside = [f for f in frames if f + span - 1 <= frames[-1]]
-        out.append(inside if len(inside) >= 2 else
-                   [f for f in frames if f + span <= n] or frames[:1])
-    return out
-
-
-@pytest.mark.parametrize("n,span,segments", [(90, 8, 3), (100, 16, 4), (31, 4, 3), (48, 16, 3),
-                                             (7, 4, 3)])
-def test_tuple_starts_are_distinct_uniform_draws_of_each_segment(n, span, segments):
-    # (48, 16, 3): no segment holds two clips, so they run on; (7, 4, 3): the last segment offers
-    # one start only, which anchor and positive then share
-    rng = np.random.default_rng(1)
-    candidates = naive_tuple_candidates(n, span, segments)
-    counts = [dict.fromkeys(c, 0) for c in candidates]
-    for _ in range(3000):
-        anchor, positive, distinct = methods.tuple_starts(rng, n, span, segments)
-        assert distinct == all(len(c) >= 2 for c in candidates)
-        for j, (a, p) in enumerate(zip(anchor, positive)):
-            assert a in candidates[j] and p in candidates[j]
-            assert a != p or len(candidates[j]) == 1  # two distinct positions where there are two
-            counts[j][a] += 1
-            counts[j][p] += 1
-    for c in counts:  # each start as likely as the others: chi-square against uniform
-        observed = np.array(list(c.values()), float)
-        expected = observed.sum() / len(observed)
-        assert ((observed - expected) ** 2 / expected).sum() < 3 * len(observed) + 30
-
-
-def test_order_shuffle_is_never_the_order_or_its_reverse():
-    rng = np.random.default_rng(2)
-    seen = set()
-    for _ in range(400):
-        perm, shuffled = methods.order_shuffle(rng, 3)
-        assert shuffled == (perm != [0, 1, 2]) and perm != [2, 1, 0]
-        seen.add(tuple(perm))
-    assert seen == {(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1)}
-    with pytest.raises(ValueError, match="at least 3 segments"):
-        methods.order_shuffle(rng, 2)
-
-
-class _NoAugment:
-    """Frames to a normalised tensor untouched, so the test can read the frame indices back."""
-    crop = 48
-
-    def __call__(self, frames, rng):
-        return data.to_tensor(frames)
-
-
-def test_vclr_tuples_have_one_clip_per_segment_and_order_labels_match_the_shuffle(tmp_path):
-    path = write_index_video(str(tmp_path / "v.avi"), 120)
-    dataset = data.VideoClips([(path, 0)], frames=4, stride=1, transform=_NoAugment(),
-                              temporal="vclr", segments=3)
-    labels = set()
-    for seed in range(40):
-        sample = dataset[(0, seed)]
-        video = sample["video"]  # (2, S, 3, T, H, W)
-        assert video.shape[:4] == (2, 3, 3, 4)
-        shuffled = []
-        for tuple_, segments in zip(video, sample["segments"].tolist()):
-            starts = []
-            for clip in tuple_:
-                frames = (data.denormalize(clip).clamp(0, 1) * 255).round().byte()
-                frames = frames.permute(1, 2, 3, 0).numpy()
-                idx = [frame_index(f) for f in frames]
-                assert idx == list(range(idx[0], idx[0] + 4))  # a clip of consecutive frames
-                starts.append(idx[0])
-            assert sorted(s // 40 for s in starts) == [0, 1, 2]  # one clip in each segment
-            assert [s // 40 for s in starts] == segments  # and "segments" says which
-            shuffled.append(starts != sorted(starts))
-        assert sample["order"] == int(shuffled[0]) + 2 * int(shuffled[1])
-        labels.add(sample["order"])
-    assert labels == {0, 1, 2, 3}
-
-
-def test_cvrl_pair_clips_come_from_two_positions(tmp_path):
-    path = write_index_video(str(tmp_path / "v.avi"), 100)
-    dataset = data.VideoClips([(path, 0)], frames=4, stride=1, transform=_NoAugment(),
-                              temporal="cvrl")
-    distances = []
-    for seed in range(30):
-        video = dataset[(0, seed)]["video"]  # (2, 3, T, H, W)
-        firsts = [(data.denormalize(v[:, 0]).clamp(0, 1) * 255).round().byte() for v in video]
-        first = [frame_index(f.permute(1, 2, 0).numpy()) for f in firsts]
-        distances.append(abs(first[0] - first[1]))
-    # decreasing: short distances dominate
-    assert max(distances) > 0 and np.mean(distances) < (100 - 4) / 2
-
-
-def test_method_moco_is_videomoco_without_generator_and_decay(small_tree, tmp_path):
-    no_decay = [a for a in small_args(small_tree, tmp_path / "a") if a not in ("--decay", "0.99")]
-    pretrain.main(no_decay + ["--method", "moco"])
-    pretrain.main(small_args(small_tree, tmp_path / "b", "--generator", "none", "--decay", "1"))
-    a, b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
-    assert [r["loss_d"] for r in a] == [r["loss_d"] for r in b]
-    assert {r["phase"] for r in a} == {"moco"}
-    ckpt = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
-    assert ckpt["method"] == "moco" and ckpt["generator"] is None
-    with pytest.raises(SystemExit, match="means --generator none --decay 1"):
-        pretrain.main(small_args(small_tree, tmp_path / "c", "--method", "moco", "--decay", "0.9"))
-
-
-@pytest.mark.parametrize("method", ["cvrl", "vclr"])
-def test_other_methods_pretrain_and_feed_finetune_and_evaluate_unchanged(small_tree,
-                                                                         tmp_path, method):
-    pre, ft = tmp_path / "pre", tmp_path / "ft"
-    pretrain.main(small_args(small_tree, pre, "--method", method, "--cvrl-hidden", "16",
-                             "--epochs", "1"))
-    log = read_log(pre)
-    assert {r["phase"] for r in log} == {method} and all(np.isfinite(r["loss_d"]) for r in log)
-    assert method != "vclr" or all(0 <= r["order_acc"] <= 1 and r["loss_order"] > 0 for r in log)
-    ckpt = torch.load(pre / "ckpt.pt", weights_only=True)
-    assert ckpt["method"] == method and ckpt["generator"] is None
-    backbone = torch.load(pre / "backbone.pt", weights_only=True)
-    missing = models.build_encoder("tiny", 16).load_state_dict(backbone, strict=False).missing_keys
-    assert missing == ["fc.weight", "fc.bias"]  # every head is left out
-    finetune.main(["--ckpt", str(pre / "ckpt.pt"), "--dataset", "folder", "--data-root", small_tree,
-                   "--out", str(ft),
-                   "--epochs", "1", "--batch-size", "4", "--workers", "0"])
-    out = evaluate.main(["--ckpt", str(ft / "ckpt.pt"), "--clips", "2", "--workers", "0"])
-    assert out["n_videos"] == 8 and 0 <= out["top1"] <= 1
-    knn = evaluate.main(["--ckpt", str(pre / "ckpt.pt"), "--clips", "2", "--workers", "0"])
-    assert 0 <= knn["R@1"] <= 1
+def test_data_py_alone_reads_a_clip_and_makes_two_views(tmp_path):
+    # data.py imports nothing of the project: alone in an empty folder it reads a clip of a video
+    # it writes and makes two augmented views of it
+    shutil.copy(os.path.join(HERE, "data.py"), tmp_path / "data.py")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", DATA_ALONE], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == f"alone {tmp_path / 'data.py'}"
 
 
 # -----------------------------------------------------------------------------
@@ -1001,10 +942,9 @@ def queue_fifo(model):
     return keys, [int(model.queue_age[j]) for j in slots]
 
 
-@pytest.mark.parametrize("decay_unit", ["key", "step"])
-def test_queue_wraparound_and_ages(decay_unit):
+def test_queue_wraparound_and_ages():
     K, dim = 10, 3
-    model = models.VideoMoCo(TINY, dim=dim, K=K, decay_unit=decay_unit)
+    model = models.VideoMoCo(TINY, dim=dim, K=K)
     # initial keys: ids -K..-1 in slot order, enqueued one per step (slot 0 oldest)
     model.queue[:] = torch.arange(-K, 0, dtype=torch.float)
     fifo = [(i, -(K - 1) + j) for j, i in enumerate(range(-K, 0))]  # (id, step it was enqueued)
@@ -1019,10 +959,11 @@ def test_queue_wraparound_and_ages(decay_unit):
         got_ids, got_ages = queue_fifo(model)
         assert got_ids == [i for i, _ in fifo]
         assert int(model.queue_ptr) == (next_id + K) % K  # initial fill counts as K keys
-        if decay_unit == "key":
-            assert got_ages == list(range(K, 0, -1))  # rank, newest = 1
-        else:
-            assert got_ages == [step - s + 1 for _, s in fifo]  # enqueue steps, new = 1
+        assert got_ages == list(range(K, 0, -1))  # rank, newest = 1
+    # a batch of non-finite keys leaves the queue as it was (a diverged key encoder)
+    before = copy.deepcopy(model.state_dict())
+    model.dequeue_and_enqueue(torch.full((3, dim), float("nan")))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_queue_batch_larger_than_queue_keeps_newest():
@@ -1140,7 +1081,7 @@ def test_generator_any_length_and_crop(frames, crop):
 
 
 # -----------------------------------------------------------------------------
-# models.py: gradient routing
+# models.py: gradient routing, and models.py alone
 
 def adversarial_forward(model, generator, x, x_key, k):
     x_query, _ = models.drop_frames(x, generator(x), k)
@@ -1159,9 +1100,24 @@ opt_g = torch.optim.SGD(generator.parameters(), 0.02, momentum=0.9)
 g_before = [p.clone() for p in generator.parameters()]
 d_before = [p.clone() for p in model.encoder_q.parameters()]
 x = torch.randn(4, 3, 8, 32, 32)
-for g in (None, generator):  # D alone (Eq 1/6), then the adversarial step (Eq 3-6)
-    out = models.videomoco_step(model, x, x + 0.1 * torch.randn_like(x), opt_d, g, opt_g, k=2)
-    assert out["updated"] and torch.isfinite(out["loss_d"])
+x_key = x + 0.1 * torch.randn_like(x)
+# D alone (Eq 1/6): MoCo's step
+out = model(x, x_key)
+opt_d.zero_grad()
+out["loss_d"].backward()
+opt_d.step()
+assert torch.isfinite(out["loss_d"])
+# the adversarial step (Eq 3-6): G drops k frames, D and G each updated by its own loss
+x_query, _ = models.drop_frames(x, generator(x), 2)
+x_query_in = x_query.detach().requires_grad_()
+out = model(x_query_in, x_key, x_full=x)
+opt_d.zero_grad()
+opt_g.zero_grad()
+models.adversarial_backward(out["loss_d"], out["loss_g"], x_query, x_query_in,
+                            model.encoder_q.parameters())
+opt_d.step()
+opt_g.step()
+assert torch.isfinite(out["loss_d"]) and torch.isfinite(out["loss_g"])
 assert out["loss_g"] is not None and int(model.queue_ptr) == 8
 assert any(not torch.equal(a, b) for a, b in zip(g_before, generator.parameters()))
 assert any(not torch.equal(a, b) for a, b in zip(d_before, model.encoder_q.parameters()))
@@ -1171,7 +1127,8 @@ print("lifted", models.__file__)
 
 def test_models_py_alone_trains_videomoco_with_a_torchvision_encoder(tmp_path):
     # models.py is the file people copy: alone in an empty folder, with torchvision's r2plus1d_18 as
-    # MoCo's base_encoder, it runs a MoCo step and an adversarial step through videomoco_step
+    # MoCo's base_encoder, it runs a MoCo step and an adversarial step (pretrain.train_step's,
+    # written out)
     shutil.copy(os.path.join(HERE, "models.py"), tmp_path / "models.py")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     r = subprocess.run([sys.executable, "-c", LIFTED], cwd=tmp_path, env=env,
@@ -1241,18 +1198,6 @@ def test_adversarial_backward_scales_both_losses():
                                                               generator.parameters())])
     for plain, scaled in zip(*grads):
         torch.testing.assert_close(scaled, 8.0 * plain, rtol=1e-5, atol=1e-9)
-
-
-def fit_batchnorm(net, x):
-    """Set BN running statistics to those of x (a D that has seen data), then eval mode."""
-    for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    net.train()
-    with torch.no_grad():
-        net(x)
-    net.eval()
 
 
 def flash_clips(gen, n, frames=16, k=4):
@@ -1363,12 +1308,6 @@ def test_encode_key_uses_sub_batch_statistics_in_train_mode():
     torch.testing.assert_close(keys, by_halves, rtol=1e-5, atol=1e-6)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _distributed_worker(rank, world_size, port, x, keys, state, result_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -1404,13 +1343,8 @@ def test_distributed_shuffle_and_enqueue(tmp_path):
         assert torch.equal(r["ptr"], model.queue_ptr)
 
 
-def test_concat_all_gather_is_identity_in_a_world_of_one():
-    t = torch.randn(3, 2)
-    assert models.concat_all_gather(t) is t
-
-
 # -----------------------------------------------------------------------------
-# models.py: encoders
+# models.py: encoders, residual input, the projection head
 
 TORCHVISION_ARCHS = ("r3d_18", "r2plus1d_18", "mc3_18")
 
@@ -1446,17 +1380,85 @@ def test_encoder_state_dict_loads_into_torchvision(arch):
 
 def test_parameter_counts():
     counts = {}
-    for arch in ("r3d_10", "r2plus1d_10", "c3d"):
+    for arch in ("r3d_10", "r2plus1d_10"):
         encoder = models.build_encoder(arch, 128)
         counts[arch] = models.count_parameters(encoder) - models.count_parameters(encoder.fc)
     print("parameters without fc:", counts)
-    assert counts == {"r3d_10": 14_361_792, "r2plus1d_10": 12_487_005, "c3d": 27_661_440}
+    assert counts == {"r3d_10": 14_361_792, "r2plus1d_10": 12_487_005}
 
 
 def test_unknown_arch_lists_choices():
     with pytest.raises(ValueError, match="r2plus1d_10") as error:
         models.build_encoder("resnet50", 8)
     assert "\n" not in str(error.value)
+
+
+def test_residual_frames_are_differences_of_the_augmented_frames():
+    x = torch.randn(2, 3, 5, 4, 4)
+    d = models.residual_frames(x)
+    assert d.shape == x.shape
+    for n in range(2):
+        for t in range(5):
+            # last: repeated
+            expected = x[n, :, t + 1] - x[n, :, t] if t < 4 else x[n, :, 4] - x[n, :, 3]
+            assert torch.equal(d[n, :, t], expected)
+    torch.manual_seed(0)
+    rgb = models.build_encoder("tiny", 8).eval()
+    residual = models.build_encoder("tiny", 8, input="residual").eval()
+    residual.load_state_dict(rgb.state_dict())  # same parameters, same keys: the mode is no weight
+    clip = torch.randn(2, 3, 6, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(residual(clip), rgb(models.residual_frames(clip)))
+        # static appearance is invisible to it: two motionless clips of different content look alike
+        still_a = torch.randn(2, 3, 1, 32, 32).expand(-1, -1, 6, -1, -1)
+        still_b = torch.randn(2, 3, 1, 32, 32).expand(-1, -1, 6, -1, -1)
+        assert torch.equal(residual(still_a), residual(still_b))
+        assert not torch.allclose(rgb(still_a), rgb(still_b))
+
+
+def test_linear_head_learns_noise_patterns_where_the_classifier_init_collapses():
+    # The cause of the pretraining that did not learn, isolated (issue 10's 30-line MoCo loop): 64
+    # noise patterns, two noisy views each, K 128. The same linear head memorises them with
+    # nn.Linear's init and collapses to ln(K+1) with the normal(0, 0.01) init of 385ac2d.
+    def loss_over_chance(classifier_init):
+        torch.manual_seed(0)
+        model = models.VideoMoCo(TINY, dim=128, K=128, m=0.99, T=0.07, decay=1.0, mlp=False)
+        if classifier_init:
+            for enc in (model.encoder_q, model.encoder_k):
+                nn.init.normal_(enc.fc.weight, 0, 0.01)
+                nn.init.zeros_(enc.fc.bias)
+        patterns = torch.randn(64, 3, 8, 32, 32)
+        opt = torch.optim.SGD(model.encoder_q.parameters(), 0.05, momentum=0.9, weight_decay=1e-4)
+        losses = []
+        for _ in range(48):
+            x = patterns[torch.randperm(64)[:16]]
+            out = model(x + 0.3 * torch.randn_like(x), x + 0.3 * torch.randn_like(x))
+            opt.zero_grad()
+            out["loss_d"].backward()
+            opt.step()
+            losses.append(out["loss_d"].item())
+        return sum(losses[-12:]) / 12 / math.log(129)
+
+    assert loss_over_chance(classifier_init=False) < 0.5  # measured 0.16
+    assert loss_over_chance(classifier_init=True) > 0.95  # measured 1.00: collapsed
+
+
+def test_projection_head_has_nn_linear_default_init_not_the_classifier_init():
+    # A head with torchvision's video classifier init, normal(0, 0.01), has 6-25x the effective
+    # learning rate of nn.Linear's default on an L2-normalised
+    # output, and collapses (projection_head)
+    torch.manual_seed(0)
+    for mlp in (False, True):
+        model = models.VideoMoCo(TINY, dim=128, K=16, mlp=mlp)
+        linears = [m for m in model.encoder_q.fc.modules() if isinstance(m, nn.Linear)]
+        assert len(linears) == (2 if mlp else 1)
+        for layer in linears:
+            # std of U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            expected = 1 / math.sqrt(3 * layer.in_features)
+            assert layer.weight.std().item() == pytest.approx(expected, rel=0.1)
+    cvrl_fc = methods.CVRL(TINY, dim=8, hidden=32).encoder_q.fc
+    default_std = 1 / math.sqrt(3 * cvrl_fc.in_features)
+    assert cvrl_fc.weight.std().item() == pytest.approx(default_std, rel=0.1)
 
 
 # -----------------------------------------------------------------------------
@@ -1475,6 +1477,135 @@ def test_autocast_bfloat16_forward():
     models.adversarial_backward(out["loss_d"], out["loss_g"], x_query, x_query_in,
                                 model.encoder_q.parameters())
     assert all(torch.isfinite(p.grad).all() for p in generator.parameters())
+
+
+# -----------------------------------------------------------------------------
+# methods.py: the positive pairs of CVRL and VCLR
+
+@pytest.mark.parametrize("shape", methods.INTERVALS)
+def test_cvrl_interval_distribution_matches_its_definition(shape):
+    rng = np.random.default_rng(0)
+    n, span, draws = 60, 11, 20000
+    last = n - span
+    d = []
+    for _ in range(draws):
+        a, b = methods.cvrl_starts(rng, n, span, shape)
+        assert 0 <= a <= last and 0 <= b <= last
+        d.append(abs(b - a))
+    counts = np.bincount(d, minlength=last + 1)
+    # the definition, written out: weight of distance d
+    weight = np.array([{"linear": last + 1 - k, "quadratic": (last + 1 - k) ** 2,
+                        "uniform": 1}[shape]
+                       for k in range(last + 1)], dtype=float)
+    expected = draws * weight / weight.sum()
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < 100  # df = 49: p ~ 3e-5 under the null; a wrong shape gives thousands
+    if shape != "uniform":
+        wrong = draws * np.ones(last + 1) / (last + 1)
+    else:
+        wrong = draws * weight[::-1] / weight.sum()
+    assert shape == "uniform" or ((counts - wrong) ** 2 / wrong).sum() > 1000
+    if shape != "uniform":
+        assert np.all(np.diff(methods.interval_probs(last, shape)) < 0)  # monotonically decreasing
+
+
+def naive_tuple_candidates(n, span, segments):
+    """The start frames a clip of segment j of VCLR's tuple may take, by a loop over the frames: a
+    frame f is in segment j when j n / S <= f < (j + 1) n / S; the starts whose clip ends inside
+    the segment where two or more do, else the segment's starts whose clip ends in the video (or
+    its first frame if none)."""
+    out = []
+    for j in range(segments):
+        frames = [f for f in range(n) if j * n / segments <= f < (j + 1) * n / segments]
+        inside = [f for f in frames if f + span - 1 <= frames[-1]]
+        out.append(inside if len(inside) >= 2 else
+                   [f for f in frames if f + span <= n] or frames[:1])
+    return out
+
+
+@pytest.mark.parametrize("n,span,segments", [(90, 8, 3), (100, 16, 4), (31, 4, 3), (48, 16, 3),
+                                             (7, 4, 3)])
+def test_tuple_starts_are_distinct_uniform_draws_of_each_segment(n, span, segments):
+    # (48, 16, 3): no segment holds two clips, so they run on; (7, 4, 3): the last segment offers
+    # one start only, which anchor and positive then share
+    rng = np.random.default_rng(1)
+    candidates = naive_tuple_candidates(n, span, segments)
+    counts = [dict.fromkeys(c, 0) for c in candidates]
+    for _ in range(3000):
+        anchor, positive, distinct = methods.tuple_starts(rng, n, span, segments)
+        assert distinct == all(len(c) >= 2 for c in candidates)
+        for j, (a, p) in enumerate(zip(anchor, positive)):
+            assert a in candidates[j] and p in candidates[j]
+            assert a != p or len(candidates[j]) == 1  # two distinct positions where there are two
+            counts[j][a] += 1
+            counts[j][p] += 1
+    for c in counts:  # each start as likely as the others: chi-square against uniform
+        observed = np.array(list(c.values()), float)
+        expected = observed.sum() / len(observed)
+        assert ((observed - expected) ** 2 / expected).sum() < 3 * len(observed) + 30
+
+
+def test_order_shuffle_is_never_the_order_or_its_reverse():
+    rng = np.random.default_rng(2)
+    seen = set()
+    for _ in range(400):
+        perm, shuffled = methods.order_shuffle(rng, 3)
+        assert shuffled == (perm != [0, 1, 2]) and perm != [2, 1, 0]
+        seen.add(tuple(perm))
+    assert seen == {(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1)}
+    with pytest.raises(ValueError, match="at least 3 segments"):
+        methods.order_shuffle(rng, 2)
+
+
+class _NoAugment:
+    """Frames to a normalised tensor untouched, so the test can read the frame indices back."""
+    crop = 48
+
+    def __call__(self, frames, rng):
+        return data.to_tensor(frames)
+
+
+def test_vclr_tuples_have_one_clip_per_segment_and_order_labels_match_the_shuffle(tmp_path):
+    path = write_index_video(str(tmp_path / "v.avi"), 120)
+    dataset = data.VideoClips([(path, 0)], frames=4, stride=1, transform=_NoAugment(),
+                              pair=methods.VCLRTuples(3))
+    labels = set()
+    for seed in range(40):
+        sample = dataset[(0, seed)]
+        video = sample["video"]  # (2, S, 3, T, H, W)
+        assert video.shape[:4] == (2, 3, 3, 4)
+        shuffled, by_segment = [], []
+        for tuple_, segments in zip(video, sample["segments"].tolist()):
+            starts = []
+            for clip in tuple_:
+                frames = (data.denormalize(clip).clamp(0, 1) * 255).round().byte()
+                frames = frames.permute(1, 2, 3, 0).numpy()
+                idx = [frame_index(f) for f in frames]
+                assert idx == list(range(idx[0], idx[0] + 4))  # a clip of consecutive frames
+                starts.append(idx[0])
+            assert sorted(s // 40 for s in starts) == [0, 1, 2]  # one clip in each segment
+            assert [s // 40 for s in starts] == segments  # and "segments" says which
+            shuffled.append(starts != sorted(starts))
+            by_segment.append(sorted(starts))
+        # the anchor's and the positive's clip of a segment start at distinct frames
+        assert all(a != p for a, p in zip(*by_segment))
+        assert sample["order"] == int(shuffled[0]) + 2 * int(shuffled[1])
+        labels.add(sample["order"])
+    assert labels == {0, 1, 2, 3}
+
+
+def test_cvrl_pair_clips_come_from_two_positions(tmp_path):
+    path = write_index_video(str(tmp_path / "v.avi"), 100)
+    dataset = data.VideoClips([(path, 0)], frames=4, stride=1, transform=_NoAugment(),
+                              pair=methods.CVRLPair())
+    distances = []
+    for seed in range(30):
+        video = dataset[(0, seed)]["video"]  # (2, 3, T, H, W)
+        firsts = [(data.denormalize(v[:, 0]).clamp(0, 1) * 255).round().byte() for v in video]
+        first = [frame_index(f.permute(1, 2, 0).numpy()) for f in firsts]
+        distances.append(abs(first[0] - first[1]))
+    # decreasing: short distances dominate
+    assert max(distances) > 0 and np.mean(distances) < (100 - 4) / 2
 
 
 # -----------------------------------------------------------------------------
@@ -1516,11 +1647,6 @@ def test_nt_xent_swapping_views_or_clips_keeps_the_loss():
     torch.testing.assert_close(methods.nt_xent(z1[perm], z2[perm], 0.1)[0], loss)
     # pairing matters: shifting the second views pairs every clip with another clip's view
     assert not torch.allclose(methods.nt_xent(z1, z2.roll(1, 0), 0.1)[0], loss)
-
-
-def test_gather_with_grad_is_identity_in_a_world_of_one():
-    t = torch.randn(3, 2, requires_grad=True)
-    assert methods.gather_with_grad(t) is t
 
 
 def reference_rows_loss(z1, z2, tau, clips):
@@ -1636,6 +1762,25 @@ def test_cvrl_identical_clips_give_a_lower_loss():
         independent = model(x, torch.randn(6, 3, 4, 16, 16))
     assert same["loss"] < independent["loss"]
     assert same["acc"].item() == 1.0
+
+
+def test_cvrl_normalises_over_the_global_batch_under_ddp_on_cuda_only():
+    lines = []
+    bn = lambda m: [type(x) for x in m.modules() if isinstance(x, nn.modules.batchnorm._BatchNorm)]
+    cvrl = methods.global_batchnorm(methods.CVRL(TINY, dim=8, hidden=16), "cvrl",
+                                    torch.device("cuda"), 2, lines.append)
+    assert set(bn(cvrl)) == {nn.SyncBatchNorm}
+    for method, device, world in (("cvrl", "cpu", 2), ("cvrl", "cuda", 1),
+                                  ("videomoco", "cuda", 2)):
+        if method == "cvrl":
+            model = methods.CVRL(TINY, dim=8, hidden=16)
+        else:
+            model = models.VideoMoCo(TINY, dim=8, K=16)
+        device = torch.device(device)
+        converted = methods.global_batchnorm(model, method, device, world, lines.append)
+        assert nn.SyncBatchNorm not in bn(converted)
+    assert lines == ["cvrl on 2 CPU processes: BN statistics per process "
+                     "(SyncBatchNorm needs CUDA)"]
 
 
 # -----------------------------------------------------------------------------
@@ -1797,7 +1942,7 @@ def test_vclr_rejects_a_wrong_number_of_segments():
 
 
 # -----------------------------------------------------------------------------
-# methods.py: mixed precision for CVRL and VCLR
+# methods.py: mixed precision, background erasing
 
 def test_nt_xent_computes_in_float32_under_autocast():
     torch.manual_seed(33)
@@ -1830,32 +1975,6 @@ def test_cvrl_and_vclr_autocast_bfloat16():
     assert torch.isfinite(cvrl.head[5].weight.grad).all()
 
 
-# -----------------------------------------------------------------------------
-# against the static-appearance shortcut: residual input, background erasing
-
-def test_residual_frames_are_differences_of_the_augmented_frames():
-    x = torch.randn(2, 3, 5, 4, 4)
-    d = models.residual_frames(x)
-    assert d.shape == x.shape
-    for n in range(2):
-        for t in range(5):
-            # last: repeated
-            expected = x[n, :, t + 1] - x[n, :, t] if t < 4 else x[n, :, 4] - x[n, :, 3]
-            assert torch.equal(d[n, :, t], expected)
-    torch.manual_seed(0)
-    rgb = models.build_encoder("tiny", 8).eval()
-    residual = models.build_encoder("tiny", 8, input="residual").eval()
-    residual.load_state_dict(rgb.state_dict())  # same parameters, same keys: the mode is no weight
-    clip = torch.randn(2, 3, 6, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(residual(clip), rgb(models.residual_frames(clip)))
-        # static appearance is invisible to it: two motionless clips of different content look alike
-        still_a = torch.randn(2, 3, 1, 32, 32).expand(-1, -1, 6, -1, -1)
-        still_b = torch.randn(2, 3, 1, 32, 32).expand(-1, -1, 6, -1, -1)
-        assert torch.equal(residual(still_a), residual(still_b))
-        assert not torch.allclose(rgb(still_a), rgb(still_b))
-
-
 def test_background_erasing_adds_a_static_frame_with_the_drawn_weight():
     x = torch.randn(64, 3, 6, 8, 8)
     out, lam, r = methods.background_erasing(x, 0.5, (0.1, 0.3), torch.Generator().manual_seed(0))
@@ -1871,30 +1990,228 @@ def test_background_erasing_adds_a_static_frame_with_the_drawn_weight():
             assert torch.equal(out[n], x[n])
 
 
-def test_input_mode_is_recorded_and_a_mismatching_override_refused(small_tree, tmp_path):
-    pre, ft = tmp_path / "pre", tmp_path / "ft"
-    pretrain.main(small_args(small_tree, pre, "--input", "residual", "--background-erasing", "0.5",
-                             "--epochs", "1",
-                             "--adv-start", "0"))
-    assert all(np.isfinite(r["loss_d"]) and np.isfinite(r["loss_g"]) for r in read_log(pre))
-    with pytest.raises(SystemExit, match="pretrained on residual input"):
-        finetune.main(["--ckpt", str(pre / "ckpt.pt"), "--input", "rgb", "--out", str(ft)])
-    model = finetune.main(["--ckpt", str(pre / "ckpt.pt"), "--dataset", "folder", "--data-root",
-                           small_tree, "--out", str(ft), "--epochs", "1", "--batch-size", "4",
-                           "--workers", "0"])
-    assert model.input_mode == "residual"
-    assert torch.load(ft / "ckpt.pt", weights_only=True)["input"] == "residual"
-    out = evaluate.main(["--ckpt", str(ft / "ckpt.pt"), "--clips", "2", "--workers", "0"])
-    assert out["input"] == "residual"
-    with pytest.raises(SystemExit, match="trained on residual input"):
-        evaluate.main(["--ckpt", str(pre / "ckpt.pt"), "--input", "rgb"])
-    with pytest.raises(SystemExit, match="--input residual run"):
-        pretrain.main(small_args(small_tree, pre, "--epochs", "2"))  # resuming with another input
+# -----------------------------------------------------------------------------
+# utils.py: checkpoints and RNG, BN statistics, weight transfer
+
+def test_rng_state_round_trip_is_complete(tmp_path):
+    random.random(), np.random.standard_normal(), torch.rand(1)  # numpy caches a gaussian: keep it
+    state = utils.rng_state()
+    a = (random.gauss(0, 1), np.random.standard_normal(3).tolist(), torch.rand(2).tolist())
+    torch.save(state, tmp_path / "rng.pt")
+    utils.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.gauss(0, 1), np.random.standard_normal(3).tolist(), torch.rand(2).tolist()) == a
+
+
+def test_resume_restores_parts_and_rng_and_reads_the_older_single_rng_state(tmp_path):
+    path, lines = str(tmp_path / "ckpt.pt"), []
+    args = argparse.Namespace(arch="tiny", lr=0.1)
+    for older in (False, True):
+        model = nn.Linear(3, 2)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        utils.save_checkpoint(path, "finetune", {"model": model}, scaler, 0, epoch=2, step=9,
+                              args={"arch": "tiny", "lr": 0.2})
+        if older:  # finetune checkpoints written before utils.save_checkpoint kept one dict
+            ckpt = torch.load(path, weights_only=True)
+            utils.save_atomic(dict(ckpt, rng=ckpt["rng"][0]), path)
+        expected = torch.rand(4)
+        restored = nn.Linear(3, 2)
+        ckpt = utils.resume(path, "finetune", {"model": restored}, scaler, 0, lines.append, args,
+                            must_match=(("arch", None),), may_change=("lr",))
+        assert torch.equal(torch.rand(4), expected)  # the RNG continues from the save
+        assert torch.equal(restored.weight, model.weight) and ckpt["step"] == 9
+    assert lines[0] == "warning: resuming with changed flags --lr 0.2 -> 0.1"
+    with pytest.raises(SystemExit, match="is a --arch tiny run"):
+        utils.resume(path, "finetune", {}, scaler, 0, lines.append,
+                     argparse.Namespace(arch="r3d_10"), must_match=(("arch", None),))
+
+
+def test_bn_statistics_are_the_mean_of_batch_statistics_over_training_clips(small_tree):
+    # estimate_bn_statistics against a loop: the first BN layer's running mean and variance are the
+    # averages over the batches of its input's per-channel mean and unbiased variance, whatever
+    # statistics the encoder had before (a pretrained encoder and a random init alike)
+    torch.manual_seed(1)
+    encoder = models.build_encoder("tiny", 8)
+    bn = encoder.features[1]
+    with torch.no_grad():
+        bn.running_mean.fill_(5.0)
+    samples, _, _ = data.list_videos("folder", small_tree)
+    clips = torch.cat([centre_clip(p, 4, 1, 32) for p, _ in samples])  # (8, 3, 4, 32, 32)
+    loader = [{"video": clips[i:i + 3, None], "valid": torch.ones(len(clips[i:i + 3]), dtype=bool)}
+              for i in range(0, 8, 3)]  # batches of 3, 3 and 2 clips
+    utils.estimate_bn_statistics(encoder, loader, torch.device("cpu"), contextlib.nullcontext())
+    assert not encoder.training and bn.momentum == 0.1  # the momentum is given back
+    with torch.no_grad():
+        inputs = [encoder.features[0](b["video"][:, 0]) for b in loader]
+    for c in range(bn.num_features):
+        means = [x[:, c].mean().item() for x in inputs]
+        variances = [x[:, c].var(unbiased=True).item() for x in inputs]
+        assert bn.running_mean[c].item() == pytest.approx(sum(means) / 3, rel=1e-4, abs=1e-6)
+        assert bn.running_var[c].item() == pytest.approx(sum(variances) / 3, rel=1e-4)
+    # with one batch, the same as the independent one-batch estimate used by the kNN reference
+    one = naive_bn_estimate(encoder, clips)
+    utils.estimate_bn_statistics(encoder, [{"video": clips[:, None],
+                                            "valid": torch.ones(8, dtype=bool)}],
+                                 torch.device("cpu"), contextlib.nullcontext())
+    torch.testing.assert_close(encoder.features[1].running_var, one.features[1].running_var)
+
+
+def test_weight_transfer_changes_backbone_and_leaves_head_fresh(small_tree, tmp_path):
+    pre = tmp_path / "pre"
+    pretrain.main(small_args(small_tree, pre, "--epochs", "1"))
+    arch, state, source = utils.backbone_from_checkpoint(str(pre / "ckpt.pt"))
+    assert arch == "tiny"
+    assert source["kind"] == "pretrain"
+    assert not any(k.startswith("fc.") for k in state)
+    torch.manual_seed(0)
+    fresh = models.build_encoder("tiny", 2)
+    torch.manual_seed(0)
+    model = models.build_encoder("tiny", 2)
+    n = utils.transfer_weights(model, state, "x")
+    assert n == len(state)
+    for key, value in model.state_dict().items():
+        if key.startswith("fc."):
+            assert torch.equal(value, fresh.state_dict()[key])  # head: new
+        elif key in state:
+            assert torch.equal(value, state[key])  # backbone: pretrained
+    with pytest.raises(SystemExit, match="does not fit|does not match"):
+        utils.transfer_weights(models.build_encoder("r3d_10", 2), state, "tiny.pt")
 
 
 # -----------------------------------------------------------------------------
-# pretrain.py: end to end on small real videos
+# pretrain.py: the step, the schedule, the flags
 
+def moco_step(model, opt, video):
+    """pretrain.train_step in its MoCo phase (D alone), in a world of one; video (N, 2, ...)."""
+    args = argparse.Namespace(method="videomoco", background_erasing=0, drop_frames=1)
+    guard = types.SimpleNamespace(agree=lambda finite: bool(finite))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return pretrain.train_step(args, model, None, video, [], opt, None, contextlib.nullcontext(),
+                               scaler, guard, model.decay, adversarial=False)
+
+
+def test_channels_last_step_matches_the_default_layout_and_compile_keeps_the_keys():
+    # inputs of their own seed: two SGD steps at lr 0.1 amplify the two layouts' rounding
+    # differences to 3e-5 here, but to 2e-4 for some other inputs
+    torch.manual_seed(0)
+    video = torch.randn(4, 2, 3, 4, 16, 16)  # x and x_key
+    outs = []
+    for memory_format in (torch.contiguous_format, torch.channels_last_3d):
+        torch.manual_seed(0)
+        model = models.VideoMoCo(models.encoder_builder("r3d_10"), 16, 32, 0.99, 0.07, 0.99,
+                                 shuffle_splits=1).to(memory_format=memory_format)
+        opt = torch.optim.SGD(model.encoder_q.parameters(), 0.1, momentum=0.9)
+        losses = [moco_step(model, opt, video)["loss_d"].item() for _ in range(2)]
+        outs.append((losses, next(model.encoder_q.parameters()).detach().clone()))
+    assert outs[0][0] == pytest.approx(outs[1][0], abs=1e-4)  # the second loss is after a step
+    assert torch.allclose(outs[0][1], outs[1][1], atol=1e-4)
+    # as pretrain.py --compile: in place, so the keys stay; the compiled encoder then runs and
+    # agrees with itself uncompiled (dynamo with its eager backend: the wrapping, not inductor's
+    # minute of code generation on CPU)
+    keys, encoder = list(model.state_dict()), model.encoder_q.eval()
+    with torch.no_grad():
+        eager = encoder(video[:, 0])
+        encoder.compile(backend="eager")
+        compiled = encoder(video[:, 0])
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(compiled, eager)
+
+
+def test_method_moco_is_videomoco_without_generator_and_decay(small_tree, tmp_path):
+    no_decay = [a for a in small_args(small_tree, tmp_path / "a") if a not in ("--decay", "0.99")]
+    pretrain.main(no_decay + ["--method", "moco"])
+    pretrain.main(small_args(small_tree, tmp_path / "b", "--generator", "none", "--decay", "1"))
+    a, b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
+    assert [r["loss_d"] for r in a] == [r["loss_d"] for r in b]
+    assert {r["phase"] for r in a} == {"moco"}
+    ckpt = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    assert ckpt["method"] == "moco" and ckpt["generator"] is None
+    with pytest.raises(SystemExit, match="means --generator none --decay 1"):
+        pretrain.main(small_args(small_tree, tmp_path / "c", "--method", "moco", "--decay", "0.9"))
+
+
+def test_bad_drop_frames_fails_at_start_not_mid_run():
+    for k in ("0", "4"):
+        with pytest.raises(SystemExit, match="--drop-frames must be in 1..3"):
+            pretrain.main(["--frames", "4", "--drop-frames", k, "--out",
+                           "/nonexistent/never-written"])
+
+
+def test_drop_frames_defaults_to_a_quarter_of_the_clip(small_tree, tmp_path):
+    # the paper drops 8 of 32 frames; given only --frames, k scales with it
+    argv = small_args(small_tree, tmp_path, "--frames", "8", "--epochs", "1")
+    i = argv.index("--drop-frames")
+    pretrain.main(argv[:i] + argv[i + 2:])
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["args"]["drop_frames"] == 2
+
+
+def test_two_phase_schedule_g_idle_then_trained_from_its_full_lr(small_tree, tmp_path, monkeypatch):
+    # D alone before --adv-start (G takes no step), then G from D's initial lr (the paper: 0.02
+    # for both), cosine over its own phase
+    saved, real_save = {}, utils.save_atomic
+
+    def keep(obj, path):
+        real_save(obj, path)
+        if isinstance(obj, dict) and obj.get("kind") == "pretrain":
+            saved[obj["epoch"]] = copy.deepcopy(obj)
+
+    monkeypatch.setattr(utils, "save_atomic", keep)
+    pretrain.main(small_args(small_tree, tmp_path, "--epochs", "3", "--adv-start", "1",
+                             "--lr", "0.02"))
+    assert saved[1]["opt_g"]["state"] == {} and saved[1]["opt_g"]["param_groups"][0]["lr"] == 0
+    assert saved[2]["opt_g"]["state"]
+    assert saved[2]["opt_g"]["param_groups"][0]["lr"] == pytest.approx(0.02)
+    # half-way through its phase
+    assert saved[3]["opt_g"]["param_groups"][0]["lr"] == pytest.approx(0.01)
+    assert any(not torch.equal(a, b) for a, b in zip(saved[1]["generator"].values(),
+                                                     saved[2]["generator"].values()))
+    epochs = [r for r in read_log(tmp_path, "epoch") if "loss" in r]
+    assert epochs[0]["g_vs_random"] is None and all(r["g_vs_random"] > 0 for r in epochs[1:])
+    assert utils.cosine(5, 5, 10) == 1 and utils.cosine(4, 5, 10) == 0
+    assert utils.cosine(7, 5, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 2 / 5)))
+
+
+def test_decay_start_uses_eq1_before_and_eq6_after(small_tree, tmp_path):
+    eq1, eq6 = math.log(13), math.log(1 + sum(0.99 ** i for i in range(1, 13)))
+    pretrain.main(small_args(small_tree, tmp_path / "a", "--decay-start", "1", "--adv-start", "2"))
+    chance = [r["chance"] for r in read_log(tmp_path / "a", "epoch") if "loss" in r]
+    assert chance == pytest.approx([eq1, eq6])
+    # by default Eq 6 starts with the adversarial phase (Sec 3.2: D alone with Eq 1 first), also
+    # without G (Table 2's "decay without adversarial" row)
+    for generator in ("convlstm", "none"):
+        out = tmp_path / generator
+        pretrain.main(small_args(small_tree, out, "--epochs", "3", "--adv-start", "2",
+                                 "--generator", generator))
+        chance = [r["chance"] for r in read_log(out, "epoch") if "loss" in r]
+        assert chance == pytest.approx([eq1, eq1, eq6])
+
+
+def test_demo_preset_fills_only_flags_not_given(tmp_path, capsys):
+    args, preset = pretrain.parse_args(["--epochs", "3", "--moco-k=4096", "--out", str(tmp_path)])
+    assert data.is_demo(args)
+    assert args.epochs == 3
+    assert args.moco_k == 4096
+    assert args.arch == "tiny"
+    utils.start_run(args, 0, torch.device("cpu"), preset)
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith("preset: arch=tiny") and "epochs" not in line and "moco_k" not in line
+    args, _ = pretrain.parse_args(["--data-root", "/x", "--dataset", "folder"])
+    assert not data.is_demo(args) and args.arch == "r2plus1d_10" and args.moco_k == 65536
+    # a method's own defaults (VCLR's official tau and K), under the demo preset's K
+    args, _ = pretrain.parse_args(["--method", "vclr", "--data-root", "/x", "--dataset", "folder"])
+    assert (args.moco_t, args.moco_k) == (0.1, 131072)
+    args, _ = pretrain.parse_args(["--method", "vclr"])
+    assert (args.moco_t, args.moco_k, args.frames) == (0.1, 64, 8)
+
+
+def test_pretrain_bf16_autocast_on_cpu(small_tree, tmp_path):
+    out = tmp_path / "bf16"
+    pretrain.main(small_args(small_tree, out, "--amp", "bf16", "--adv-start", "0", "--epochs", "1"))
+    log = read_log(out)
+    assert len(log) == 2 and all(np.isfinite(r["loss_d"]) and np.isfinite(r["loss_g"]) for r in log)
+
+
+# -----------------------------------------------------------------------------
+# pretrain.py: checkpoints, resume, signals, non-finite losses, DDP
 
 def test_pretrain_resume_is_exact(small_tree, tmp_path, monkeypatch):
     straight = tmp_path / "straight"
@@ -1923,34 +2240,11 @@ def test_pretrain_resume_is_exact(small_tree, tmp_path, monkeypatch):
         assert torch.equal(x, y), name  # queue, ages, pointer, both encoders
 
 
-def test_resume_restores_parts_and_rng_and_reads_the_older_single_rng_state(tmp_path):
-    path, lines = str(tmp_path / "ckpt.pt"), []
-    args = argparse.Namespace(arch="tiny", lr=0.1)
-    for older in (False, True):
-        model = nn.Linear(3, 2)
-        scaler = torch.amp.GradScaler("cpu", enabled=False)
-        utils.save_checkpoint(path, "finetune", {"model": model}, scaler, 0, epoch=2, step=9,
-                              args={"arch": "tiny", "lr": 0.2})
-        if older:  # finetune checkpoints written before utils.save_checkpoint kept one dict
-            ckpt = torch.load(path, weights_only=True)
-            utils.save_atomic(dict(ckpt, rng=ckpt["rng"][0]), path)
-        expected = torch.rand(4)
-        restored = nn.Linear(3, 2)
-        ckpt = utils.resume(path, "finetune", {"model": restored}, scaler, 0, lines.append, args,
-                            must_match=(("arch", None),), may_change=("lr",))
-        assert torch.equal(torch.rand(4), expected)  # the RNG continues from the save
-        assert torch.equal(restored.weight, model.weight) and ckpt["step"] == 9
-    assert lines[0] == "warning: resuming with changed flags --lr 0.2 -> 0.1"
-    with pytest.raises(SystemExit, match="is a --arch tiny run"):
-        utils.resume(path, "finetune", {}, scaler, 0, lines.append,
-                     argparse.Namespace(arch="r3d_10"), must_match=(("arch", None),))
-
-
 def test_checkpoint_loads_weights_only_and_backbone_into_torchvision(small_tree, tmp_path):
     import torchvision
     out = tmp_path / "r3d"
     pretrain.main(small_args(small_tree, out, "--arch", "r3d_18", "--epochs", "1",
-                             "--moco-dim", "16"))
+                             ))
     ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
     assert ckpt["kind"] == "pretrain" and ckpt["epoch"] == 1 and ckpt["args"]["arch"] == "r3d_18"
     assert {"queue", "queue_ptr", "queue_age"} <= {k.split(".")[-1] for k in ckpt["model"]}
@@ -1961,26 +2255,6 @@ def test_checkpoint_loads_weights_only_and_backbone_into_torchvision(small_tree,
     q = {k[len("encoder_q."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder_q.")}
     assert all(torch.equal(q[k], v) for k, v in backbone.items())
     assert not os.path.exists(str(out / "ckpt.pt") + ".tmp")
-
-
-def test_pretrain_bf16_autocast_on_cpu(small_tree, tmp_path):
-    out = tmp_path / "bf16"
-    pretrain.main(small_args(small_tree, out, "--amp", "bf16", "--adv-start", "0", "--epochs", "1"))
-    log = read_log(out)
-    assert len(log) == 2 and all(np.isfinite(r["loss_d"]) and np.isfinite(r["loss_g"]) for r in log)
-
-
-def test_demo_preset_fills_only_flags_not_given():
-    parser = pretrain.get_args_parser()
-    args, given = utils.parse_args(parser, ["--epochs", "3", "--moco-k=4096"])
-    assert given == {"epochs", "moco_k"} and utils.is_demo(args)
-    applied = utils.apply_preset(args, given, pretrain.DEMO_PRESET)
-    assert args.epochs == 3
-    assert args.moco_k == 4096
-    assert args.arch == "tiny"
-    assert "epochs" not in applied
-    args, given = utils.parse_args(parser, ["--data-root", "/x", "--dataset", "folder"])
-    assert not utils.is_demo(args) and args.arch == "r2plus1d_10" and args.moco_k == 65536
 
 
 def test_sigterm_saves_and_the_rerun_resumes_mid_epoch(small_tree, tmp_path):
@@ -2006,13 +2280,11 @@ def test_sigterm_saves_and_the_rerun_resumes_mid_epoch(small_tree, tmp_path):
     assert steps == list(range(1, steps[-1] + 1))  # no step repeated or lost across the restart
 
 
-def test_nonfinite_losses_skip_steps_then_abort(small_tree, tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(HERE, "pretrain.py"),
-                        *small_args(small_tree, tmp_path / "nan", "--lr", "1e30",
-                                    "--max-nonfinite", "2",
-                                    "--epochs", "20")], capture_output=True, text=True)
-    assert r.returncode != 0
-    assert "non-finite loss" in r.stdout and "2 non-finite losses in a row" in r.stderr
+def test_nonfinite_losses_skip_steps_then_abort(small_tree, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(pretrain, "MAX_NONFINITE", 2)
+    with pytest.raises(SystemExit, match="2 non-finite losses in a row"):
+        pretrain.main(small_args(small_tree, tmp_path / "nan", "--lr", "1e30", "--epochs", "20"))
+    assert "non-finite loss" in capsys.readouterr().out
 
 
 def _ddp_worker(rank, world, port, argv, out):
@@ -2031,7 +2303,7 @@ def test_ddp_two_gloo_processes_keep_identical_queues_and_weights(small_tree, tm
                                                                   extra):
     port = _free_port()
     argv = small_args(small_tree, tmp_path, "--adv-start", "0", "--epochs", "1", "--method", method,
-                      "--cvrl-hidden", "16", *extra)
+                      *extra)
     torch.multiprocessing.spawn(_ddp_worker, args=(2, port, argv, str(tmp_path)),
                                 nprocs=2, join=True)
     s0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
@@ -2050,11 +2322,11 @@ def test_ddp_two_gloo_processes_keep_identical_queues_and_weights(small_tree, tm
 
 
 # -----------------------------------------------------------------------------
-# does it learn? Every method memorises a small set of distinct clips through the real pretraining
-# path (pretrain.main), for the tiny encoder and for one of the paper's encoders at a small input.
-# On 385ac2d (the classifier init of the head, colour jitter always on) the loss stayed at
-# 0.82-0.93 of ln(K+1) here.
-
+# pretrain.py: does it learn? Every method memorises a small set of distinct clips through the
+# real pretraining path (pretrain.main), for the tiny encoder and for one of the paper's encoders
+# at a small input (on 385ac2d, with the classifier init of the head and colour jitter always on,
+# the loss stayed at 0.82-0.93 of ln(K+1) here); the queue-free metric, the collapse guard, the kNN
+# monitor
 
 def learning_args(root, out, method, arch, epochs=30):
     """30 epochs of 3 steps: 90 steps of a batch of 16 against a queue of 16 keys (ln 17 = 2.83), or
@@ -2070,8 +2342,7 @@ def learning_args(root, out, method, arch, epochs=30):
             "--shuffle-splits", "1",
             "--lr", "0.05", "--jitter", "0", "--grayscale", "0", "--epochs", str(epochs),
             "--workers", "0",
-            "--print-freq", "1000", "--g-hidden", "16", "--g-width", "8", "--drop-frames", "2",
-            "--cvrl-hidden", "128"]
+            "--print-freq", "1000", "--drop-frames", "2"]
 
 
 @pytest.mark.parametrize("method,arch,extra", [
@@ -2099,71 +2370,6 @@ def test_pretext_task_memorises_a_small_set(distinct_tree, tmp_path, method, arc
     assert last["probe_top1"] > 0.4, [round(r["probe_top1"], 2) for r in epochs]
 
 
-def test_channels_last_step_matches_the_default_layout_and_compile_keeps_the_keys():
-    # inputs of their own seed: two SGD steps at lr 0.1 amplify the two layouts' rounding
-    # differences to 3e-5 here, but to 2e-4 for some other inputs
-    torch.manual_seed(0)
-    x, x_key = torch.randn(4, 3, 4, 16, 16), torch.randn(4, 3, 4, 16, 16)
-    outs = []
-    for memory_format in (torch.contiguous_format, torch.channels_last_3d):
-        torch.manual_seed(0)
-        model = models.VideoMoCo(models.encoder_builder("r3d_10"), 16, 32, 0.99, 0.07, 0.99,
-                                 shuffle_splits=1).to(memory_format=memory_format)
-        opt = torch.optim.SGD(model.encoder_q.parameters(), 0.1, momentum=0.9)
-        losses = [models.videomoco_step(model, x, x_key, opt)["loss_d"].item() for _ in range(2)]
-        outs.append((losses, next(model.encoder_q.parameters()).detach().clone()))
-    assert outs[0][0] == pytest.approx(outs[1][0], abs=1e-4)  # the second loss is after a step
-    assert torch.allclose(outs[0][1], outs[1][1], atol=1e-4)
-    keys = list(model.state_dict())
-    model.encoder_q.compile()  # as pretrain.py --compile: in place, lazy
-    assert list(model.state_dict()) == keys
-
-
-def test_linear_head_learns_noise_patterns_where_the_classifier_init_collapses():
-    # The cause of the pretraining that did not learn, isolated (issue 10's 30-line MoCo loop): 64
-    # noise patterns, two noisy views each, K 128. The same linear head memorises them with
-    # nn.Linear's init and collapses to ln(K+1) with the normal(0, 0.01) init of 385ac2d.
-    def loss_over_chance(classifier_init):
-        torch.manual_seed(0)
-        model = models.VideoMoCo(TINY, dim=128, K=128, m=0.99, T=0.07, decay=1.0, mlp=False)
-        if classifier_init:
-            for enc in (model.encoder_q, model.encoder_k):
-                nn.init.normal_(enc.fc.weight, 0, 0.01)
-                nn.init.zeros_(enc.fc.bias)
-        patterns = torch.randn(64, 3, 8, 32, 32)
-        opt = torch.optim.SGD(model.encoder_q.parameters(), 0.05, momentum=0.9, weight_decay=1e-4)
-        losses = []
-        for _ in range(48):
-            x = patterns[torch.randperm(64)[:16]]
-            out = model(x + 0.3 * torch.randn_like(x), x + 0.3 * torch.randn_like(x))
-            opt.zero_grad()
-            out["loss_d"].backward()
-            opt.step()
-            losses.append(out["loss_d"].item())
-        return sum(losses[-12:]) / 12 / math.log(129)
-
-    assert loss_over_chance(classifier_init=False) < 0.5  # measured 0.16
-    assert loss_over_chance(classifier_init=True) > 0.95  # measured 1.00: collapsed
-
-
-def test_projection_head_has_nn_linear_default_init_not_the_classifier_init():
-    # A head with torchvision's video classifier init, normal(0, 0.01), has 6-25x the effective
-    # learning rate of nn.Linear's default on an L2-normalised
-    # output, and collapses (projection_head)
-    torch.manual_seed(0)
-    for mlp in (False, True):
-        model = models.VideoMoCo(TINY, dim=128, K=16, mlp=mlp)
-        linears = [m for m in model.encoder_q.fc.modules() if isinstance(m, nn.Linear)]
-        assert len(linears) == (2 if mlp else 1)
-        for layer in linears:
-            # std of U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-            expected = 1 / math.sqrt(3 * layer.in_features)
-            assert layer.weight.std().item() == pytest.approx(expected, rel=0.1)
-    cvrl_fc = methods.CVRL(TINY, dim=8, hidden=32).encoder_q.fc
-    default_std = 1 / math.sqrt(3 * cvrl_fc.in_features)
-    assert cvrl_fc.weight.std().item() == pytest.approx(default_std, rel=0.1)
-
-
 def test_feature_spread_matches_loop_and_reads_one_when_isotropic_zero_when_collapsed():
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(64, 16, generator=gen) + 0.5
@@ -2173,11 +2379,12 @@ def test_feature_spread_matches_loop_and_reads_one_when_isotropic_zero_when_coll
         col = [row[j] for row in unit]
         mean = sum(col) / len(col)
         stds.append(math.sqrt(sum((v - mean) ** 2 for v in col) / (len(col) - 1)))
-    assert utils.feature_spread(z).item() == pytest.approx(sum(stds) / 16 * math.sqrt(16), rel=1e-5)
-    assert utils.feature_spread(torch.randn(4096, 32,
-                                            generator=gen)).item() == pytest.approx(1.0, abs=0.05)
+    expected = sum(stds) / 16 * math.sqrt(16)
+    assert pretrain.feature_spread(z).item() == pytest.approx(expected, rel=1e-5)
+    isotropic = torch.randn(4096, 32, generator=gen)
+    assert pretrain.feature_spread(isotropic).item() == pytest.approx(1.0, abs=0.05)
     collapsed = torch.randn(1, 32, generator=gen).expand(8, 32)
-    assert utils.feature_spread(collapsed).item() == pytest.approx(0, abs=1e-6)
+    assert pretrain.feature_spread(collapsed).item() == pytest.approx(0, abs=1e-6)
 
 
 def test_queue_free_metric_matches_a_loop():
@@ -2250,12 +2457,12 @@ def test_a_drifting_collapse_fools_the_training_loss_and_not_the_queue_free_metr
     training = sum(losses).item() / len(losses)
     assert training < 0.5 * chance  # "learning", by the training loss
     # (its feature spread, ~0, trips the spread rule too; 0.5 isolates the two loss rules)
-    assert utils.collapse_warning(training, 0.5, chance) is None
+    assert pretrain.collapse_warning(training, 0.5, chance) is None
     probe = [{"video": torch.randn(16, 2, 3, 2, 4, 4, generator=gen)}]
     loss, top1, probe_chance = pretrain.queue_free_metric(model, probe, 4, torch.device("cpu"),
                                                           contextlib.nullcontext())
     assert loss > 0.98 * probe_chance and probe_chance == pytest.approx(math.log(16))
-    assert "queue-free loss" in utils.collapse_warning(loss, 0.5, probe_chance)
+    assert "queue-free loss" in pretrain.collapse_warning(loss, 0.5, probe_chance)
 
 
 def test_collapse_guard_warns_once_when_the_loss_sits_at_chance(small_tree, tmp_path, capsys):
@@ -2270,29 +2477,8 @@ def test_collapse_guard_warns_once_when_the_loss_sits_at_chance(small_tree, tmp_
     assert epochs[0]["chance"] == pytest.approx(math.log(13))  # Eq 1 before --adv-start
     assert epochs[0]["probe_chance"] == pytest.approx(math.log(8))  # the 8 videos of small_tree
     assert out.count("warning: the queue-free loss") == 1
-    assert utils.collapse_warning(loss=2.0, spread=0.8, chance=math.log(13)) is None
-    assert "spread" in utils.collapse_warning(loss=2.0, spread=0.01, chance=math.log(13))
-
-
-def centre_clip(path, frames, stride, crop):
-    """The evaluation clip of a video by hand: decode-count its frames, take the centre clip,
-    resize and centre-crop -> (1, 3, T, crop, crop)."""
-    with data.VideoReader(path) as reader:
-        n = reader.count_frames()
-    start = data.uniform_starts(n, (frames - 1) * stride + 1, 1)[0]
-    return data.EvalTransform(crop)(read_clip(path, start, frames, stride))
-
-
-def naive_bn_estimate(encoder, clips):
-    """Precise BN for a set of clips that fits one batch: a copy of the encoder whose BN layers take
-    that batch's statistics as their running statistics (momentum 1), in eval mode."""
-    encoder = copy.deepcopy(encoder)
-    for m in encoder.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = 1.0
-    with torch.no_grad():
-        encoder.train()(clips)
-    return encoder.eval()
+    assert pretrain.collapse_warning(loss=2.0, spread=0.8, chance=math.log(13)) is None
+    assert "spread" in pretrain.collapse_warning(loss=2.0, spread=0.01, chance=math.log(13))
 
 
 def naive_knn_top1(encoder, train, test, frames, stride, crop, k=20, temperature=0.07):
@@ -2325,7 +2511,7 @@ def test_knn_monitor_matches_a_naive_loop(small_tree):
     args = pretrain.get_args_parser().parse_args(["--dataset", "folder", "--data-root", small_tree,
                                                   "--frames", "4",
                                                   "--crop", "32"])
-    monitor = utils.KNNMonitor(args, workers=0, k=3)
+    monitor = pretrain.KNNMonitor(args, workers=0, k=3)
     samples, _, _ = data.list_videos("folder", small_tree)
     expected = naive_knn_top1(encoder, samples, samples, 4, 1, 32, k=3)
     assert monitor(encoder, torch.device("cpu"),
@@ -2334,37 +2520,7 @@ def test_knn_monitor_matches_a_naive_loop(small_tree):
     assert all(torch.equal(v, before[k]) for k, v in encoder.state_dict().items())
 
 
-def test_bn_statistics_are_the_mean_of_batch_statistics_over_training_clips(small_tree):
-    # estimate_bn_statistics against a loop: the first BN layer's running mean and variance are the
-    # averages over the batches of its input's per-channel mean and unbiased variance, whatever
-    # statistics the encoder had before (a pretrained encoder and a random init alike)
-    torch.manual_seed(1)
-    encoder = models.build_encoder("tiny", 8)
-    bn = encoder.features[1]
-    with torch.no_grad():
-        bn.running_mean.fill_(5.0)
-    samples, _, _ = data.list_videos("folder", small_tree)
-    clips = torch.cat([centre_clip(p, 4, 1, 32) for p, _ in samples])  # (8, 3, 4, 32, 32)
-    loader = [{"video": clips[i:i + 3, None], "valid": torch.ones(len(clips[i:i + 3]), dtype=bool)}
-              for i in range(0, 8, 3)]  # batches of 3, 3 and 2 clips
-    utils.estimate_bn_statistics(encoder, loader, torch.device("cpu"), contextlib.nullcontext())
-    assert not encoder.training and bn.momentum == 0.1  # the momentum is given back
-    with torch.no_grad():
-        inputs = [encoder.features[0](b["video"][:, 0]) for b in loader]
-    for c in range(bn.num_features):
-        means = [x[:, c].mean().item() for x in inputs]
-        variances = [x[:, c].var(unbiased=True).item() for x in inputs]
-        assert bn.running_mean[c].item() == pytest.approx(sum(means) / 3, rel=1e-4, abs=1e-6)
-        assert bn.running_var[c].item() == pytest.approx(sum(variances) / 3, rel=1e-4)
-    # with one batch, the same as the independent one-batch estimate used by the kNN reference
-    one = naive_bn_estimate(encoder, clips)
-    utils.estimate_bn_statistics(encoder, [{"video": clips[:, None],
-                                            "valid": torch.ones(8, dtype=bool)}],
-                                 torch.device("cpu"), contextlib.nullcontext())
-    torch.testing.assert_close(encoder.features[1].running_var, one.features[1].running_var)
-
-
-def test_pretrain_monitor_measures_random_init_first_then_logs_and_draws_curves(
+def test_pretrain_monitor_measures_random_init_first_then_logs(
         small_tree, tmp_path, capsys):
     pretrain.main(small_args(small_tree, tmp_path, "--knn-every", "1", "--epochs", "2"))
     out = capsys.readouterr().out
@@ -2381,187 +2537,78 @@ def test_pretrain_monitor_measures_random_init_first_then_logs_and_draws_curves(
     assert all(0 <= r["knn_top1"] <= 1 and r["knn_chance"] == 0.5 for r in knn)
     assert "kNN top-1 on the test split went from" in out
     assert "queue-free loss went from" in out
-    img = cv2.imread(str(tmp_path / "curves.png"))
-    assert img is not None and img.shape == (500, 800, 3)
 
 
-def test_curves_plot_what_the_log_says(tmp_path):
-    log = tmp_path / "log.jsonl"
-    with open(log, "w") as f:
-        f.write(json.dumps({"curve": True, "epoch": 0, "knn_top1": 0.2,
-                            "knn_chance": 1 / 6}) + "\n")
-        # step records are not plotted
-        f.write(json.dumps({"epoch": 0, "step": 1, "loss_d": 9.0}) + "\n")
+def test_learning_summary_reads_the_first_and_last_measurements(tmp_path, capsys):
+    log = utils.Logger(str(tmp_path), 0)
+    with open(log.path, "w") as f:
+        f.write(json.dumps({"curve": True, "epoch": 0, "knn_top1": 0.2, "knn_chance": 1 / 6,
+                            "probe_loss": 4.0, "probe_top1": 0.1, "probe_chance": math.log(64)})
+                + "\n")
+        f.write(json.dumps({"epoch": 0, "step": 1, "loss_d": 9.0}) + "\n")  # a step record
         for e in range(1, 11):
-            f.write(json.dumps({"curve": True, "epoch": e, "loss": 5.0 - 0.4 * e, "chance": 5.0,
-                                "probe_loss": 4.0 - 0.3 * e, "probe_chance": 4.2,
-                                "acc": 0.05 * e, "spread": 0.5, "knn_top1": 0.2 + 0.04 * e,
-                                "knn_chance": 1 / 6}) + "\n")
-        # a resumed run's later value
+            f.write(json.dumps({"curve": True, "epoch": e, "probe_loss": 4.0 - 0.3 * e,
+                                "probe_top1": 0.1 + 0.05 * e, "probe_chance": math.log(64),
+                                "knn_top1": 0.2 + 0.04 * e, "knn_chance": 1 / 6}) + "\n")
+        # a resumed run's later value replaces the earlier one
         f.write(json.dumps({"curve": True, "epoch": 10, "knn_top1": 0.7}) + "\n")
-    records = utils.read_epoch_log(str(log))
-    assert [r["epoch"] for r in records] == list(range(11)) and records[-1]["knn_top1"] == 0.7
-    img = utils.draw_curves(str(log), str(tmp_path / "curves.png"))
-    assert (cv2.imread(str(tmp_path / "curves.png")) == img).all()
-
-    def curve_rows(panel):  # mean row of the curve's colour in the left and right thirds of a panel
-        blue = (np.abs(panel.astype(int) - (200, 90, 20)).sum(-1) < 60)
-        w = panel.shape[1]
-        return [np.nonzero(blue[:, a:b])[0].mean() for a, b in ((60, w // 3), (2 * w // 3, w - 20))]
-
-    loss_left, loss_right = curve_rows(img[:250, :400])
-    probe_left, probe_right = curve_rows(img[:250, 400:])
-    knn_left, knn_right = curve_rows(img[250:, 400:])
-    # the losses fall, kNN rises (image rows grow downwards)
-    assert loss_left < loss_right and probe_left < probe_right and knn_left > knn_right
+    pretrain.learning_summary(log, 10)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["queue-free loss went from 4.000 at epoch 0 to 1.000 after 10 epochs (chance "
+                     "4.159), its top-1 from 0.100 to 0.600 (chance 0.016)",
+                     "kNN top-1 on the test split went from 0.200 at epoch 0 to 0.700 after 10 "
+                     "epochs (chance 0.167)"]
 
 
 # -----------------------------------------------------------------------------
-# finetune.py and evaluate.py
+# pretrain.py with the other methods and switches, into finetune.py and evaluate.py
 
-import evaluate  # noqa: E402
-import finetune  # noqa: E402
-
-
-def test_retrieval_recall_matches_brute_force_loop():
-    gen = torch.Generator().manual_seed(0)
-    query = F.normalize(torch.randn(30, 8, generator=gen), dim=1)
-    gallery = F.normalize(torch.randn(50, 8, generator=gen), dim=1)
-    ql, gl = torch.randint(0, 4, (30,), generator=gen), torch.randint(0, 4, (50,), generator=gen)
-    got = evaluate.retrieval_recall(query, gallery, ql, gl, ks=(1, 5, 10, 20))
-    for k in (1, 5, 10, 20):
-        hits = 0
-        for i in range(30):
-            dist_ = [(-sum(query[i][d].item() * gallery[j][d].item() for d in range(8)), j)
-                     for j in range(50)]
-            nearest = [j for _, j in sorted(dist_)[:k]]
-            hits += any(gl[j] == ql[i] for j in nearest)
-        assert got[f"R@{k}"] == pytest.approx(hits / 30)
-
-
-def test_knn_vote_and_entropy_match_loops():
-    gen = torch.Generator().manual_seed(1)
-    query = F.normalize(torch.randn(12, 6, generator=gen), dim=1)
-    gallery = F.normalize(torch.randn(40, 6, generator=gen), dim=1)
-    gl = torch.randint(0, 3, (40,), generator=gen)
-    pred = utils.knn_predict(query, gallery, gl, 3, k=7, temperature=0.1)
-    for i in range(12):
-        sims = sorted(((query[i] @ gallery[j]).item(), j) for j in range(40))[-7:]
-        votes = [0.0] * 3
-        for s, j in sims:
-            votes[int(gl[j])] += math.exp(s / 0.1)
-        assert int(pred[i]) == max(range(3), key=lambda c: votes[c])
-    probs = torch.softmax(torch.randn(5, 4, generator=gen), dim=1)
-    for row, h in zip(probs, evaluate.entropy(probs)):
-        assert h.item() == pytest.approx(-sum(p * math.log(p) for p in row.tolist()), rel=1e-5)
-
-
-def test_motion_probes_and_relative_shift_match_their_definitions():
-    gen = torch.Generator().manual_seed(2)
-    feats, changed = torch.randn(7, 5, generator=gen), torch.randn(7, 5, generator=gen)
-    moved = sum(math.dist(feats[i].tolist(), changed[i].tolist()) for i in range(7)) / 7
-    between = [math.dist(feats[i].tolist(),
-                         feats[j].tolist()) for i in range(7) for j in range(7) if i != j]
-    expected = moved / (sum(between) / len(between))
-    assert evaluate.relative_shift(feats, changed) == pytest.approx(expected, rel=1e-5)
-    assert evaluate.relative_shift(feats, feats) == 0
-    x = torch.randn(3, 2, 6, 4, 4, generator=gen)
-    frozen = evaluate.freeze_motion(x)
-    for t in range(6):
-        assert torch.equal(frozen[:, :, t], x[:, :, 3])
-    shuffled = evaluate.shuffle_frames(x, gen)
-    for n in range(3):  # each clip: a permutation of its own frames
-        frames = [x[n, :, t] for t in range(6)]
-        used = [next(i for i, f in enumerate(frames) if torch.equal(f, shuffled[n, :, t]))
-                for t in range(6)]
-        assert sorted(used) == list(range(6))
-    # an encoder that averages over time cannot see the order: shuffling moves nothing
-    pool = lambda v: v.mean(dim=(2, 3, 4))  # noqa: E731
-    assert evaluate.relative_shift(pool(x), pool(shuffled)) == pytest.approx(0, abs=1e-6)
-    assert evaluate.relative_shift(pool(x), pool(frozen)) > 0.1
-
-
-def test_grad_cam_matches_a_hand_computed_map():
-    torch.manual_seed(0)
-    model = models.build_encoder("tiny", 3).eval()
-    clip = torch.randn(1, 3, 8, 32, 32)
-    cam, pred = evaluate.grad_cam(model, clip)
-    act = model.features(clip).detach().requires_grad_()
-    logits = model.fc(model.avgpool(act).flatten(1))
-    assert int(logits.argmax()) == pred
-    grad, = torch.autograd.grad(logits[0, pred], act)
-    weights = [grad[0, c].mean().item() for c in range(act.shape[1])]
-    raw = sum(w * act[0, c].detach() for c, w in enumerate(weights)).clamp(min=0)
-    expected = F.interpolate(raw[None, None], size=(8, 32, 32), mode="trilinear",
-                             align_corners=False)[0, 0]
-    torch.testing.assert_close(cam, expected / expected.max(), rtol=1e-4, atol=1e-5)
-
-
-def test_weight_transfer_changes_backbone_and_leaves_head_fresh(small_tree, tmp_path):
-    pre = tmp_path / "pre"
-    pretrain.main(small_args(small_tree, pre, "--epochs", "1"))
-    arch, state, source = utils.backbone_from_checkpoint(str(pre / "ckpt.pt"))
-    assert arch == "tiny"
-    assert source["kind"] == "pretrain"
-    assert not any(k.startswith("fc.") for k in state)
-    torch.manual_seed(0)
-    fresh = models.build_encoder("tiny", 2)
-    torch.manual_seed(0)
-    model = models.build_encoder("tiny", 2)
-    n = utils.transfer_weights(model, state, "x")
-    assert n == len(state)
-    for key, value in model.state_dict().items():
-        if key.startswith("fc."):
-            assert torch.equal(value, fresh.state_dict()[key])  # head: new
-        elif key in state:
-            assert torch.equal(value, state[key])  # backbone: pretrained
-    with pytest.raises(SystemExit, match="does not fit|does not match"):
-        utils.transfer_weights(models.build_encoder("c3d", 2), state, "tiny.pt")
-
-
-def test_finetune_then_evaluate_end_to_end_json_keys(small_tree, tmp_path):
+@pytest.mark.parametrize("method", ["cvrl", "vclr"])
+def test_other_methods_pretrain_and_feed_finetune_and_evaluate_unchanged(small_tree,
+                                                                         tmp_path, method):
     pre, ft = tmp_path / "pre", tmp_path / "ft"
-    pretrain.main(small_args(small_tree, pre, "--epochs", "1", "--adv-start", "0"))
+    pretrain.main(small_args(small_tree, pre, "--method", method,
+                             "--epochs", "1"))
+    log = read_log(pre)
+    assert {r["phase"] for r in log} == {method} and all(np.isfinite(r["loss_d"]) for r in log)
+    assert method != "vclr" or all(0 <= r["order_acc"] <= 1 and r["loss_order"] > 0 for r in log)
+    ckpt = torch.load(pre / "ckpt.pt", weights_only=True)
+    assert ckpt["method"] == method and ckpt["generator"] is None
+    backbone = torch.load(pre / "backbone.pt", weights_only=True)
+    missing = models.build_encoder("tiny", 16).load_state_dict(backbone, strict=False).missing_keys
+    assert missing == ["fc.weight", "fc.bias"]  # every head is left out
     finetune.main(["--ckpt", str(pre / "ckpt.pt"), "--dataset", "folder", "--data-root", small_tree,
                    "--out", str(ft),
-                   "--epochs", "1", "--batch-size", "4", "--workers", "0", "--print-freq", "1"])
-    ckpt = torch.load(ft / "ckpt.pt", weights_only=True)
-    assert ckpt["kind"] == "finetune" and ckpt["arch"] == "tiny" and ckpt["classes"] == ["c0", "c1"]
-    assert ckpt["data"]["frames"] == 4 and ckpt["generator"]["drop_frames"] == 1
-    cams = tmp_path / "cams"
-    out = evaluate.main(["--ckpt", str(ft / "ckpt.pt"), "--clips", "3", "--workers", "0",
-                         "--occlusion",
-                         "--cam", "2", str(cams), "--json", str(tmp_path / "r.json")])
-    for key in ("top1", "top5", "n_videos", "n_skipped", "entropy_none", "entropy_random",
-                "entropy_adversarial",
-                "top1_none", "top1_random", "top1_adversarial"):
-        assert out[key] is not None, key
-    assert out["n_videos"] == 8 and 0 <= out["top1"] <= 1 and out["top1"] == out["top1_none"]
-    assert json.load(open(tmp_path / "r.json")) == json.loads(json.dumps(out))
-    assert len(os.listdir(cams)) == 2
-    knn = evaluate.main(["--ckpt", str(pre / "ckpt.pt"), "--clips", "2", "--workers",
-                         "0", "--motion"])
-    for key in ("R@1", "R@5", "R@10", "R@20", "knn_top1"):
-        assert 0 <= knn[key] <= 1
-    assert knn["R@20"] == 1.0  # the gallery holds both classes
-    assert knn["motion_static"] > 0 and knn["motion_shuffle"] > 0
+                   "--epochs", "1", "--batch-size", "4", "--workers", "0"])
+    out = evaluate.main(["--ckpt", str(ft / "ckpt.pt"), "--clips", "2", "--workers", "0"])
+    assert out["n_videos"] == 8 and 0 <= out["top1"] <= 1
+    knn = evaluate.main(["--ckpt", str(pre / "ckpt.pt"), "--clips", "2", "--workers", "0"])
+    assert 0 <= knn["R@1"] <= 1
 
 
-def test_evaluate_rejects_corrupt_and_wrong_checkpoints(tmp_path):
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a checkpoint at all")
-    r = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), "--ckpt", str(bad)],
-                       capture_output=True, text=True)
-    assert r.returncode != 0
-    assert "not a readable checkpoint" in r.stderr
-    assert "Traceback" not in r.stderr
-    odd = tmp_path / "odd.pt"
-    torch.save({"kind": "something-else"}, odd)
-    with pytest.raises(SystemExit, match="something-else checkpoint"):
-        evaluate.main(["--ckpt", str(odd)])
-    with pytest.raises(SystemExit, match="not found"):
-        evaluate.main(["--ckpt", str(tmp_path / "missing.pt")])
+def test_input_mode_is_recorded_and_a_mismatching_override_refused(small_tree, tmp_path):
+    pre, ft = tmp_path / "pre", tmp_path / "ft"
+    pretrain.main(small_args(small_tree, pre, "--input", "residual", "--background-erasing", "0.5",
+                             "--epochs", "1",
+                             "--adv-start", "0"))
+    assert all(np.isfinite(r["loss_d"]) and np.isfinite(r["loss_g"]) for r in read_log(pre))
+    with pytest.raises(SystemExit, match="pretrained on residual input"):
+        finetune.main(["--ckpt", str(pre / "ckpt.pt"), "--input", "rgb", "--out", str(ft)])
+    model = finetune.main(["--ckpt", str(pre / "ckpt.pt"), "--dataset", "folder", "--data-root",
+                           small_tree, "--out", str(ft), "--epochs", "1", "--batch-size", "4",
+                           "--workers", "0"])
+    assert model.input_mode == "residual"
+    assert torch.load(ft / "ckpt.pt", weights_only=True)["input"] == "residual"
+    out = evaluate.main(["--ckpt", str(ft / "ckpt.pt"), "--clips", "2", "--workers", "0"])
+    assert out["input"] == "residual"
+    with pytest.raises(SystemExit, match="trained on residual input"):
+        evaluate.main(["--ckpt", str(pre / "ckpt.pt"), "--input", "rgb"])
+    with pytest.raises(SystemExit, match="--input residual run"):
+        pretrain.main(small_args(small_tree, pre, "--epochs", "2"))  # resuming with another input
 
+
+# -----------------------------------------------------------------------------
+# finetune.py
 
 def test_linear_probe_trains_only_the_head_and_finetune_resumes(small_tree, tmp_path, capsys):
     pre, lin = tmp_path / "pre", tmp_path / "lin"
@@ -2599,98 +2646,6 @@ def test_linear_probe_trains_only_the_head_and_finetune_resumes(small_tree, tmp_
     assert f"resuming from {lin / 'ckpt.pt'}: epoch 1" in capsys.readouterr().out
 
 
-def _bad_videos_worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    samples = [(f"/v{i}.avi", 0) for i in range(20)]
-    bad = loading.BadVideos(samples, max_fraction=0.25, log=False)
-    bad.update([(rank, "broken")])  # each rank meets a different bad video
-    counts = [len(bad)]
-    bad.flush()
-    counts.append(len(bad))
-    # 6 of 20 bad in all: over 25 %, but 3 per rank
-    bad.update([(10 + rank, "x"), (12 + rank, "y")])
-    try:
-        bad.flush()
-        counts.append("no stop")
-    except data.DataError:
-        counts.append("stopped")
-    torch.save(counts, os.path.join(out, f"{rank}.pt"))
-    dist.destroy_process_group()
-
-
-def test_bad_videos_are_counted_over_all_ranks(tmp_path):
-    port = _free_port()
-    mp.spawn(_bad_videos_worker, args=(2, port, str(tmp_path)), nprocs=2)
-    for rank in range(2):
-        assert torch.load(tmp_path / f"{rank}.pt") == [0, 2, "stopped"]
-
-
-def test_rng_state_round_trip_is_complete(tmp_path):
-    random.random(), np.random.standard_normal(), torch.rand(1)  # numpy caches a gaussian: keep it
-    state = utils.rng_state()
-    a = (random.gauss(0, 1), np.random.standard_normal(3).tolist(), torch.rand(2).tolist())
-    torch.save(state, tmp_path / "rng.pt")
-    utils.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
-    assert (random.gauss(0, 1), np.random.standard_normal(3).tolist(), torch.rand(2).tolist()) == a
-
-
-def test_bad_drop_frames_fails_at_start_not_mid_run():
-    for k in ("0", "4"):
-        with pytest.raises(SystemExit, match="--drop-frames must be in 1..3"):
-            pretrain.main(["--frames", "4", "--drop-frames", k, "--out",
-                           "/nonexistent/never-written"])
-
-
-def test_drop_frames_defaults_to_a_quarter_of_the_clip(small_tree, tmp_path):
-    # the paper drops 8 of 32 frames; given only --frames, k scales with it
-    argv = small_args(small_tree, tmp_path, "--frames", "8", "--epochs", "1")
-    i = argv.index("--drop-frames")
-    pretrain.main(argv[:i] + argv[i + 2:])
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["args"]["drop_frames"] == 2
-
-
-def test_two_phase_schedule_g_idle_then_trained_from_its_full_lr(small_tree, tmp_path, monkeypatch):
-    # D alone before --adv-start (G takes no step), then G from D's initial lr (the paper: 0.02
-    # for both), cosine over its own phase
-    saved, real_save = {}, utils.save_atomic
-
-    def keep(obj, path):
-        real_save(obj, path)
-        if isinstance(obj, dict) and obj.get("kind") == "pretrain":
-            saved[obj["epoch"]] = copy.deepcopy(obj)
-
-    monkeypatch.setattr(utils, "save_atomic", keep)
-    pretrain.main(small_args(small_tree, tmp_path, "--epochs", "3", "--adv-start", "1",
-                             "--lr", "0.02"))
-    assert saved[1]["opt_g"]["state"] == {} and saved[1]["opt_g"]["param_groups"][0]["lr"] == 0
-    assert saved[2]["opt_g"]["state"]
-    assert saved[2]["opt_g"]["param_groups"][0]["lr"] == pytest.approx(0.02)
-    # half-way through its phase
-    assert saved[3]["opt_g"]["param_groups"][0]["lr"] == pytest.approx(0.01)
-    assert any(not torch.equal(a, b) for a, b in zip(saved[1]["generator"].values(),
-                                                     saved[2]["generator"].values()))
-    epochs = [r for r in read_log(tmp_path, "epoch") if "loss" in r]
-    assert epochs[0]["g_vs_random"] is None and all(r["g_vs_random"] > 0 for r in epochs[1:])
-    assert utils.cosine(5, 5, 10) == 1 and utils.cosine(4, 5, 10) == 0
-    assert utils.cosine(7, 5, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 2 / 5)))
-
-
-def test_decay_start_uses_eq1_before_and_eq6_after(small_tree, tmp_path):
-    eq1, eq6 = math.log(13), math.log(1 + sum(0.99 ** i for i in range(1, 13)))
-    pretrain.main(small_args(small_tree, tmp_path / "a", "--decay-start", "1", "--adv-start", "2"))
-    chance = [r["chance"] for r in read_log(tmp_path / "a", "epoch") if "loss" in r]
-    assert chance == pytest.approx([eq1, eq6])
-    # by default Eq 6 starts with the adversarial phase (Sec 3.2: D alone with Eq 1 first), also
-    # without G (Table 2's "decay without adversarial" row)
-    for generator in ("convlstm", "none"):
-        out = tmp_path / generator
-        pretrain.main(small_args(small_tree, out, "--epochs", "3", "--adv-start", "2",
-                                 "--generator", generator))
-        chance = [r["chance"] for r in read_log(out, "epoch") if "loss" in r]
-        assert chance == pytest.approx([eq1, eq1, eq6])
-
-
 def test_finetune_and_evaluate_take_the_dataset_from_the_checkpoint(small_tree, tmp_path, capsys):
     # the pretraining's dataset and root are the downstream default; a given dataset that differs
     # is said in one line
@@ -2719,20 +2674,126 @@ def test_finetune_and_evaluate_take_the_dataset_from_the_checkpoint(small_tree, 
                      "folder"]
 
 
-def test_cvrl_normalises_over_the_global_batch_under_ddp_on_cuda_only():
-    lines = []
-    bn = lambda m: [type(x) for x in m.modules() if isinstance(x, nn.modules.batchnorm._BatchNorm)]
-    cvrl = methods.global_batchnorm(methods.CVRL(TINY, dim=8, hidden=16), "cvrl",
-                                    torch.device("cuda"), 2, lines.append)
-    assert set(bn(cvrl)) == {nn.SyncBatchNorm}
-    for method, device, world in (("cvrl", "cpu", 2), ("cvrl", "cuda", 1),
-                                  ("videomoco", "cuda", 2)):
-        if method == "cvrl":
-            model = methods.CVRL(TINY, dim=8, hidden=16)
-        else:
-            model = models.VideoMoCo(TINY, dim=8, K=16)
-        device = torch.device(device)
-        converted = methods.global_batchnorm(model, method, device, world, lines.append)
-        assert nn.SyncBatchNorm not in bn(converted)
-    assert lines == ["cvrl on 2 CPU processes: BN statistics per process "
-                     "(SyncBatchNorm needs CUDA)"]
+# -----------------------------------------------------------------------------
+# evaluate.py
+
+def test_retrieval_recall_matches_brute_force_loop():
+    gen = torch.Generator().manual_seed(0)
+    query = F.normalize(torch.randn(30, 8, generator=gen), dim=1)
+    gallery = F.normalize(torch.randn(50, 8, generator=gen), dim=1)
+    ql, gl = torch.randint(0, 4, (30,), generator=gen), torch.randint(0, 4, (50,), generator=gen)
+    got = evaluate.retrieval_recall(query, gallery, ql, gl, ks=(1, 5, 10, 20))
+    for k in (1, 5, 10, 20):
+        hits = 0
+        for i in range(30):
+            dist_ = [(-sum(query[i][d].item() * gallery[j][d].item() for d in range(8)), j)
+                     for j in range(50)]
+            nearest = [j for _, j in sorted(dist_)[:k]]
+            hits += any(gl[j] == ql[i] for j in nearest)
+        assert got[f"R@{k}"] == pytest.approx(hits / 30)
+
+
+def test_knn_vote_and_entropy_match_loops():
+    gen = torch.Generator().manual_seed(1)
+    query = F.normalize(torch.randn(12, 6, generator=gen), dim=1)
+    gallery = F.normalize(torch.randn(40, 6, generator=gen), dim=1)
+    gl = torch.randint(0, 3, (40,), generator=gen)
+    pred = utils.knn_predict(query, gallery, gl, 3, k=7, temperature=0.1)
+    for i in range(12):
+        sims = sorted(((query[i] @ gallery[j]).item(), j) for j in range(40))[-7:]
+        votes = [0.0] * 3
+        for s, j in sims:
+            votes[int(gl[j])] += math.exp(s / 0.1)
+        assert int(pred[i]) == max(range(3), key=lambda c: votes[c])
+    probs = torch.softmax(torch.randn(5, 4, generator=gen), dim=1)
+    for row, h in zip(probs, evaluate.entropy(probs)):
+        assert h.item() == pytest.approx(-sum(p * math.log(p) for p in row.tolist()), rel=1e-5)
+
+
+def test_finetune_then_evaluate_end_to_end_json_keys(small_tree, tmp_path):
+    pre, ft = tmp_path / "pre", tmp_path / "ft"
+    pretrain.main(small_args(small_tree, pre, "--epochs", "1", "--adv-start", "0"))
+    finetune.main(["--ckpt", str(pre / "ckpt.pt"), "--dataset", "folder", "--data-root", small_tree,
+                   "--out", str(ft),
+                   "--epochs", "1", "--batch-size", "4", "--workers", "0", "--print-freq", "1"])
+    ckpt = torch.load(ft / "ckpt.pt", weights_only=True)
+    assert ckpt["kind"] == "finetune" and ckpt["arch"] == "tiny" and ckpt["classes"] == ["c0", "c1"]
+    assert ckpt["data"]["frames"] == 4 and ckpt["generator"]["drop_frames"] == 1
+    out = evaluate.main(["--ckpt", str(ft / "ckpt.pt"), "--clips", "3", "--workers", "0",
+                         "--occlusion", "--json", str(tmp_path / "r.json")])
+    for key in ("top1", "top5", "n_videos", "n_skipped", "entropy_none", "entropy_random",
+                "entropy_adversarial",
+                "top1_none", "top1_random", "top1_adversarial"):
+        assert out[key] is not None, key
+    assert out["n_videos"] == 8 and 0 <= out["top1"] <= 1 and out["top1"] == out["top1_none"]
+    assert json.load(open(tmp_path / "r.json")) == json.loads(json.dumps(out))
+    knn = evaluate.main(["--ckpt", str(pre / "ckpt.pt"), "--clips", "2", "--workers", "0"])
+    for key in ("R@1", "R@5", "R@10", "R@20", "knn_top1"):
+        assert 0 <= knn[key] <= 1
+    assert knn["R@20"] == 1.0  # the gallery holds both classes
+
+
+def test_evaluate_rejects_corrupt_and_wrong_checkpoints(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), "--ckpt", str(bad)],
+                       capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "not a readable checkpoint" in r.stderr
+    assert "Traceback" not in r.stderr
+    odd = tmp_path / "odd.pt"
+    torch.save({"kind": "something-else"}, odd)
+    with pytest.raises(SystemExit, match="something-else checkpoint"):
+        evaluate.main(["--ckpt", str(odd)])
+    with pytest.raises(SystemExit, match="not found"):
+        evaluate.main(["--ckpt", str(tmp_path / "missing.pt")])
+
+
+# -----------------------------------------------------------------------------
+# the whole: a minimal reference (the card's five files, methods.py, utils.py, bench.py)
+
+MODULES = ("models", "data", "methods", "utils", "pretrain", "finetune", "evaluate", "bench")
+
+
+def project_imports(module):
+    """The project modules that `module`.py imports, read from its source."""
+    tree = ast.parse(open(os.path.join(HERE, module + ".py")).read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names & set(MODULES)
+
+
+def test_imports_form_a_tree_with_three_leaves():
+    # models.py, data.py and utils.py import nothing of the project; methods.py only models.py; the
+    # stage scripts only models, data, methods and utils (bench.py also pretrain.py, for its step)
+    graph = {m: project_imports(m) for m in MODULES}
+    assert graph["models"] == graph["data"] == graph["utils"] == set()
+    assert graph["methods"] == {"models"}
+    for stage in ("pretrain", "finetune", "evaluate"):
+        assert graph[stage] <= {"models", "data", "methods", "utils"}, stage
+    assert graph["bench"] <= {"models", "data", "utils", "pretrain"}
+    seen = set()
+
+    def visit(m, path):  # depth-first: a module met again on its own path is a cycle
+        assert m not in path, path + [m]
+        seen.add(m)
+        for n in graph[m]:
+            visit(n, path + [m])
+
+    for m in MODULES:
+        visit(m, [])
+    assert seen == set(MODULES)
+    files = {f for f in os.listdir(HERE) if f.endswith(".py") and not f.startswith("test_")}
+    assert files == {m + ".py" for m in MODULES}
+
+
+def test_minimal_sizes_and_pretrain_flags():
+    lines = sum(len(open(os.path.join(HERE, m + ".py")).read().splitlines()) for m in MODULES)
+    assert lines <= 3600, lines
+    flags = [a for a in pretrain.get_args_parser()._actions
+             if a.option_strings and a.dest != "help"]
+    assert len(flags) <= 36, [a.option_strings[0] for a in flags]
