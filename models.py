@@ -236,9 +236,10 @@ def concat_all_gather(t):
 
 @torch.no_grad()
 def momentum_update_(params_k, params_q, m):
-    """Eq 2, in place: theta_k <- m * theta_k + (1 - m) * theta_q."""
-    for param_k, param_q in zip(params_k, params_q):
-        param_k.mul_(m).add_(param_q.detach(), alpha=1 - m)
+    """Eq 2, in place: theta_k <- m * theta_k + (1 - m) * theta_q (two fused multi-tensor ops)."""
+    params_k = list(params_k)
+    torch._foreach_mul_(params_k, m)
+    torch._foreach_add_(params_k, [p.detach() for p in params_q], alpha=1 - m)
 
 
 class VideoMoCo(nn.Module):
@@ -288,7 +289,11 @@ class VideoMoCo(nn.Module):
         0's permutation, each process forwarding a shard (emulated in `shuffle_splits` sub-batches
         in a world of one), the order restored; every process passes the same N."""
         if is_distributed():
-            n_local = x_key.shape[0]
+            n_local, device = x_key.shape[0], x_key.device.type
+            if torch.is_autocast_enabled(device) and getattr(self.encoder_k, "input_mode",
+                                                             "rgb") == "rgb":
+                # the clips travel in the dtype the first conv casts them to anyway: half the bytes
+                x_key = x_key.to(torch.get_autocast_dtype(device))
             x_all = concat_all_gather(x_key)  # (N_global, C, T, H, W)
             perm = torch.randperm(x_all.shape[0], device=x_key.device)
             dist.broadcast(perm, src=0)
@@ -309,17 +314,18 @@ class VideoMoCo(nn.Module):
         (any K and batch); ages as in the class docstring."""
         queue, queue_ptr, queue_age = (getattr(self, name + end) for end in ("", "_ptr", "_age"))
         keys = concat_all_gather(keys)  # (B, dim)
-        if not torch.isfinite(keys).all():
-            # a diverged key encoder must not poison the queue; every rank sees the same keys
-            return
         batch = keys.shape[0]
         kept = min(batch, self.K)
-        ptr = int(queue_ptr)
-        slots = (ptr + torch.arange(batch - kept, batch, device=keys.device)) % self.K  # (kept,)
-        queue[:, slots] = keys[batch - kept:].T.to(queue.dtype)
-        queue_age += batch
-        queue_age[slots] = torch.arange(kept, 0, -1, device=keys.device)
-        queue_ptr[0] = (ptr + batch) % self.K
+        slots = (queue_ptr + torch.arange(batch - kept, batch, device=keys.device)) % self.K
+        # a diverged key encoder must not poison the queue: non-finite keys leave it as it was
+        # (the same on every rank; decided on the device, without a host sync)
+        finite = torch.isfinite(keys).all()
+        new = keys[batch - kept:].T.to(queue.dtype)  # (dim, kept)
+        queue[:, slots] = torch.where(finite, new, queue[:, slots])
+        queue_age += batch * finite
+        queue_age[slots] = torch.where(finite, torch.arange(kept, 0, -1, device=keys.device),
+                                       queue_age[slots])
+        queue_ptr.add_(batch * finite).remainder_(self.K)
 
     def forward(self, x_query, x_key, x_full=None, decay=None):
         """x_query: the query clip (G's output, Eq 3), x_key: the other view, x_full: the clip

@@ -207,9 +207,10 @@ def train_step(args, model, generator, video, extra, opt_d, opt_g, ctx, scaler, 
             out = model(x_query_in, x_key, x if adversarial else None, decay)
             if measure_random:
                 out["l1_random"] = random_drop_distance(model, x, out["q_full"], args.drop_frames)
-    # a non-finite loss skips the step on every rank alike (the guard's one all-reduce)
-    finite = bool(torch.isfinite(out["loss_d"])) and (out["loss_g"] is None
-                                                      or bool(torch.isfinite(out["loss_g"])))
+    # a non-finite loss skips the step on every rank alike (the step's one host sync)
+    finite = torch.isfinite(out["loss_d"])
+    if out["loss_g"] is not None:
+        finite = finite & torch.isfinite(out["loss_g"])
     out["updated"] = guard.agree(finite)
     if not out["updated"]:
         return out
@@ -315,10 +316,11 @@ class Guard:
             signal.signal(sig, lambda signum, frame: setattr(self, "signal", True))
 
     def agree(self, finite):
-        """Whether to update, the same on every rank; sets stop and save_due."""
+        """Whether to update (finite: a bool tensor), alike on every rank; sets stop, save_due."""
         due = time.time() - self.last_save > SAVE_EVERY_MIN * 60
-        flags = torch.tensor([float(self.signal), float(not finite), float(due)],
-                             device=self.device)
+        flags = torch.stack([torch.tensor(float(self.signal), device=self.device),
+                             (~finite).float().to(self.device),
+                             torch.tensor(float(due), device=self.device)])
         if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         self.stop, nonfinite, self.save_due = (bool(v) for v in flags.tolist())

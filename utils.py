@@ -127,6 +127,7 @@ def init_distributed():
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True  # fixed shapes (drop_last): pick the fastest kernels
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
