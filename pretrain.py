@@ -289,10 +289,10 @@ def train_epoch(epoch, skip, step, loader, bad, model, generator, opt_d, opt_g, 
             shown = [("loss_d", out["loss_d"].item(), ".4f"), ("loss_g", loss_g, ".4f"),
                      ("acc", out["acc"].item(), ".3f"), ("spread", spread.item(), ".3f"),
                      ("lr", opt_d.param_groups[0]["lr"], ".4g")]
-            extra = {k: out[k].item() for k in ("loss_order", "order_acc", "loss_clip")
-                     if out.get(k) is not None}  # VCLR's
-            tail = "".join(f" {k} {v:.4f}" for k, v in extra.items()) + f" bad {len(bad)} [{phase}]"
-            progress.log(log, epoch, step, shown, tail, bad_videos=len(bad), phase=phase, **extra)
+            vclr = {k: out[k].item() for k in ("loss_order", "order_acc", "loss_clip")
+                    if out.get(k) is not None}
+            tail = "".join(f" {k} {v:.4f}" for k, v in vclr.items()) + f" bad {len(bad)} [{phase}]"
+            progress.log(log, epoch, step, shown, tail, bad_videos=len(bad), phase=phase, **vclr)
         if guard.stop or guard.save_due:
             save(epoch, step, epoch_step + 1)
             guard.last_save = time.time()

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -2789,6 +2790,19 @@ def test_imports_form_a_tree_with_three_leaves():
     assert seen == set(MODULES)
     files = {f for f in os.listdir(HERE) if f.endswith(".py") and not f.startswith("test_")}
     assert files == {m + ".py" for m in MODULES}
+
+
+def test_the_readme_names_a_test_for_every_equation():
+    # the equation table of README.md: every test it names exists, and every equation has one
+    with open(os.path.join(HERE, "README.md")) as f:
+        readme = f.read()
+    table = readme[readme.index("## The method, where it lives"):readme.index("One step, as")]
+    rows = [line for line in table.splitlines() if line.startswith("| Eq")]
+    assert len(rows) == 5  # Eq 1, 2, 3, 4, 5/6
+    for row in rows:
+        cells = re.split(r"(?<!\\)\|", row)  # the cells, escaped pipes kept
+        tests = cells[3].replace("`", "").replace(",", " ").split()
+        assert tests and all(callable(globals().get(n)) for n in tests), row
 
 
 def test_minimal_sizes_and_pretrain_flags():
