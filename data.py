@@ -280,6 +280,7 @@ def list_folder(root, split, train):
 
 # the built-in sets (see below): name -> version, in the cache name
 DEMOS = {"demo": 2, "demo-motion": 1}
+DATA_KEYS = ("dataset", "data_root", "split", "frames", "stride", "crop")  # a run's data
 
 
 def demo_root(name="demo"):
@@ -564,8 +565,8 @@ class VideoClips(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, None)
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
+        if seed is None:  # a bare index: a test clip needs no randomness (torch's RNG left alone)
+            seed = 0 if self.mode == "test" else int(torch.randint(0, 2**62, (1,)).item())
         bad = []
         for attempt in range(100):
             # each attempt draws from its own stream, so that a replacement depends neither on
@@ -869,6 +870,8 @@ def _draw_shape(frame, shape, x, y, size, color):
 
 def _write_video(path, frames):
     writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"XVID"), DEMO_FPS, DEMO_SIZE)
+    if not writer.isOpened():  # else the demo set would be half-written and taken as complete
+        raise DataError(f"OpenCV cannot write XVID video {path}: check opencv-python's install")
     for f in frames:
         writer.write(f)
     writer.release()
@@ -936,7 +939,8 @@ def make_demo_motion(root, seed=0):
 
 def ensure_demo(root, name="demo"):
     """Generate demo set `name` into `root` unless it is there, atomically."""
-    if os.path.isfile(os.path.join(root, "ucfTrainTestlist", "classInd.txt")):
+    done = os.path.join(root, "ucfTrainTestlist", "classInd.txt")
+    if os.path.isfile(done):
         return root
     parent = os.path.dirname(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)
@@ -945,8 +949,10 @@ def ensure_demo(root, name="demo"):
     (make_demo_motion if name == "demo-motion" else make_demo)(tmp)
     try:
         os.replace(tmp, root)
-    except OSError:  # another process finished first
+    except OSError:  # another process finished first, or root is a folder of something else
         shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isfile(done):
+            raise DataError(f"cannot write the {name} set to {root}: the folder is not empty")
     print(f"wrote the built-in {name} set to {root} ({time.time() - t0:.1f} s)", file=sys.stderr)
     return root
 
@@ -1012,6 +1018,8 @@ def _resize_one(job):
         if writer is None:
             fourcc = cv2.VideoWriter_fourcc(*("mp4v" if dst.lower().endswith(".mp4") else "XVID"))
             writer = cv2.VideoWriter(dst + ".tmp" + os.path.splitext(dst)[1], fourcc, fps, size)
+            if not writer.isOpened():
+                return src, f"OpenCV cannot write {os.path.splitext(dst)[1]} video"
         writer.write(cv2.resize(frame, size, interpolation=cv2.INTER_AREA))
         n += 1
     cap.release()
@@ -1071,14 +1079,9 @@ def main():
     quiet_opencv()
     try:
         if args.command == "demo":
-            if args.dir:
-                if os.path.exists(os.path.join(args.dir, "ucfTrainTestlist", "classInd.txt")):
-                    raise DataError(f"{args.dir} already holds a dataset")
-                t0 = time.time()
-                (make_demo_motion if args.name == "demo-motion" else make_demo)(args.dir)
-                print(f"wrote the {args.name} set to {args.dir} in {time.time() - t0:.1f} s")
-            else:
-                print(ensure_demo(demo_root(args.name), args.name))
+            if args.dir and os.path.exists(os.path.join(args.dir, "ucfTrainTestlist")):
+                raise DataError(f"{args.dir} already holds a dataset")
+            print(ensure_demo(args.dir or demo_root(args.name), args.name))
         elif args.command == "check":
             check(args)
         else:

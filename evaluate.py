@@ -28,7 +28,6 @@ import models
 import utils
 from utils import knn_predict, per_video, video_features
 
-DATA_KEYS = ("dataset", "data_root", "split", "frames", "stride", "crop")
 # for a checkpoint that carries no data settings (backbone.pt, random init): the demo preset's
 DEMO_SETTINGS = {"dataset": "demo", "data_root": None, "split": 1,
                  **{k: utils.DEMO_CLIPS[k] for k in ("frames", "stride", "crop")}}
@@ -120,12 +119,11 @@ def load_model(args):
         model = models.build_encoder(arch, 128, args.input)
         # the head (fc) stays out: kNN uses pooled features
         model.load_state_dict(state, strict=False)
-        settings = {k: ckpt["args"][k] for k in DATA_KEYS}
+        settings = {k: ckpt["args"][k] for k in data.DATA_KEYS}
     elif kind == "backbone":
         if args.arch is None:
             raise SystemExit(f"error: {args.ckpt} is a bare backbone; pass --arch")
-        dim = ckpt["fc.weight"].shape[0] if "fc.weight" in ckpt else 1
-        model = models.build_encoder(args.arch, dim, args.input)
+        model = models.build_encoder(args.arch, 128, args.input)  # fc dropped below
         backbone = {k: v for k, v in ckpt.items() if not k.startswith("fc.")}
         utils.transfer_weights(model, backbone, args.ckpt)
         settings = DEMO_SETTINGS
@@ -135,7 +133,8 @@ def load_model(args):
     if kind in ("finetune", "pretrain") and args.dataset not in (None, settings["dataset"]):
         print(f"note: evaluating on --dataset {args.dataset}; {args.ckpt} was trained on "
               f"{settings['dataset']}")
-    for key in DATA_KEYS:
+        settings = {**settings, "data_root": None, "split": 1}  # the other set's, not these
+    for key in data.DATA_KEYS:
         if getattr(args, key) is None:
             setattr(args, key, settings[key])
     return kind, model, ckpt
@@ -149,21 +148,21 @@ def occlusion_generator(args, ckpt, device):
     carried over from its pretraining; (None, k) if there is none."""
     spec = None
     if args.gen_ckpt:
-        source = utils.load_checkpoint(args.gen_ckpt, kind="pretrain")
-        a = source["args"]
-        spec = {"state": source["generator"], "drop_frames": a["drop_frames"],
-                "frames": a["frames"]}
+        spec = utils.generator_spec(utils.load_checkpoint(args.gen_ckpt, kind="pretrain"))
+        if spec is None:
+            raise SystemExit(f"error: {args.gen_ckpt} has no G (its run used --generator none)")
     elif ckpt.get("generator"):
         spec = ckpt["generator"]
     k = args.drop_frames
-    if not k:  # G's k scaled to these clips, else T/4
+    if k is None:  # G's k scaled to these clips, else T/4
         k = round(spec["drop_frames"] * args.frames / spec["frames"]) if spec else args.frames // 4
+    if not 0 < k < args.frames:
+        raise SystemExit(f"error: --drop-frames must be in 1..{args.frames - 1} for {args.frames} "
+                         "frames")
     if spec is None:
         return None, k
-    state = spec["state"]  # its sizes: the LSTM's hidden units, the first conv's channels
-    generator = models.ConvLSTMGenerator(3, state["lstm.weight_hh_l0"].shape[1],
-                                         state["frame_features.0.weight"].shape[0])
-    generator.load_state_dict(state)
+    generator = models.ConvLSTMGenerator()  # pretrain.py's G
+    generator.load_state_dict(spec["state"])
     return generator.to(device).eval(), k
 
 

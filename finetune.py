@@ -78,8 +78,7 @@ def parse_args(argv):
     if args.ckpt:
         _, state, source = utils.backbone_from_checkpoint(args.ckpt)
     if source is not None:
-        settings = {k: source["args"][k] for k in ("arch", "dataset", "data_root", "split",
-                                                   "frames", "stride", "crop")}
+        settings = {k: source["args"][k] for k in ("arch",) + data.DATA_KEYS}
         settings["input"] = source["args"].get("input", "rgb")
         if args.input and args.input != settings["input"]:
             raise SystemExit(f"error: {args.ckpt} was pretrained on {settings['input']} input; "
@@ -125,14 +124,6 @@ def build_model(args, state, num_classes, device, ctx, log):
     return model
 
 
-def occlusion_source(source):
-    """The pretraining's G and its settings, carried so that evaluate.py --occlusion can use it."""
-    if source is None or source.get("generator") is None:
-        return None
-    a = source["args"]
-    return {"state": source["generator"], "drop_frames": a["drop_frames"], "frames": a["frames"]}
-
-
 def train_epoch(epoch, step, model, model_ddp, loader, bad, optimizer, ctx, scaler, args, progress,
                 log, device):
     loader.sampler.set_epoch(epoch)
@@ -140,7 +131,7 @@ def train_epoch(epoch, step, model, model_ddp, loader, bad, optimizer, ctx, scal
         group["lr"] = args.lr * utils.cosine(epoch, 0, args.epochs)
     model_ddp.train()
     if args.linear:
-        model.eval()  # frozen backbone: BN uses its pretrained statistics
+        model.eval()  # frozen backbone: BN keeps the statistics re-estimated before training
         model.fc.train()  # the probe's own BatchNorm learns the feature statistics
     progress.restart()
     for epoch_step, batch in enumerate(loader):
@@ -156,6 +147,7 @@ def train_epoch(epoch, step, model, model_ddp, loader, bad, optimizer, ctx, scal
         step += 1
         progress.clips += args.batch_size
         if step % args.print_freq == 0 or epoch_step + 1 == len(loader):
+            bad.flush()  # all ranks' bad videos (a collective, at the same step on every rank)
             shown = [("loss", loss.item(), ".4f"), ("lr", optimizer.param_groups[0]["lr"], ".4g")]
             progress.log(log, epoch, step, shown, f" bad {len(bad)}", bad_videos=len(bad))
     return step
@@ -198,15 +190,18 @@ def main(argv=None):
 
     # loop
     progress = utils.Progress(step, args.epochs * len(loader))
+    data_settings = {k: getattr(args, k) for k in data.DATA_KEYS}
     for epoch in range(start_epoch, args.epochs):
-        step = train_epoch(epoch, step, model, model_ddp, loader, bad, optimizer, ctx, scaler, args,
-                           progress, log, device)
+        try:  # too many bad videos: raised on every rank at the same flush; saved epochs stay
+            step = train_epoch(epoch, step, model, model_ddp, loader, bad, optimizer, ctx, scaler,
+                               args, progress, log, device)
+        except data.DataError as e:
+            raise SystemExit(f"error: {e}")
         top1 = quick_test(model_ddp, test_loader, device, ctx)
-        data_settings = ("dataset", "data_root", "split", "frames", "stride", "crop")
         utils.save_checkpoint(
             ckpt_path, "finetune", parts, scaler, rank, arch=args.arch, input=args.input,
             classes=classes, linear=args.linear, source=args.ckpt,
-            generator=occlusion_source(source), data={k: getattr(args, k) for k in data_settings},
+            generator=utils.generator_spec(source), data=data_settings,
             epoch=epoch + 1, step=step, test_top1_1clip=top1, args=vars(args))
         log(f"epoch {epoch} done: test top-1 (1 centre clip) {top1:.3f}; {len(bad)} bad videos "
             f"skipped; saved {ckpt_path}", epoch=epoch, test_top1_1clip=top1)

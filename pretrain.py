@@ -264,11 +264,12 @@ def train_epoch(epoch, skip, step, loader, bad, model, generator, opt_d, opt_g, 
     progress.restart()
     sums = {k: torch.zeros((), device=device) for k in ("loss", "acc", "spread", "steps", "l1_g",
                                                         "l1_random")}
+    steps = skip + len(loader)  # the epoch's, a resumed one's included (the loader skips `skip`)
     for epoch_step, batch in enumerate(loader, start=skip):
         bad.update(batch["bad"])
         video = data.to_device(batch, device)  # (N, 2, 3, T, H, W); VCLR (N, 2, S, ...)
         extra = [batch[k].to(device) for k in ("order", "segments")] if "order" in batch else []
-        measure = adversarial and epoch_step % max(len(loader) // G_RATIO_STEPS, 1) == 0
+        measure = adversarial and epoch_step % max(steps // G_RATIO_STEPS, 1) == 0
         out = train_step(args, model, generator, video, extra, opt_d, opt_g, ctx, scaler, guard,
                          decay, adversarial, phase == "random-drop", measure)
         guard.count(out, step)
@@ -283,7 +284,7 @@ def train_epoch(epoch, skip, step, loader, bad, model, generator, opt_d, opt_g, 
                 sums["l1_random"] += out["l1_random"].float()
         step += 1
         progress.clips += args.batch_size
-        if step % args.print_freq == 0 or epoch_step + 1 == len(loader):
+        if step % args.print_freq == 0 or epoch_step + 1 == steps:
             bad.flush()  # all ranks' bad videos (a collective, at the same step on every rank)
             loss_g = out["loss_g"].item() if out["loss_g"] is not None else float("nan")
             shown = [("loss_d", out["loss_d"].item(), ".4f"), ("loss_g", loss_g, ".4f"),

@@ -2039,7 +2039,9 @@ def test_bn_statistics_are_the_mean_of_batch_statistics_over_training_clips(smal
     clips = torch.cat([centre_clip(p, 4, 1, 32) for p, _ in samples])  # (8, 3, 4, 32, 32)
     loader = [{"video": clips[i:i + 3, None], "valid": torch.ones(len(clips[i:i + 3]), dtype=bool)}
               for i in range(0, 8, 3)]  # batches of 3, 3 and 2 clips
-    utils.estimate_bn_statistics(encoder, loader, torch.device("cpu"), contextlib.nullcontext())
+    all_bad = {"video": clips[:2, None], "valid": torch.zeros(2, dtype=bool)}  # counts for nothing
+    utils.estimate_bn_statistics(encoder, [all_bad] + loader, torch.device("cpu"),
+                                 contextlib.nullcontext())
     assert not encoder.training and bn.momentum == 0.1  # the momentum is given back
     with torch.no_grad():
         inputs = [encoder.features[0](b["video"][:, 0]) for b in loader]
@@ -2742,6 +2744,12 @@ def test_evaluate_rejects_corrupt_and_wrong_checkpoints(tmp_path):
     assert r.returncode != 0
     assert "not a readable checkpoint" in r.stderr
     assert "Traceback" not in r.stderr
+    for content, message in ((b"", "not a readable checkpoint"),
+                             (torch.zeros(2), "holds a Tensor, not a checkpoint dict")):
+        path = tmp_path / "other.pt"
+        path.write_bytes(content) if isinstance(content, bytes) else torch.save(content, path)
+        with pytest.raises(SystemExit, match=message):
+            evaluate.main(["--ckpt", str(path)])
     odd = tmp_path / "odd.pt"
     torch.save({"kind": "something-else"}, odd)
     with pytest.raises(SystemExit, match="something-else checkpoint"):

@@ -45,7 +45,7 @@ def per_video(fn, loader, device, ctx):
             out = fn(video.flatten(0, 1)).float().view(v, c, -1).cpu()
         for i, index in enumerate(batch["index"].tolist()):
             if batch["valid"][i]:
-                results.append((index, out[i]))
+                results.append((index, out[i].clone()))  # a view would pickle the whole batch
             else:
                 skipped.append(index)
     return dict(gather_objects(results)), gather_objects(skipped)
@@ -81,6 +81,8 @@ def estimate_bn_statistics(encoder, loader, device, ctx):
     encoder.train()
     for batch in loader:
         video = batch["video"][batch["valid"]].flatten(0, 1)  # (V*C, 3, T, H, W), bad ones out
+        if len(video) == 0:  # an empty batch would still count in the cumulative average
+            continue
         with ctx:
             encoder(video.to(device, non_blocking=True))
     for m, momentum in zip(bns, momenta):
@@ -173,7 +175,10 @@ def set_rng_state(state):
 def save_atomic(obj, path):
     """torch.save to path.tmp, then os.replace: a crash mid-write never leaves a broken file."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before it replaces the last good checkpoint
     os.replace(tmp, path)
 
 
@@ -184,11 +189,14 @@ def load_checkpoint(path, kind=None):
     except FileNotFoundError:
         raise SystemExit(f"error: checkpoint not found: {path}")
     except Exception as e:  # unpickling errors come in many types
+        first = (str(e).splitlines() or ["empty or truncated"])[0][:120]
         raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:120]})")
-    if not isinstance(ckpt, dict) or (kind is not None and ckpt.get("kind") != kind):
-        found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise SystemExit(f"error: {path} is a {found} checkpoint, expected {kind}")
+                         f"{first})")
+    if not isinstance(ckpt, dict):
+        raise SystemExit(f"error: {path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    if kind is not None and ckpt.get("kind") != kind:
+        raise SystemExit(f"error: {path} is a {ckpt.get('kind', 'backbone or foreign')} file, "
+                         f"not a {kind} checkpoint")
     return ckpt
 
 
@@ -315,6 +323,14 @@ def backbone_from_checkpoint(path):
                          "pretraining checkpoint or a backbone.pt")
     # backbone.pt: a bare state dict
     return None, {k: v for k, v in ckpt.items() if not k.startswith("fc.")}, None
+
+
+def generator_spec(ckpt):
+    """A pretraining checkpoint's G and its settings, for evaluate.py --occlusion (finetune.py
+    carries it into its checkpoint); None if the run had no G."""
+    if ckpt is not None and ckpt.get("generator") is not None:
+        return {"state": ckpt["generator"],
+                **{k: ckpt["args"][k] for k in ("drop_frames", "frames")}}
 
 
 def transfer_weights(model, state, source):
