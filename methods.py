@@ -13,8 +13,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import (VideoMoCo, decayed_infonce, infonce_chance, is_distributed, pooled_features,
-                    projection_head)
+from models import (VideoMoCo, concat_all_gather, decayed_infonce, infonce_chance, is_distributed,
+                    pooled_features, projection_head)
 
 
 # -----------------------------------------------------------------------------
@@ -156,9 +156,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t):
-        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, t.contiguous())
-        return torch.cat(parts, dim=0)
+        return concat_all_gather(t)
 
     @staticmethod
     def backward(ctx, grad):
