@@ -16,6 +16,7 @@ import random
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import types
@@ -81,6 +82,26 @@ def write_video(path, frames, fourcc="XVID", fps=25):
 
 def write_index_video(path, n, **kw):
     return write_video(path, [index_frame(i) for i in range(n)], **kw)
+
+
+def avi_frame_chunks(path):
+    """(start, end) byte offsets of each video frame's chunk in an AVI's `movi` list, in file order
+    (a walk of the RIFF tree: chunk id, little-endian size, data, a pad byte to an even size)."""
+    with open(path, "rb") as f:
+        b = f.read()
+    chunks = []
+
+    def walk(off, end, in_movi):
+        while off + 8 <= end:
+            cid, size = struct.unpack_from("<4sI", b, off)
+            if cid in (b"RIFF", b"LIST"):
+                walk(off + 12, off + 8 + size, b[off + 8:off + 12] == b"movi")
+            elif in_movi and cid[2:] in (b"dc", b"db"):  # '00dc': stream 0, compressed video
+                chunks.append((off, off + 8 + size + (size & 1)))
+            off += 8 + size + (size & 1)
+
+    walk(0, len(b), False)
+    return chunks
 
 
 @pytest.fixture(scope="session")
@@ -270,18 +291,23 @@ def test_short_video_is_looped(tmp_path):
 
 
 def test_clip_past_the_real_end_of_a_lying_container(tmp_path):
-    # a truncated AVI keeps its header: the container claims 200 frames, fewer decode
+    # a download cut short keeps its header: the container claims 200 frames, 100 decode. The cut
+    # falls on a frame boundary, so no frame is damaged and nothing depends on how a decoder
+    # conceals one (cutting inside frame 69 let OpenCV 5.1 show a copy of frame 68 as 69)
     path = write_index_video(str(tmp_path / "trunc.avi"), 200)
-    size = os.path.getsize(path)
+    chunks = avi_frame_chunks(path)
+    assert len(chunks) == 200  # one chunk per frame
     with open(path, "r+b") as f:
-        f.truncate(size // 2)
+        f.truncate(chunks[99][1])  # just after frame 99's chunk; the index (idx1) goes with the rest
     with data.VideoReader(path) as reader:
         claimed = reader.claimed_frames
         clip = reader.clips([190], 8, 1)[0]
         real = reader.real_frames
-    assert claimed == 200 and 0 < real < 150
+    assert claimed == 200 and real == 100
     idx = [frame_index(f) for f in clip]
-    assert idx == list(range(real - 8, real))  # moved back to end at the last real frame
+    assert idx == list(range(92, 100))  # moved back to end at the last frame that decodes
+    whole = read_clip(path, 0, 100)  # and every frame before the cut decodes as itself
+    assert [frame_index(f) for f in whole] == list(range(100))
 
 
 def test_uniform_starts_are_uniform_and_cover_the_video():
@@ -390,8 +416,9 @@ def make_tree_with_bad_videos(root, n_good=12):
     os.makedirs(bad)
     open(os.path.join(bad, "empty.avi"), "wb").close()
     full = write_index_video(os.path.join(bad, "truncated.avi"), 60)
+    first_frame = avi_frame_chunks(full)[0][0]
     with open(full, "r+b") as f:
-        f.truncate(3000)  # the header survives, no frame does
+        f.truncate(first_frame)  # the header survives, no frame does
     with open(os.path.join(bad, "text.avi"), "w") as f:
         f.write("this is not a video\n" * 50)
     write_index_video(os.path.join(bad, "three.avi"), 3)
