@@ -19,13 +19,13 @@ import os
 import time
 import types
 
-import cv2
 import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-import data
+import data  # before cv2: where OpenCV cannot load (no libGL), data.py stops with one line
+import cv2
 import models
 import pretrain
 import utils

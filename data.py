@@ -9,6 +9,7 @@ from a `pair`: SameClip here, CVRL's and VCLR's in methods.py), its DataLoader, 
 """
 
 import argparse
+import importlib.metadata
 import math
 import os
 import shutil
@@ -17,10 +18,25 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
+
+try:
+    import cv2
+except ImportError as e:
+    # opencv-python's GUI half links the system's libGL, which slim containers and many GPU nodes
+    # lack. The loader names the missing file; this says the two fixes, in one line
+    if "shared object file" not in str(e):
+        raise
+    try:
+        headless = f"opencv-python-headless=={importlib.metadata.version('opencv-python')}"
+    except importlib.metadata.PackageNotFoundError:
+        headless = "opencv-python-headless"
+    raise SystemExit(f"error: OpenCV cannot load: {e}. Install the system package that has it "
+                     "(libGL.so.1 on Debian/Ubuntu: apt-get install libgl1), or the same OpenCV "
+                     f"without GUI: pip uninstall -y opencv-python && pip install {headless}"
+                     ) from None
 
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".m4v")
 DATASETS = ("ucf101", "hmdb51", "kinetics", "folder", "demo", "demo-motion")

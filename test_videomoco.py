@@ -8,6 +8,7 @@ import argparse
 import ast
 import contextlib
 import copy
+import importlib.metadata
 import itertools
 import json
 import math
@@ -2837,3 +2838,45 @@ def test_the_readme_names_a_test_for_every_equation():
         cells = re.split(r"(?<!\\)\|", row)  # the cells, escaped pipes kept
         tests = cells[3].replace("`", "").replace(",", " ").split()
         assert tests and all(callable(globals().get(n)) for n in tests), row
+
+
+def fake_cv2(root, message):
+    """A `cv2` package under `root` whose import fails with `message`, as opencv-python's does where
+    a library it links is missing. Returns an environment that puts it ahead of the real one."""
+    os.makedirs(os.path.join(root, "cv2"))
+    with open(os.path.join(root, "cv2", "__init__.py"), "w") as f:
+        f.write(f"raise ImportError({message!r})\n")
+    return dict(os.environ, PYTHONPATH=str(root))
+
+
+def opencv_pin():
+    try:
+        return "==" + importlib.metadata.version("opencv-python")
+    except importlib.metadata.PackageNotFoundError:  # the headless wheel: no version to match
+        return ""
+
+
+def test_without_libgl_every_entry_point_stops_with_one_line(tmp_path):
+    # a slim container or GPU node without libGL.so.1: the stage scripts, bench.py, data.py's
+    # commands and the tests' collection each print one line naming both fixes, and exit 1
+    env = fake_cv2(tmp_path / "nogl", "libGL.so.1: cannot open shared object file: No such file "
+                                      "or directory")
+    scripts = ["pretrain.py", "finetune.py", "evaluate.py", "bench.py", "data.py"]
+    commands = [[sys.executable, s, "--help"] for s in scripts]
+    commands.append([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only",
+                     "test_videomoco.py"])
+    # any other import error is not ours to explain: its own traceback, untouched
+    other = fake_cv2(tmp_path / "other", "numpy.core.multiarray failed to import")
+    runs = [(c, env) for c in commands] + [([sys.executable, "data.py", "--help"], other)]
+    procs = [subprocess.Popen(c, cwd=HERE, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for c, e in runs]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for (command, _), proc, out in zip(runs[:-1], procs, outputs):
+        lines = out.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1, (command, out)
+        assert "libGL.so.1: cannot open shared object file" in lines[0], command
+        assert "apt-get install libgl1" in lines[0], command
+        assert f"pip install opencv-python-headless{opencv_pin()}" in lines[0], command
+    assert procs[-1].returncode == 1
+    assert "Traceback" in outputs[-1] and "numpy.core.multiarray failed to import" in outputs[-1]
+    assert "OpenCV cannot load" not in outputs[-1]
