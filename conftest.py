@@ -7,8 +7,10 @@ import pytest
 def pytest_configure(config):
     try:
         import data  # noqa: F401 (imported for its check)
-    except SystemExit as e:  # data.py's one line; pytest.exit prints it as "Exit: error: ..."
+    except Exception as e:
+        if type(e).__name__ != "OpenCVUnavailable":
+            return  # any other error: collection reports it, with its traceback
         message = str(e)
     else:
         return
-    pytest.exit(message, returncode=1)
+    pytest.exit(f"error: {message}", returncode=1)  # printed as one line, "Exit: error: ..."

@@ -22,21 +22,47 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+
+class OpenCVUnavailable(ImportError):
+    """cv2 is installed but cannot load a system library it links: libGL.so.1 and glib, which slim
+    containers and many GPU nodes lack. An ImportError, so code that copies data.py can catch it;
+    a script that lets it through prints its one line, not a traceback."""
+
+
+def _opencv_fix(error):
+    """One line: what the loader could not find, and the two fixes."""
+    installed = "opencv-python"
+    version = ""
+    for name in ("opencv-python", "opencv-contrib-python"):
+        try:
+            version = "==" + importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        installed = name
+        break
+    headless = installed.replace("-python", "-python-headless") + version
+    return (f"OpenCV cannot load: {error}. Install the system libraries it links (Debian/Ubuntu: "
+            "apt-get install libgl1 libglib2.0-0), or the same OpenCV without GUI, which needs "
+            f"neither: pip uninstall -y {installed} && pip install {headless}")
+
+
+def _one_line_for_opencv(previous_hook):
+    def excepthook(kind, value, traceback):
+        if issubclass(kind, OpenCVUnavailable):
+            print(f"error: {value}", file=sys.stderr)  # and the interpreter exits with 1
+        else:
+            previous_hook(kind, value, traceback)
+    return excepthook
+
+
 try:
     import cv2
 except ImportError as e:
-    # opencv-python's GUI half links the system's libGL, which slim containers and many GPU nodes
-    # lack. The loader names the missing file; this says the two fixes, in one line
-    if "shared object file" not in str(e):
+    if "shared object file" not in str(e):  # the loader's message; any other error is not ours
         raise
-    try:
-        headless = f"opencv-python-headless=={importlib.metadata.version('opencv-python')}"
-    except importlib.metadata.PackageNotFoundError:
-        headless = "opencv-python-headless"
-    raise SystemExit(f"error: OpenCV cannot load: {e}. Install the system package that has it "
-                     "(libGL.so.1 on Debian/Ubuntu: apt-get install libgl1), or the same OpenCV "
-                     f"without GUI: pip uninstall -y opencv-python && pip install {headless}"
-                     ) from None
+    sys.excepthook = _one_line_for_opencv(sys.excepthook)  # set on this path only
+    raise OpenCVUnavailable(_opencv_fix(e)) from None
+
 
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".m4v")
 DATASETS = ("ucf101", "hmdb51", "kinetics", "folder", "demo", "demo-motion")

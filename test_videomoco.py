@@ -96,8 +96,8 @@ def avi_frame_chunks(path):
         while off + 8 <= end:
             cid, size = struct.unpack_from("<4sI", b, off)
             if cid in (b"RIFF", b"LIST"):
-                walk(off + 12, off + 8 + size, b[off + 8:off + 12] == b"movi")
-            elif in_movi and cid[2:] in (b"dc", b"db"):  # '00dc': stream 0, compressed video
+                walk(off + 12, off + 8 + size, in_movi or b[off + 8:off + 12] == b"movi")
+            elif in_movi and cid[:2].isdigit() and cid[2:] in (b"dc", b"db"):  # '00dc': a frame
                 chunks.append((off, off + 8 + size + (size & 1)))
             off += 8 + size + (size & 1)
 
@@ -448,6 +448,7 @@ def test_bad_videos_are_skipped_logged_once_and_batches_stay_full(tmp_path, caps
     for p in bad_paths + missing:
         assert log.count(p) == 1, p  # each logged once, though several workers and epochs met it
     assert "too short" in bad.paths[os.path.join(str(tmp_path), "bad", "three.avi")]
+    assert "no decodable frames" in bad.paths[os.path.join(str(tmp_path), "bad", "truncated.avi")]
 
 
 def test_too_many_bad_videos_stop_the_run(tmp_path):
@@ -2791,7 +2792,7 @@ def test_evaluate_rejects_corrupt_and_wrong_checkpoints(tmp_path):
 
 # every module of the project (its .py files beside the tests), so a new file joins the tree's test
 MODULES = sorted(f.removesuffix(".py") for f in os.listdir(HERE)
-                 if f.endswith(".py") and not f.startswith("test_"))
+                 if f.endswith(".py") and not f.startswith(("test_", ".")))
 
 
 def project_imports(module):
@@ -2862,21 +2863,29 @@ def test_without_libgl_every_entry_point_stops_with_one_line(tmp_path):
     env = fake_cv2(tmp_path / "nogl", "libGL.so.1: cannot open shared object file: No such file "
                                       "or directory")
     scripts = ["pretrain.py", "finetune.py", "evaluate.py", "bench.py", "data.py"]
-    commands = [[sys.executable, s, "--help"] for s in scripts]
-    commands.append([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only",
-                     "test_videomoco.py"])
-    # any other import error is not ours to explain: its own traceback, untouched
+    pytest_collect = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                      "--collect-only", "test_videomoco.py"]
+    one_line = [[sys.executable, s, "--help"] for s in scripts] + [pytest_collect]
+    # code that imports data.py can catch it as the ImportError it is
+    catch = [sys.executable, "-c", "try:\n    import data\nexcept ImportError as e:\n"
+                                   "    print('caught', type(e).__name__)"]
+    # any other import error is not ours to explain: its own traceback, for a script and for pytest
     other = fake_cv2(tmp_path / "other", "numpy.core.multiarray failed to import")
-    runs = [(c, env) for c in commands] + [([sys.executable, "data.py", "--help"], other)]
+    runs = ([(c, env) for c in one_line] + [(catch, env)]
+            + [([sys.executable, "data.py", "--help"], other), (pytest_collect, other)])
     procs = [subprocess.Popen(c, cwd=HERE, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for c, e in runs]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
-    for (command, _), proc, out in zip(runs[:-1], procs, outputs):
+    codes = [p.returncode for p in procs]
+    for command, code, out in zip(one_line, codes, outputs):
         lines = out.strip().splitlines()
-        assert proc.returncode == 1 and len(lines) == 1, (command, out)
-        assert "libGL.so.1: cannot open shared object file" in lines[0], command
-        assert "apt-get install libgl1" in lines[0], command
+        assert code == 1 and len(lines) == 1, (command, out)
+        assert "error: OpenCV cannot load: libGL.so.1: cannot open shared object file" in lines[0]
+        assert "apt-get install libgl1 libglib2.0-0" in lines[0], command
         assert f"pip install opencv-python-headless{opencv_pin()}" in lines[0], command
-    assert procs[-1].returncode == 1
-    assert "Traceback" in outputs[-1] and "numpy.core.multiarray failed to import" in outputs[-1]
-    assert "OpenCV cannot load" not in outputs[-1]
+    n = len(one_line)
+    assert codes[n] == 0 and outputs[n].strip() == "caught OpenCVUnavailable", outputs[n]
+    assert codes[n + 1] == 1 and "Traceback" in outputs[n + 1]
+    assert codes[n + 2] == 2 and "INTERNALERROR" not in outputs[n + 2]  # a collection error
+    for out in outputs[n + 1:]:
+        assert "numpy.core.multiarray failed to import" in out and "OpenCV cannot load" not in out
