@@ -43,7 +43,8 @@ def _opencv_fix(error):
     headless = installed.replace("-python", "-python-headless") + version
     return (f"OpenCV cannot load: {error}. Install the system libraries it links (Debian/Ubuntu: "
             "apt-get install libgl1 libglib2.0-0), or the same OpenCV without GUI, which needs "
-            f"neither: pip uninstall -y {installed} && pip install {headless}")
+            f"neither: pip uninstall -y {installed} && pip install {headless} (and {headless} in "
+            f"place of {installed} in requirements.txt)")
 
 
 def _one_line_for_opencv(previous_hook):
