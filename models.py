@@ -224,22 +224,22 @@ def is_distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-@torch.no_grad()
 def concat_all_gather(t):
     """Concatenate `t` from all processes along dim 0 (no gradient); `t` in a world of one."""
     if not is_distributed():
         return t
-    gathered = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, t.contiguous())
-    return torch.cat(gathered, dim=0)
+    with torch.no_grad():
+        gathered = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, t.contiguous())
+        return torch.cat(gathered, dim=0)
 
 
-@torch.no_grad()
 def momentum_update_(params_k, params_q, m):
     """Eq 2, in place: theta_k <- m * theta_k + (1 - m) * theta_q (two fused multi-tensor ops)."""
     params_k = list(params_k)
-    torch._foreach_mul_(params_k, m)
-    torch._foreach_add_(params_k, [p.detach() for p in params_q], alpha=1 - m)
+    with torch.no_grad():
+        torch._foreach_mul_(params_k, m)
+        torch._foreach_add_(params_k, [p.detach() for p in params_q], alpha=1 - m)
 
 
 class VideoMoCo(nn.Module):
@@ -269,7 +269,6 @@ class VideoMoCo(nn.Module):
         self.register_buffer(name + "_ptr", torch.zeros(1, dtype=torch.long))
         self.register_buffer(name + "_age", torch.arange(self.K, 0, -1, dtype=torch.long))
 
-    @torch.no_grad()
     def momentum_update(self):
         """Eq 2 on the parameters, as MoCo (encoder_k's BN statistics are its own, never read)."""
         momentum_update_(self.encoder_k.parameters(), self.encoder_q.parameters(), self.m)
@@ -283,49 +282,52 @@ class VideoMoCo(nn.Module):
         chunks = torch.tensor_split(x_query, min(self.shuffle_splits, x_query.shape[0]))
         return torch.cat([self.encoder_q(chunk) for chunk in chunks])
 
-    @torch.no_grad()
     def encode_key(self, x_key):
         """encoder_k on the keys (N, dim) with MoCo's shuffle-BN: the global batch shuffled by rank
         0's permutation, each process forwarding a shard (emulated in `shuffle_splits` sub-batches
         in a world of one), the order restored; every process passes the same N."""
-        if is_distributed():
-            n_local, device = x_key.shape[0], x_key.device.type
-            if torch.is_autocast_enabled(device) and getattr(self.encoder_k, "input_mode",
-                                                             "rgb") == "rgb":
-                # the clips travel in the dtype the first conv casts them to anyway: half the bytes
-                x_key = x_key.to(torch.get_autocast_dtype(device))
-            x_all = concat_all_gather(x_key)  # (N_global, C, T, H, W)
-            perm = torch.randperm(x_all.shape[0], device=x_key.device)
-            dist.broadcast(perm, src=0)
-            rank = dist.get_rank()
-            local = perm.view(-1, n_local)[rank]
-            k_all = concat_all_gather(self.encoder_k(x_all[local]))  # (N_global, dim), shuffled
-            unshuffle = perm.argsort()
-            return k_all[unshuffle.view(-1, n_local)[rank]]
-        n = x_key.shape[0]
-        perm = torch.randperm(n, device=x_key.device)
-        chunks = torch.tensor_split(x_key[perm], min(self.shuffle_splits, n))
-        k = torch.cat([self.encoder_k(chunk) for chunk in chunks])  # (N, dim), shuffled
-        return k[perm.argsort()]
+        with torch.no_grad():
+            if is_distributed():
+                n_local, device = x_key.shape[0], x_key.device.type
+                if torch.is_autocast_enabled(device) and getattr(self.encoder_k, "input_mode",
+                                                                 "rgb") == "rgb":
+                    # the clips travel in the dtype the first conv casts them to anyway: half the
+                    # bytes
+                    x_key = x_key.to(torch.get_autocast_dtype(device))
+                x_all = concat_all_gather(x_key)  # (N_global, C, T, H, W)
+                perm = torch.randperm(x_all.shape[0], device=x_key.device)
+                dist.broadcast(perm, src=0)
+                rank = dist.get_rank()
+                local = perm.view(-1, n_local)[rank]
+                k_all = concat_all_gather(self.encoder_k(x_all[local]))  # (N_global, dim), shuffled
+                unshuffle = perm.argsort()
+                return k_all[unshuffle.view(-1, n_local)[rank]]
+            n = x_key.shape[0]
+            perm = torch.randperm(n, device=x_key.device)
+            chunks = torch.tensor_split(x_key[perm], min(self.shuffle_splits, n))
+            k = torch.cat([self.encoder_k(chunk) for chunk in chunks])  # (N, dim), shuffled
+            return k[perm.argsort()]
 
-    @torch.no_grad()
     def dequeue_and_enqueue(self, keys, name="queue"):
         """FIFO update with the keys of all processes in rank order, as if enqueued one at a time
         (any K and batch); ages as in the class docstring."""
-        queue, queue_ptr, queue_age = (getattr(self, name + end) for end in ("", "_ptr", "_age"))
-        keys = concat_all_gather(keys)  # (B, dim)
-        batch = keys.shape[0]
-        kept = min(batch, self.K)
-        slots = (queue_ptr + torch.arange(batch - kept, batch, device=keys.device)) % self.K
-        # a diverged key encoder must not poison the queue: non-finite keys leave it as it was
-        # (the same on every rank; decided on the device, without a host sync)
-        finite = torch.isfinite(keys).all()
-        new = keys[batch - kept:].T.to(queue.dtype)  # (dim, kept)
-        queue[:, slots] = torch.where(finite, new, queue[:, slots])
-        queue_age += batch * finite
-        queue_age[slots] = torch.where(finite, torch.arange(kept, 0, -1, device=keys.device),
-                                       queue_age[slots])
-        queue_ptr.add_(batch * finite).remainder_(self.K)
+        with torch.no_grad():
+            queue = getattr(self, name)
+            queue_ptr = getattr(self, name + "_ptr")
+            queue_age = getattr(self, name + "_age")
+            keys = concat_all_gather(keys)  # (B, dim)
+            batch = keys.shape[0]
+            kept = min(batch, self.K)
+            slots = (queue_ptr + torch.arange(batch - kept, batch, device=keys.device)) % self.K
+            # a diverged key encoder must not poison the queue: non-finite keys leave it as it was
+            # (the same on every rank; decided on the device, without a host sync)
+            finite = torch.isfinite(keys).all()
+            new = keys[batch - kept:].T.to(queue.dtype)  # (dim, kept)
+            queue[:, slots] = torch.where(finite, new, queue[:, slots])
+            queue_age += batch * finite
+            queue_age[slots] = torch.where(finite, torch.arange(kept, 0, -1, device=keys.device),
+                                           queue_age[slots])
+            queue_ptr.add_(batch * finite).remainder_(self.K)
 
     def forward(self, x_query, x_key, x_full=None, decay=None):
         """x_query: the query clip (G's output, Eq 3), x_key: the other view, x_full: the clip
