@@ -13,6 +13,7 @@ import importlib.metadata
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -699,6 +700,12 @@ class BadVideos:
 
 
 def worker_init(worker_id):
+    # A scheduler's SIGTERM (SLURM's pre-emption) reaches the whole process group, and torchrun's
+    # agent forwards it to its workers' groups: a loader worker that died of it would crash the
+    # main process ("DataLoader worker ... is killed by signal") before that can save. The main
+    # process handles the signal (pretrain.py saves and stops) and ends its workers itself.
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     cv2.setNumThreads(0)  # OpenCV's own thread pool would oversubscribe the cores the workers share
     torch.set_num_threads(1)
     quiet_opencv()

@@ -135,7 +135,14 @@ def init_distributed():
     else:
         device = torch.device("cpu")
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # torchrun's agent keeps one TCP store across the restarts of --max-restarts, so a
+        # restarted group may read the dead group's addresses (torch 2.14 with gloo: a refused
+        # connection, at random): each attempt of the group keeps its keys apart
+        store, _, _ = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank,
+                                world_size=world,
+                                store=dist.PrefixStore(f"attempt{attempt}/", store))
     return rank, world, device
 
 
