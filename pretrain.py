@@ -187,6 +187,7 @@ def train_step(args, model, generator, video, extra, opt_d, opt_g, ctx, scaler, 
     (the encoder's loss), "loss_g" (G's, or None), "updated" and, when measure_random,
     "l1_random"."""
     x, x_key = video[:, 0], video[:, 1]
+    bn_before = [b.clone() for b in bn_statistics(model, generator)]  # restored if the step skips
     if args.background_erasing > 0:  # on the query view (every clip of VCLR's anchor tuple)
         x = methods.background_erasing(x.flatten(0, x.dim() - 5),
                                        args.background_erasing)[0].view_as(x)
@@ -207,12 +208,16 @@ def train_step(args, model, generator, video, extra, opt_d, opt_g, ctx, scaler, 
             out = model(x_query_in, x_key, x if adversarial else None, decay)
             if measure_random:
                 out["l1_random"] = random_drop_distance(model, x, out["q_full"], args.drop_frames)
-    # a non-finite loss skips the step on every rank alike (the step's one host sync)
+    # a non-finite loss skips the step on every rank alike (the step's one host sync): D, G, their
+    # optimizers and BN statistics stay as they were. Eq 2 and the enqueue, which MoCo's order runs
+    # in the forward before the loss exists, stay: they read only theta_q, which the skip leaves
+    # as it was, and theta_k; keys that are not finite never enter the queue (dequeue_and_enqueue)
     finite = torch.isfinite(out["loss_d"])
     if out["loss_g"] is not None:
         finite = finite & torch.isfinite(out["loss_g"])
     out["updated"] = guard.agree(finite)
     if not out["updated"]:
+        torch._foreach_copy_(bn_statistics(model, generator), bn_before)
         return out
     opts = (opt_d, opt_g) if adversarial else (opt_d,)
     for opt in opts:
@@ -226,6 +231,12 @@ def train_step(args, model, generator, video, extra, opt_d, opt_g, ctx, scaler, 
         scaler.step(opt)
     scaler.update()
     return out
+
+
+def bn_statistics(*modules):
+    """The BN running statistics of `modules` (None skipped): what a forward in train mode writes."""
+    return [b for module in modules if module is not None for m in module.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
 
 
 @torch.no_grad()
@@ -251,10 +262,15 @@ def epoch_schedule(args, epoch, opt_d, opt_g):
     return phase, (args.decay if epoch >= args.decay_start else 1.0)
 
 
-def train_epoch(epoch, skip, step, loader, bad, model, generator, opt_d, opt_g, ctx, scaler, args,
-                guard, progress, save, log, device):
-    """One epoch, from its step `skip` on. Returns (step, phase, t of Eq 6, sums over the updated
-    steps, stopped by a signal)."""
+EPOCH_SUMS = ("loss", "acc", "spread", "steps", "l1_g", "l1_random")  # the epoch record's sums
+
+
+def train_epoch(epoch, resumed, step, loader, bad, model, generator, opt_d, opt_g, ctx, scaler,
+                args, guard, progress, save, log, device):
+    """One epoch; resumed: {} or, from a mid-epoch checkpoint, {"epoch_step": the steps done,
+    "sums": this rank's share of the epoch's sums so far}. Returns (step, phase, t of Eq 6, sums
+    over the updated steps, stopped by a signal)."""
+    skip = resumed.get("epoch_step", 0)
     phase, decay = epoch_schedule(args, epoch, opt_d, opt_g)
     adversarial = phase == "adversarial"
     loader.sampler.set_epoch(epoch, skip * loader.batch_size)  # in videos
@@ -262,8 +278,9 @@ def train_epoch(epoch, skip, step, loader, bad, model, generator, opt_d, opt_g, 
     if generator is not None:
         generator.train()
     progress.restart()
-    sums = {k: torch.zeros((), device=device) for k in ("loss", "acc", "spread", "steps", "l1_g",
-                                                        "l1_random")}
+    sums = {k: torch.zeros((), device=device) for k in EPOCH_SUMS}
+    for k, v in (resumed.get("sums") or {}).items():
+        sums[k] += v.to(device)
     steps = skip + len(loader)  # the epoch's, a resumed one's included (the loader skips `skip`)
     for epoch_step, batch in enumerate(loader, start=skip):
         bad.update(batch["bad"])
@@ -295,7 +312,7 @@ def train_epoch(epoch, skip, step, loader, bad, model, generator, opt_d, opt_g, 
             tail = "".join(f" {k} {v:.4f}" for k, v in vclr.items()) + f" bad {len(bad)} [{phase}]"
             progress.log(log, epoch, step, shown, tail, bad_videos=len(bad), phase=phase, **vclr)
         if guard.stop or guard.save_due:
-            save(epoch, step, epoch_step + 1)
+            save(epoch, step, epoch_step + 1, sums)
             guard.last_save = time.time()
             if guard.stop:
                 log(f"signal received: saved a checkpoint at epoch {epoch} step {step}; "
@@ -475,14 +492,30 @@ def learning_summary(log, epochs):
 
 # -----------------------------------------------------------------------------
 
-def save_checkpoint(path, args, parts, scaler, epoch, step, epoch_step, rank):
-    """ckpt.pt (all a resume needs) and backbone.pt (encoder_q without its head), by rank 0."""
+def save_checkpoint(path, args, parts, scaler, epoch, step, epoch_step, sums=None, *, rank):
+    """ckpt.pt (all a resume needs) and backbone.pt (encoder_q without its head), by rank 0.
+    Mid-epoch, every rank's sums of the epoch so far, so that the resumed epoch's record is the
+    uninterrupted one's. Collective."""
+    epoch_sums = None
+    if sums is not None:
+        epoch_sums = utils.gather_objects([{k: v.cpu() for k, v in sums.items()}])  # rank order
     utils.save_checkpoint(path, "pretrain", parts, scaler, rank, method=args.method, epoch=epoch,
-                          step=step, epoch_step=epoch_step, args=vars(args))
+                          step=step, epoch_step=epoch_step, epoch_sums=epoch_sums, args=vars(args))
     if rank == 0:
         backbone = {k: v for k, v in parts["model"].encoder_q.state_dict().items()
                     if not k.startswith("fc.")}
         utils.save_atomic(backbone, os.path.join(os.path.dirname(path), "backbone.pt"))
+
+
+def rank_share(per_rank, rank, world):
+    """This rank's sums from a mid-epoch checkpoint's per-rank list; in a world of another size
+    rank 0 takes them all (the epoch record stays right, to float rounding); older checkpoints
+    have none (None: the resumed epoch's averages start from zero)."""
+    if not per_rank:
+        return None
+    if len(per_rank) == world:
+        return per_rank[rank]
+    return {k: sum(s[k] for s in per_rank) for k in per_rank[0]} if rank == 0 else None
 
 
 def main(argv=None):
@@ -510,8 +543,11 @@ def main(argv=None):
     ckpt = utils.resume(ckpt_path, "pretrain", parts, scaler, rank, log, args, must_match=(
         ("method", "videomoco"), ("input", "rgb"), ("arch", None), ("moco_k", None)), may_change=(
         "epochs", "adv_start", "lr", "batch_size", "generator", "drop_frames", "decay"))
-    start_epoch, step, skip = (0, 0, 0) if ckpt is None else (
-        ckpt["epoch"], ckpt["step"], ckpt["epoch_step"])
+    start_epoch, step = (0, 0) if ckpt is None else (ckpt["epoch"], ckpt["step"])
+    resumed = {}
+    if ckpt is not None and ckpt["epoch_step"]:  # mid-epoch: each rank's sums of the epoch so far
+        resumed = {"epoch_step": ckpt["epoch_step"],
+                   "sums": rank_share(ckpt.get("epoch_sums"), rank, world)}
     save = functools.partial(save_checkpoint, ckpt_path, args, parts, scaler, rank=rank)
 
     # watching the run: the loss against its chance level, the queue-free metric, the feature
@@ -519,7 +555,7 @@ def main(argv=None):
     knn = KNNMonitor(args, args.workers) if args.knn_every > 0 else None
     probe = build_probe(dataset)
     bn_batch = max(per_rank // args.shuffle_splits, 2)
-    if start_epoch == 0 and skip == 0:
+    if start_epoch == 0 and not resumed:
         loss, top1, chance = queue_free_metric(model, probe, bn_batch, device, ctx)
         log(f"queue-free loss at random init: {loss:.4f} (chance {chance:.4f}) top-1 {top1:.3f}",
             curve=True, epoch=0, probe_loss=loss, probe_top1=top1, probe_chance=chance)
@@ -533,11 +569,11 @@ def main(argv=None):
     try:  # a DataError (too many bad videos) is raised on every rank at the same flush
         for epoch in range(start_epoch, args.epochs):
             step, phase, decay, sums, stopped = train_epoch(
-                epoch, skip, step, loader, bad, model_ddp, generator_ddp, opt_d, opt_g, ctx,
+                epoch, resumed, step, loader, bad, model_ddp, generator_ddp, opt_d, opt_g, ctx,
                 scaler, args, guard, progress, save, log, device)
             if stopped:
                 break
-            skip = 0
+            resumed = {}
             save(epoch + 1, step, 0)
             guard.last_save = time.time()
             chance = methods.chance_level(args.method, model, args.batch_size, decay)
