@@ -37,7 +37,12 @@ def get_args_parser():
     p.add_argument("--batch-size", type=int, default=32, help="global batch size (paper: 32)")
     p.add_argument("--lr", type=float, default=0.05, help="SGD lr, cosine decay (paper: 0.05)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--wd", type=float, default=5e-4, help="weight decay (linear probe default 0)")
+    p.add_argument("--wd", type=float, default=5e-4,
+                   help="weight decay (paper: not given; linear probe default 0)")
+    # Sec 4.2: finetuning keeps the pretext stage's pre-processing (flip, colour jitter, random
+    # decolorization); pretrain.py's defaults
+    p.add_argument("--jitter", type=float, default=0.8, help="P(colour jitter) (linear probe 0)")
+    p.add_argument("--grayscale", type=float, default=0.2, help="P(grayscale) (linear probe 0)")
     p.add_argument("--amp", default=None, choices=("bf16", "fp16", "none"), help="(bf16 on CUDA)")
     p.add_argument("--out", default="runs/finetune", help="output folder: ckpt.pt, log.jsonl")
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -45,9 +50,9 @@ def get_args_parser():
     return p
 
 
-DEMO_PRESET = dict(**utils.DEMO_CLIPS, batch_size=16, epochs=30, workers=2,
-                   print_freq=10, out="runs/demo-finetune")
-LINEAR_DEFAULTS = dict(epochs=30, lr=0.05, wd=0.0)
+DEMO_PRESET = dict(**utils.DEMO_CLIPS, batch_size=16, epochs=30, workers=2, jitter=0.0,
+                   grayscale=0.0, print_freq=10, out="runs/demo-finetune")
+LINEAR_DEFAULTS = dict(epochs=30, lr=0.05, wd=0.0, jitter=0.0, grayscale=0.0)  # MAE's: crop, flip
 
 
 @torch.no_grad()
@@ -166,7 +171,7 @@ def main(argv=None):
     try:
         samples, classes, missing = data.list_videos(args.dataset, args.data_root, args.split,
                                                      train=True)
-        transform = data.TrainTransform(args.crop, jitter=0.0, grayscale=0.0,
+        transform = data.TrainTransform(args.crop, jitter=args.jitter, grayscale=args.grayscale,
                                         on_device=args.augment_on == "device")
         train_set = data.VideoClips(samples, args.frames, args.stride, transform,
                                     data.SameClip(views=1, repeat=args.repeat_sample))

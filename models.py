@@ -97,9 +97,10 @@ def _residual_input(module, args):
 
 def build_encoder(arch, num_classes, input="rgb"):
     """The encoder D (theta_q): (N, 3, T, H, W) -> (N, num_classes), last layer `fc`. r3d_10 and
-    r2plus1d_10 are torchvision's VideoResNet with one block per stage (the paper's 14.4M nets), so
-    state dicts load into torchvision's classes. input="residual": a parameter-free forward
-    pre-hook turns every clip into residual frames (the mode is recorded in checkpoints)."""
+    r2plus1d_10 are torchvision's VideoResNet with one block per stage, so state dicts load into
+    torchvision's classes: the nets of Table 3's 14.4M rows as we read them (r3d_10 has 14.36M
+    parameters, r2plus1d_10 12.49M; see the counts above). input="residual": a parameter-free
+    forward pre-hook turns every clip into residual frames (the mode is recorded in checkpoints)."""
     if arch in ("r3d_18", "r2plus1d_18", "mc3_18"):
         encoder = getattr(tv_video, arch)(weights=None, num_classes=num_classes)
     elif arch == "r3d_10":

@@ -122,7 +122,7 @@ def settle_args(args):
     if args.decay_start is None:  # Sec 3.2: "Initially, we train D ... only use ... Eq. (1)"
         args.decay_start = args.adv_start
     if args.drop_frames is None:
-        args.drop_frames = max(args.frames // 4, 1)  # the paper's ratio, 8 of 32 (Sec 3.1: 25 %)
+        args.drop_frames = max(args.frames // 4, 1)  # the paper's ratio, 8 of 32 (Sec 3.2: 25 %)
     if args.generator != "none" and not 0 < args.drop_frames < args.frames:
         raise SystemExit(f"error: --drop-frames must be in 1..{args.frames - 1} for --frames "
                          f"{args.frames} (no dropping is --generator none)")
@@ -234,7 +234,7 @@ def train_step(args, model, generator, video, extra, opt_d, opt_g, ctx, scaler, 
 
 
 def bn_statistics(*modules):
-    """The BN running statistics of `modules` (None skipped): what a forward in train mode writes."""
+    """The BN running statistics of `modules` (None skipped), which a train-mode forward writes."""
     return [b for module in modules if module is not None for m in module.modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
 

@@ -8,6 +8,7 @@ import argparse
 import ast
 import contextlib
 import copy
+import decimal
 import importlib.metadata
 import itertools
 import json
@@ -16,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -924,18 +926,20 @@ def test_chance_level_is_the_loss_of_equal_logits():
 
 
 def test_decay_weights_and_oldest_key_of_full_queue():
-    age = torch.tensor([0, 1, 8000, 65536])
-    weights = models.decay_weights(age, 0.99999)
-    for a, w in zip(age.tolist(), weights.tolist()):
-        assert w == pytest.approx(0.99999 ** a, rel=1e-12)
-    weight = models.decay_weights(torch.tensor([8000]), 0.999).item()
-    assert weight == pytest.approx(0.000334, rel=1e-2)
+    # t^i computed independently: the float t's exact value raised in 40-digit decimal arithmetic
+    with decimal.localcontext() as exact:
+        exact.prec = 40
+        for t in ("0.99999", "0.999", "0.5"):
+            age = torch.tensor([0, 1, 2, 7, 8000, 65535, 65536])
+            weights = models.decay_weights(age, float(t))
+            for a, w in zip(age.tolist(), weights.tolist()):
+                exact_w = decimal.Decimal(float(t)) ** a
+                assert w == pytest.approx(float(exact_w), rel=1e-13, abs=1e-300)
+    assert models.decay_weights(torch.tensor([65536]), 0.99999).item() == pytest.approx(
+        0.5193, abs=5e-5)  # Sec 4.3.2: t^65536 of the oldest key, about 0.52
     model = models.VideoMoCo(TINY, dim=4, K=65536)
     model.dequeue_and_enqueue(random_unit(256, 4, dim=1))
-    oldest = int(model.queue_age.max())
-    assert oldest == 65536
-    weight = models.decay_weights(torch.tensor([oldest]), 0.99999).item()
-    assert weight == pytest.approx(0.52, abs=0.005)
+    assert int(model.queue_age.max()) == 65536
     assert sorted(model.queue_age.tolist()) == list(range(1, 65537))
 
 
@@ -1083,13 +1087,25 @@ def test_drop_frames_straight_through_gradient():
 
 
 def test_drop_frames_k_bounds():
+    # k in 0..T-1: none dropped (the mask still (N, T)), up to all frames but one
     x, importance = torch.randn(2, 3, 4, 8, 8), torch.randn(2, 4)
-    x_query, mask = models.drop_frames(x, importance, 0)
-    assert x_query is x and mask.sum() == 0
-    with pytest.raises(ValueError):
-        models.drop_frames(x, importance, 4)
-    with pytest.raises(ValueError):
-        models.random_drop(x, 4)
+    for drop in (models.drop_frames, lambda x, k: models.random_drop(x, k)):
+        args = (x, importance) if drop is models.drop_frames else (x,)
+        x_query, mask = drop(*args, 0)
+        assert torch.equal(x_query, x) and torch.equal(mask, torch.zeros(2, 4))
+        x_query, mask = drop(*args, 3)
+        assert torch.equal(mask.sum(1), torch.full((2,), 3.0))
+        assert (x_query.flatten(3).abs().sum((1, 3)) > 0).sum(1).tolist() == [1, 1]
+        for k in (-1, 4):
+            with pytest.raises(ValueError, match=f"needs 0 <= k < T, got k={k}, T=4"):
+                drop(*args, k)
+
+
+def test_drop_frames_keep_the_clip_dtype():
+    # under autocast the clip is bfloat16 and stays so (the mask is float32)
+    x = torch.randn(2, 3, 4, 8, 8).bfloat16()
+    assert models.drop_frames(x, torch.randn(2, 4), 1)[0].dtype == torch.bfloat16
+    assert models.random_drop(x, 1)[0].dtype == torch.bfloat16
 
 
 def test_random_drop():
@@ -1102,6 +1118,17 @@ def test_random_drop():
     assert mask.sum(0).min() > 0  # every position gets dropped somewhere: not a fixed choice
     again, mask_again = models.random_drop(x, 2, torch.Generator().manual_seed(0))
     assert torch.equal(mask, mask_again)
+
+
+def test_generator_defaults_are_the_papers_convlstm():
+    # Sec 3.2, 4.2: conv layers, an LSTM of 256 units, one importance score per frame of an RGB clip
+    generator = models.ConvLSTMGenerator()
+    assert generator.frame_features[0].in_channels == 3
+    convs = [m for m in generator.frame_features if isinstance(m, nn.Conv2d)]
+    assert [m.out_channels for m in convs] == [16, 32, 64, 64]
+    assert all(m.stride == (2, 2) and m.padding == (1, 1) for m in convs)
+    assert (generator.lstm.input_size, generator.lstm.hidden_size) == (64, 256)
+    assert (generator.score.in_features, generator.score.out_features) == (256, 1)
 
 
 @pytest.mark.parametrize("frames,crop", list(itertools.product([8, 16], [32, 48])))
@@ -1188,9 +1215,12 @@ def test_adversarial_backward_routes_losses():
         return ([p.grad.clone() for p in model.encoder_q.parameters()],
                 [None if p.grad is None else p.grad.clone() for p in generator.parameters()])
 
-    routed_d, routed_g = run(
-        lambda o, xq, xin: models.adversarial_backward(o["loss_d"], o["loss_g"], xq, xin,
-                                                       model.encoder_q.parameters()))
+    def routed(out, x_query, x_query_in):
+        models.adversarial_backward(out["loss_d"], out["loss_g"], x_query, x_query_in,
+                                    model.encoder_q.parameters())
+        assert x_query_in.grad is None  # loss_d's backward stops at D: no gradient of the clip
+
+    routed_d, routed_g = run(routed)
     only_d, no_g = run(lambda o, xq, xin: o["loss_d"].backward())
     leaked_d, _ = run(lambda o, xq, xin: (o["loss_d"] + o["loss_g"]).backward())
 
@@ -1375,6 +1405,47 @@ def test_distributed_shuffle_and_enqueue(tmp_path):
         assert torch.equal(r["ptr"], model.queue_ptr)
 
 
+def _shuffle_bn_worker(rank, world_size, port, x, state, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    model = models.VideoMoCo(TINY, dim=4, K=7).train()
+    model.load_state_dict(state)
+    n = x.shape[0] // world_size
+    local = x[rank * n:(rank + 1) * n]
+    torch.manual_seed(100 + rank)  # rank 0's permutation is the one drawn after manual_seed(100)
+    with torch.no_grad():
+        keys = model.encode_key(local)
+        queries = model.encode_query(local)
+    torch.save({"keys": keys, "queries": queries}, os.path.join(result_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_distributed_shuffle_bn_matches_per_process_batches(tmp_path):
+    # MoCo's shuffle-BN in train mode, 2 gloo processes of 4 clips: each process normalises a shard
+    # of the globally shuffled batch (rank 0's permutation) with that shard's batch statistics, and
+    # gets its own clips' keys back in order; the queries use each process's own batch
+    torch.manual_seed(13)
+    model = models.VideoMoCo(TINY, dim=4, K=7)
+    x = torch.randn(8, 3, 4, 32, 32)
+    mp.spawn(_shuffle_bn_worker, args=(2, _free_port(), x, model.state_dict(), str(tmp_path)),
+             nprocs=2)
+    results = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
+    torch.manual_seed(100)
+    perm = torch.randperm(8)
+    encoder_k, encoder_q = model.encoder_k.train(), model.encoder_q.train()
+    with torch.no_grad():
+        shuffled = torch.cat([encoder_k(x[perm[:4]]), encoder_k(x[perm[4:]])])
+        expected = shuffled[perm.argsort()]
+        unshuffled = torch.cat([encoder_k(x[:4]), encoder_k(x[4:])])
+        queries = torch.cat([encoder_q(x[:4]), encoder_q(x[4:])])
+    assert not torch.equal(perm, torch.arange(8))
+    assert not torch.allclose(expected, unshuffled, atol=1e-3)  # the shuffle changes the keys
+    torch.testing.assert_close(torch.cat([r["keys"] for r in results]), expected,
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([r["queries"] for r in results]), queries,
+                               rtol=1e-5, atol=1e-6)
+
 # -----------------------------------------------------------------------------
 # models.py: encoders, residual input, the projection head
 
@@ -1436,7 +1507,8 @@ def test_residual_frames_are_differences_of_the_augmented_frames():
             assert torch.equal(d[n, :, t], expected)
     torch.manual_seed(0)
     rgb = models.build_encoder("tiny", 8).eval()
-    residual = models.build_encoder("tiny", 8, input="residual").eval()
+    residual = models.encoder_builder("tiny", input="residual")(num_classes=8).eval()
+    assert residual.input_mode == "residual"
     residual.load_state_dict(rgb.state_dict())  # same parameters, same keys: the mode is no weight
     clip = torch.randn(2, 3, 6, 32, 32)
     with torch.no_grad():
@@ -2112,6 +2184,130 @@ def test_weight_transfer_changes_backbone_and_leaves_head_fresh(small_tree, tmp_
 
 
 # -----------------------------------------------------------------------------
+# pretrain.py: the whole step against MoCo's Algorithm 1 plus Eq 3-6, written out here
+
+class NaiveVideoMoCo:
+    """The step from the papers alone, one key and one term at a time: its own copies of
+    theta_q, theta_k and G; Eq 3's hard top-k with the straight-through mask; Eq 2 before the key
+    forward (MoCo's Algorithm 1); Eq 6 against the queue as it was, float64; Eq 4; each loss
+    differentiated for its own player only (D by Eq 6, G by Eq 4); SGD written out; the keys
+    enqueued one at a time, every age + 1, the new key's 1."""
+
+    def __init__(self, model, generator, lr, k_drop):
+        self.enc_q = copy.deepcopy(model.encoder_q)
+        self.enc_k = copy.deepcopy(model.encoder_k)
+        self.gen = copy.deepcopy(generator)
+        self.m, self.tau, self.K, self.lr, self.k_drop = model.m, model.T, model.K, lr, k_drop
+        self.queue = model.queue.clone()  # (dim, K) in slot order
+        self.age = [int(a) for a in model.queue_age]
+        self.ptr = int(model.queue_ptr)
+        self.buf_d = [None] * len(list(self.enc_q.parameters()))
+        self.buf_g = [None] * len(list(self.gen.parameters()))
+
+    def drop(self, x, importance):
+        n, t = importance.shape
+        rows = []
+        for i in range(n):
+            order = sorted(range(t), key=lambda j: -importance[i, j].item())
+            thr = (importance[i, order[self.k_drop - 1]].item()
+                   + importance[i, order[self.k_drop]].item()) / 2
+            row = []
+            for j in range(t):
+                hard = 1.0 if j in order[:self.k_drop] else 0.0
+                soft = torch.sigmoid(importance[i, j] - thr)
+                row.append(hard + soft - soft.detach())
+            rows.append(torch.stack(row))
+        mask = torch.stack(rows)  # (N, T)
+        return x * (1 - mask)[:, None, :, None, None]
+
+    def loss_d(self, q, k, decay):
+        q, k, queue = q.double(), k.double(), self.queue.double()
+        losses = []
+        for n in range(q.shape[0]):
+            pos = torch.exp(torch.dot(q[n], k[n]) / self.tau)
+            neg = sum(decay ** self.age[j] * torch.exp(torch.dot(q[n], queue[:, j]) / self.tau)
+                      for j in range(self.K))
+            losses.append(-torch.log(pos / (pos + neg)))
+        return sum(losses) / len(losses)
+
+    def sgd(self, params, grads, buffers, weight_decay):
+        with torch.no_grad():
+            for i, (p, g) in enumerate(zip(params, grads)):
+                d = g + weight_decay * p
+                buffers[i] = d.clone() if buffers[i] is None else 0.9 * buffers[i] + d
+                p -= self.lr * buffers[i]
+
+    def step(self, x, x_key, adversarial, decay):
+        x_query = self.drop(x, self.gen(x)) if adversarial else x
+        q = F.normalize(self.enc_q(x_query), dim=1)
+        with torch.no_grad():
+            for p_k, p_q in zip(self.enc_k.parameters(), self.enc_q.parameters()):  # Eq 2
+                p_k.copy_(self.m * p_k + (1 - self.m) * p_q)
+            k = F.normalize(self.enc_k(x_key), dim=1)
+        loss_d = self.loss_d(q, k, decay)
+        result = {"loss_d": loss_d.item(), "loss_g": None, "grad_g": None}
+        if adversarial:
+            with torch.no_grad():
+                q_full = F.normalize(self.enc_q(x), dim=1)
+            loss_g = -sum((q[n] - q_full[n]).abs().sum() for n in range(len(q))) / len(q)
+            grad_g = torch.autograd.grad(loss_g, list(self.gen.parameters()), retain_graph=True)
+            result.update(loss_g=loss_g.item(), grad_g=grad_g)
+        grad_d = torch.autograd.grad(loss_d, list(self.enc_q.parameters()))
+        self.sgd(list(self.enc_q.parameters()), grad_d, self.buf_d, 1e-4)
+        if adversarial:
+            self.sgd(list(self.gen.parameters()), grad_g, self.buf_g, 0.0)
+        for key in k:  # enqueue after the loss, one key at a time
+            self.queue[:, self.ptr] = key
+            self.age = [a + 1 for a in self.age]
+            self.age[self.ptr] = 1
+            self.ptr = (self.ptr + 1) % self.K
+        return result
+
+
+def test_whole_step_matches_moco_algorithm_1_and_eq3_to_6_written_out():
+    # pretrain.train_step through VideoMoCo.forward and adversarial_backward, two MoCo steps
+    # (Eq 1) then three adversarial ones (Eq 3-6), against NaiveVideoMoCo: the losses, G's
+    # gradient, both encoders' weights and BN statistics, G's, the queue, its ages and pointer.
+    # K = 12 against 4 keys a step: the queue wraps. t = 0.8 passed by the step; the model's own
+    # default (0.5) would be a different loss. One process (shuffle_splits=1: shuffle-BN is its
+    # own test)
+    torch.manual_seed(0)
+    model = models.VideoMoCo(TINY, dim=8, K=12, m=0.9, T=0.2, decay=0.5, shuffle_splits=1)
+    generator = models.ConvLSTMGenerator(hidden=16, width=8)
+    lr, k_drop = 0.5, 3
+    naive = NaiveVideoMoCo(model, generator, lr, k_drop)
+    opt_d = torch.optim.SGD(model.encoder_q.parameters(), lr, momentum=0.9, weight_decay=1e-4)
+    opt_g = torch.optim.SGD(generator.parameters(), lr, momentum=0.9)
+    args = argparse.Namespace(method="videomoco", background_erasing=0, drop_frames=k_drop)
+    guard = types.SimpleNamespace(agree=lambda finite: bool(finite))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    gen = torch.Generator().manual_seed(1)
+    for step, (adversarial, decay) in enumerate([(False, 1.0)] * 2 + [(True, 0.8)] * 3):
+        x = torch.randn(4, 3, 8, 32, 32, generator=gen)
+        x_key = x + 0.3 * torch.randn(x.shape, generator=gen)
+        out = pretrain.train_step(args, model, generator, torch.stack([x, x_key], dim=1), [],
+                                  opt_d, opt_g, contextlib.nullcontext(), scaler, guard, decay,
+                                  adversarial)
+        expected = naive.step(x, x_key, adversarial, decay)
+        assert out["updated"]
+        assert out["loss_d"].item() == pytest.approx(expected["loss_d"], rel=1e-5), step
+        if adversarial:
+            assert out["loss_g"].item() == pytest.approx(expected["loss_g"], rel=1e-5), step
+            for p, g in zip(generator.parameters(), expected["grad_g"]):
+                torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-7)
+        else:
+            assert out["loss_g"] is None
+        for mine, ref in ((model.encoder_q, naive.enc_q), (model.encoder_k, naive.enc_k),
+                          (generator, naive.gen)):
+            for (name, a), b in zip(mine.state_dict().items(), ref.state_dict().values()):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"step {step} {name}")
+        torch.testing.assert_close(model.queue, naive.queue, rtol=1e-5, atol=1e-6)
+        assert model.queue_age.tolist() == naive.age, step
+        assert int(model.queue_ptr) == naive.ptr, step
+    assert naive.ptr == 20 % 12  # 20 keys through a queue of 12: it wrapped
+
+
+# -----------------------------------------------------------------------------
 # pretrain.py: the step, the schedule, the flags
 
 def moco_step(model, opt, video):
@@ -2238,38 +2434,57 @@ def test_demo_preset_fills_only_flags_not_given(tmp_path, capsys):
 
 
 def test_pretrain_bf16_autocast_on_cpu(small_tree, tmp_path):
-    out = tmp_path / "bf16"
-    pretrain.main(small_args(small_tree, out, "--amp", "bf16", "--adv-start", "0", "--epochs", "1"))
-    log = read_log(out)
-    assert len(log) == 2 and all(np.isfinite(r["loss_d"]) and np.isfinite(r["loss_g"]) for r in log)
+    # --amp bf16 computes the step in bfloat16 (its losses are not float32's) and still the same
+    # step (within bfloat16's rounding of the first, adversarial steps)
+    losses = {}
+    for amp in ("bf16", "none"):
+        pretrain.main(small_args(small_tree, tmp_path / amp, "--amp", amp, "--adv-start", "0",
+                                 "--epochs", "1"))
+        log = read_log(tmp_path / amp)
+        losses[amp] = [(r["loss_d"], r["loss_g"]) for r in log]
+    assert len(losses["bf16"]) == 2
+    for (d16, g16), (d32, g32) in zip(losses["bf16"], losses["none"]):
+        assert np.isfinite(d16) and np.isfinite(g16)
+        assert d16 == pytest.approx(d32, rel=0.02, abs=0.01) and g16 == pytest.approx(g32, rel=0.02)
+    assert losses["bf16"] != losses["none"]
 
 
 # -----------------------------------------------------------------------------
 # pretrain.py: checkpoints, resume, signals, non-finite losses, DDP
 
-def test_pretrain_resume_is_exact(small_tree, tmp_path, monkeypatch):
-    straight = tmp_path / "straight"
-    kept = {}
-    real_save = utils.save_atomic
+def test_pretrain_resume_is_exact_mid_epoch(small_tree, tmp_path, monkeypatch):
+    # a checkpoint after every step (as a signal or the 30-minute save would write one); the run
+    # resumed from the one after the first step of epoch 1 (adversarial, G measured against random
+    # drops at each of its 2 steps) ends as the straight run: the same step records, the same
+    # epoch record (its averages include the step before the save), the same weights and queue
+    monkeypatch.setattr(pretrain, "SAVE_EVERY_MIN", 0)
+    kept, real_save = {}, utils.save_atomic
 
-    def save_and_keep(obj, path):  # keep the end-of-epoch-0 checkpoint that epoch 1 overwrites
+    def save_and_keep(obj, path):
         real_save(obj, path)
-        if isinstance(obj, dict) and obj.get("epoch") == 1 and obj.get("epoch_step") == 0:
-            kept["ckpt"] = path + ".epoch1"
+        if isinstance(obj, dict) and (obj.get("epoch"), obj.get("epoch_step")) == (1, 1):
+            kept["ckpt"] = path + ".mid"
             shutil.copy(path, kept["ckpt"])
 
     monkeypatch.setattr(utils, "save_atomic", save_and_keep)
+    straight = tmp_path / "straight"
     model = pretrain.main(small_args(small_tree, straight))
     monkeypatch.setattr(utils, "save_atomic", real_save)
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copy(kept["ckpt"], resumed / "ckpt.pt")
+    assert torch.load(resumed / "ckpt.pt", weights_only=True)["epoch_sums"][0]["steps"] == 1
     model2 = pretrain.main(small_args(small_tree, resumed))
-    a = [r for r in read_log(straight) if r["epoch"] == 1]
+    a = [r for r in read_log(straight) if r["step"] > 3]
     b = read_log(resumed)
-    assert len(a) == len(b) == 2 and {r["phase"] for r in a} == {"adversarial"}
+    assert len(a) == len(b) == 1 and a[0]["phase"] == "adversarial"
     for ra, rb in zip(a, b):
         assert (ra["step"], ra["loss_d"], ra["loss_g"]) == (rb["step"], rb["loss_d"], rb["loss_g"])
+    fields = ("loss", "acc", "spread", "chance", "probe_loss", "probe_top1", "g_vs_random")
+    epoch_a = [r for r in read_log(straight, "epoch") if r["epoch"] == 2 and "loss" in r]
+    epoch_b = [r for r in read_log(resumed, "epoch") if r["epoch"] == 2 and "loss" in r]
+    assert [{k: r[k] for k in fields} for r in epoch_a] == [{k: r[k] for k in fields}
+                                                            for r in epoch_b]
     for (name, x), y in zip(model.state_dict().items(), model2.state_dict().values()):
         assert torch.equal(x, y), name  # queue, ages, pointer, both encoders
 
@@ -2291,27 +2506,78 @@ def test_checkpoint_loads_weights_only_and_backbone_into_torchvision(small_tree,
     assert not os.path.exists(str(out / "ckpt.pt") + ".tmp")
 
 
-def test_sigterm_saves_and_the_rerun_resumes_mid_epoch(small_tree, tmp_path):
+def test_sigterm_to_the_process_group_saves_and_resumes(small_tree, tmp_path):
+    # as SLURM pre-empts a job: SIGTERM to the whole process group, the loader worker included
+    # (--workers 1). One checkpoint mid-epoch, and the rerun goes on from its step
     out = tmp_path / "pre"
     cmd = [sys.executable, os.path.join(HERE, "pretrain.py"),
-           *small_args(small_tree, out, "--epochs", "400")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if "step 3/" in line:
-            break
-    proc.send_signal(15)
-    rest = proc.stdout.read()
-    assert proc.wait(timeout=60) == 0, rest
-    assert "signal received" in rest
+           *small_args(small_tree, out, "--epochs", "400", "--workers", "1")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if "step 3/" in line:
+                break
+        os.killpg(proc.pid, signal.SIGTERM)
+        rest = proc.stdout.read()
+        assert proc.wait(timeout=60) == 0, rest
+    finally:
+        proc.kill()
+    assert "signal received" in rest and "killed by signal" not in rest, rest
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] >= 3
-    r = subprocess.run(cmd[:-2] + ["--epochs", str(ckpt["epoch"] + 1)],
+    r = subprocess.run(cmd[:-4] + ["--epochs", str(ckpt["epoch"] + 1), "--workers", "1"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     resumed = f"resuming from {out / 'ckpt.pt'}: epoch {ckpt['epoch']}, step {ckpt['step']}"
     assert resumed in r.stdout
     steps = [r["step"] for r in read_log(out)]
     assert steps == list(range(1, steps[-1] + 1))  # no step repeated or lost across the restart
+
+
+def test_nonfinite_step_leaves_weights_and_optimizers():
+    # README: a non-finite loss skips the step. D's and G's weights, their optimizers' state and
+    # their BN statistics stay as they were (the forward wrote NaN into the BN statistics); Eq 2
+    # and the enqueue of the step's finite keys, which ran in the forward, stay
+    torch.manual_seed(0)
+    model = models.VideoMoCo(TINY, dim=8, K=12, m=0.9, shuffle_splits=1)
+    generator = models.ConvLSTMGenerator(hidden=16, width=8)
+    opt_d = torch.optim.SGD(model.encoder_q.parameters(), 0.1, momentum=0.9, weight_decay=1e-4)
+    opt_g = torch.optim.SGD(generator.parameters(), 0.1, momentum=0.9)
+    args = argparse.Namespace(method="videomoco", background_erasing=0, drop_frames=2)
+    guard = types.SimpleNamespace(agree=lambda finite: bool(finite))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    def step(video):
+        return pretrain.train_step(args, model, generator, video, [], opt_d, opt_g,
+                                   contextlib.nullcontext(), scaler, guard, 0.9, adversarial=True)
+
+    video = torch.randn(4, 2, 3, 8, 32, 32)
+    assert step(video)["updated"]  # the optimizers now hold momentum buffers
+    before = copy.deepcopy([model.encoder_q.state_dict(), generator.state_dict(),
+                            opt_d.state_dict(), opt_g.state_dict()])
+    theta_k = [p.clone() for p in model.encoder_k.parameters()]
+    theta_q = [p.clone() for p in model.encoder_q.parameters()]
+    ptr = int(model.queue_ptr)
+    video = torch.randn(4, 2, 3, 8, 32, 32)
+    video[1, 0] = float("nan")  # one query clip: the losses are NaN, the keys finite
+    out = step(video)
+    assert not out["updated"] and not torch.isfinite(out["loss_d"])
+    after = [model.encoder_q.state_dict(), generator.state_dict(), opt_d.state_dict(),
+             opt_g.state_dict()]
+    for old, new in zip(before[:2], after[:2]):
+        assert old.keys() == new.keys()
+        assert all(torch.equal(old[k], new[k]) for k in old), [k for k in old
+                                                                if not torch.equal(old[k], new[k])]
+    for old, new in zip(before[2:], after[2:]):
+        assert old["param_groups"] == new["param_groups"]
+        assert all(torch.equal(old["state"][i]["momentum_buffer"],
+                               new["state"][i]["momentum_buffer"]) for i in old["state"])
+    for p_k, old_k, p_q in zip(model.encoder_k.parameters(), theta_k, theta_q):
+        torch.testing.assert_close(p_k, 0.9 * old_k + 0.1 * p_q, rtol=1e-6, atol=1e-7)
+    assert int(model.queue_ptr) == (ptr + 4) % 12
+    slots = [(ptr + i) % 12 for i in range(4)]
+    torch.testing.assert_close(model.queue[:, slots], out["k"].T)
 
 
 def test_nonfinite_losses_skip_steps_then_abort(small_tree, tmp_path, capsys, monkeypatch):
@@ -2353,6 +2619,165 @@ def test_ddp_two_gloo_processes_keep_identical_queues_and_weights(small_tree, tm
     log = read_log(tmp_path)
     assert len(log) == steps and all(np.isfinite(r["loss_d"]) for r in log)
     assert log[0]["phase"] == ("adversarial" if method == "videomoco" else method)
+
+
+# -----------------------------------------------------------------------------
+# the real launcher (torchrun, as the README's commands), on CPU with gloo, and the faults of a
+# cluster: a scheduler's SIGTERM, a rank killed outright
+
+RUN_AND_SAVE_RANK = """
+import os, sys
+sys.path.insert(0, {here!r})
+import torch
+import pretrain
+model = pretrain.main(sys.argv[1:])
+torch.save(model.state_dict(), os.path.join({out!r}, "rank" + os.environ["RANK"] + ".pt"))
+"""
+
+
+def torchrun(launcher, script, argv):
+    return [sys.executable, "-m", "torch.distributed.run", *launcher, script, *argv]
+
+
+def launcher_env():
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+
+
+def ddp_args(root, out, *extra):
+    # 48 videos, a global batch of 4: 12 steps an epoch; K = 20 against 48 keys an epoch
+    return small_args(root, out, "--moco-k", "20", "--workers", "1", *extra)
+
+
+def run_to_the_end(cmds, timeout=240):
+    """Start every command at once (one per agent), wait for all; their joined output."""
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=launcher_env()) for cmd in cmds]
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, output in zip(procs, outputs):
+        assert p.returncode == 0, output[-3000:]
+    return "".join(outputs)
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_torchrun_ranks_keep_identical_queues_and_weights_and_a_rerun_resumes(distinct_tree,
+                                                                              tmp_path, nodes):
+    # one agent of 2 processes (--standalone), or 2 agents of 1 process each, 2 "nodes" on
+    # localhost meeting through the c10d rendezvous (the README's multi-node command)
+    script = tmp_path / "run.py"
+    script.write_text(RUN_AND_SAVE_RANK.format(here=HERE, out=str(tmp_path)))
+    argv = ddp_args(distinct_tree, tmp_path / "out", "--epochs", "1", "--adv-start", "0")
+    if nodes == 1:
+        launchers = [["--standalone", "--nproc_per_node=2"]]
+    else:
+        rendezvous = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+                      f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "--rdzv-id=videomoco-test"]
+        launchers = [rendezvous, rendezvous]
+    cmds = [torchrun(launcher, str(script), argv) for launcher in launchers]
+    run_to_the_end(cmds)
+    s0, s1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert int(s0["queue_ptr"]) == 48 % 20
+    for key in s0:
+        if "running_" in key or "num_batches" in key:
+            continue  # BN statistics are per process (DDP broadcast_buffers=False)
+        assert torch.equal(s0[key], s1[key]), key
+    log = read_log(tmp_path / "out")
+    assert [r["step"] for r in log] == list(range(1, 13))
+    # the same command again: every rank resumes from the end of the run and stops there
+    output = run_to_the_end(cmds)
+    assert f"resuming from {tmp_path / 'out' / 'ckpt.pt'}: epoch 1, step 12" in output
+    for r, before in enumerate((s0, s1)):
+        after = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        assert r == 1 or all(torch.equal(after[k], before[k]) for k in before)
+        assert torch.equal(after["queue"], s0["queue"])
+
+
+def test_torchrun_sigterm_to_the_agent_saves_and_the_rerun_resumes_exactly(distinct_tree,
+                                                                           tmp_path):
+    # what a scheduler's pre-emption does: SIGTERM to torchrun's agent, which forwards it to its
+    # workers' process groups (their loader workers included) in the middle of epoch 1. One
+    # checkpoint, and the rerun of the same command ends as the run that was never interrupted:
+    # the same steps, the same epoch records, the same weights, queue, G and optimizers
+    def cmd(out):
+        return torchrun(["--standalone", "--nproc_per_node=2"], os.path.join(HERE, "pretrain.py"),
+                        ddp_args(distinct_tree, out, "--epochs", "2", "--adv-start", "1"))
+
+    run_to_the_end([cmd(tmp_path / "straight")])
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(cmd(cut), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=launcher_env())
+    try:
+        for line in proc.stdout:
+            if line.startswith("epoch 1 step 13/"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stdout.read()
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert "signal received: saved a checkpoint at epoch 1" in rest, rest[-3000:]
+    assert "killed by signal" not in rest, rest[-3000:]
+    ckpt = torch.load(cut / "ckpt.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and 0 < ckpt["epoch_step"] < 12, (ckpt["epoch"], ckpt["epoch_step"])
+    output = run_to_the_end([cmd(cut)])
+    assert f"resuming from {cut / 'ckpt.pt'}: epoch 1, step {ckpt['step']} (mid-epoch" in output
+    a, b = (torch.load(out / "ckpt.pt", weights_only=True) for out in (tmp_path / "straight", cut))
+    for part in ("model", "generator"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    for part in ("opt_d", "opt_g"):
+        assert all(torch.equal(a[part]["state"][i]["momentum_buffer"],
+                               b[part]["state"][i]["momentum_buffer"]) for i in a[part]["state"])
+    steps_a, steps_b = read_log(tmp_path / "straight"), read_log(cut)
+    assert [r["step"] for r in steps_b] == list(range(1, 25))  # none lost, none repeated
+    assert [r["loss_d"] for r in steps_a] == [r["loss_d"] for r in steps_b]
+    fields = ("loss", "acc", "spread", "chance", "probe_loss", "probe_top1", "g_vs_random")
+    epochs_a, epochs_b = ([{k: r[k] for k in fields} for r in read_log(out, "epoch") if "loss" in r]
+                          for out in (tmp_path / "straight", cut))
+    assert epochs_a == epochs_b and len(epochs_a) == 2
+
+
+def rank_process(agent_pid, rank):
+    """The pid of the worker process of `rank` that torchrun's agent started (read from /proc)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if parent == agent_pid and f"RANK={rank}".encode() in env:
+            return int(pid)
+    raise AssertionError(f"no rank {rank} among the children of {agent_pid}")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the rank's process in /proc")
+def test_torchrun_restarts_a_killed_rank_from_the_last_checkpoint(distinct_tree, tmp_path):
+    # kill -9 of one rank under --max-restarts 1: the agent restarts both, and they resume from the
+    # checkpoint of the end of epoch 0 and say so
+    out = tmp_path / "out"
+    cmd = torchrun(["--standalone", "--nproc_per_node=2", "--max-restarts=1"],
+                   os.path.join(HERE, "pretrain.py"),
+                   ddp_args(distinct_tree, out, "--epochs", "2", "--workers", "0"))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=launcher_env())
+    try:
+        for line in proc.stdout:
+            if line.startswith("epoch 0 done"):
+                break
+        os.kill(rank_process(proc.pid, 1), signal.SIGKILL)
+        rest = proc.stdout.read()
+        assert proc.wait(timeout=180) == 0, rest
+    finally:
+        proc.kill()
+    assert f"resuming from {out / 'ckpt.pt'}: epoch 1, step 12" in rest, rest[-3000:]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["epoch"] == 2
+    assert [r["step"] for r in read_log(out)][-12:] == list(range(13, 25))
+
 
 
 # -----------------------------------------------------------------------------

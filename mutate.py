@@ -1,0 +1,211 @@
+"""
+Hand-written mutants of the method: each is one way of getting VideoMoCo wrong (four of them are
+what the authors' code does), applied to a copy of the repository, against which the suite must
+fail. A mutant that passes is a survivor and the run exits 1. The program's own mutants (mutmut,
+configured in setup.cfg) are the other half; RESULTS.md, "Mutation testing", has both runs.
+
+    python mutate.py               # every mutant, 2 at a time (about 6 minutes on 2 cores)
+    python mutate.py --list        # their names and what each breaks
+    python mutate.py eq6_unused    # some of them
+
+Each mutant runs the method's tests (setup.cfg's selection, the one mutmut uses) with `pytest -x`,
+or the slower tests it names, and reports the first test that failed.
+"""
+
+import argparse
+import configparser
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class Mutant:
+    name: str
+    what: str
+    file: str
+    old: str  # must occur exactly once in `file`
+    new: str
+    tests: tuple = ()  # node ids to run instead of the method's tests (slow tests of one concern)
+
+
+MUTANTS = [
+    Mutant("eq6_unused", "training never uses Eq 6: the forward computes Eq 1 whatever t is",
+           "models.py",
+           "decay = self.decay if decay is None else decay",
+           "decay = 1.0"),
+    Mutant("eq6_not_passed", "the step does not pass the schedule's t (the model's own is used)",
+           "pretrain.py",
+           "out = model(x_query_in, x_key, x if adversarial else None, decay)",
+           "out = model(x_query_in, x_key, x if adversarial else None)"),
+    Mutant("enqueue_before_logits", "the batch's keys enter the queue before the loss sees it",
+           "models.py",
+           "        queue = self.queue.clone().detach()",
+           "        self.dequeue_and_enqueue(k)\n        queue = self.queue.clone().detach()"),
+    Mutant("momentum_after_keys", "Eq 2 after the key forward (MoCo updates before it)",
+           "models.py",
+           """            if self.training:
+                self.momentum_update()
+            k = F.normalize(self.encode_key(x_key), dim=1)  # (N, dim)""",
+           """            k = F.normalize(self.encode_key(x_key), dim=1)  # (N, dim)
+            if self.training:
+                self.momentum_update()"""),
+    Mutant("momentum_swapped", "Eq 2 with m and 1 - m swapped", "models.py",
+           """        torch._foreach_mul_(params_k, m)
+        torch._foreach_add_(params_k, [p.detach() for p in params_q], alpha=1 - m)""",
+           """        torch._foreach_mul_(params_k, 1 - m)
+        torch._foreach_add_(params_k, [p.detach() for p in params_q], alpha=m)"""),
+    Mutant("drop_least_important", "Eq 3 drops the k least important frames (the authors' code)",
+           "models.py",
+           "top_values, top_index = importance.topk(k + 1, dim=1)",
+           "top_values, top_index = importance.topk(k + 1, dim=1, largest=False)"),
+    Mutant("ages_per_step", "Eq 6's i counted in steps, a batch of keys one age (authors' code)",
+           "models.py",
+           "            queue_age += batch * finite\n"
+           "            queue_age[slots] = torch.where(finite, torch.arange(kept, 0, -1, ",
+           "            queue_age += finite\n"
+           "            queue_age[slots] = torch.where(finite, 1 + 0 * torch.arange(kept, 0, -1, "),
+    Mutant("g_trained_by_d", "G also follows D's loss (the authors' code)", "models.py",
+           "grad_in, = torch.autograd.grad(scale(loss_g), x_query_in, retain_graph=True)",
+           "grad_in, = torch.autograd.grad(scale(loss_g + loss_d), x_query_in, retain_graph=True)"),
+    Mutant("g_no_gradient", "G gets no gradient", "models.py",
+           "    x_query.backward(grad_in)",
+           "    x_query.backward(torch.zeros_like(grad_in))"),
+    Mutant("d_trained_by_g", "D also follows Eq 4 (D helps G)", "models.py",
+           "torch.autograd.backward(scale(loss_d), inputs=list(d_params))",
+           "torch.autograd.backward(scale(loss_d + loss_g), inputs=list(d_params))"),
+    Mutant("positive_decayed", "Eq 6 weights the positive too (as a key of age 1)", "models.py",
+           "logits = torch.cat([l_pos / tau, l_neg], dim=1)  # (N, 1 + K)",
+           "logits = torch.cat([l_pos / tau + math.log(decay), l_neg], dim=1)  # (N, 1 + K)"),
+    Mutant("shuffle_bn_off", "shuffle-BN without the shuffle: each process normalises its own keys",
+           "models.py",
+           "perm = torch.randperm(x_all.shape[0], device=x_key.device)",
+           "perm = torch.arange(x_all.shape[0], device=x_key.device)",
+           tests=("test_videomoco.py::test_distributed_shuffle_bn_matches_per_process_batches",)),
+    Mutant("nonfinite_steps", "a non-finite loss still steps the optimizers", "pretrain.py",
+           """        torch._foreach_copy_(bn_statistics(model, generator), bn_before)
+        return out
+""", """        torch._foreach_copy_(bn_statistics(model, generator), bn_before)
+""",
+           tests=("test_videomoco.py::test_nonfinite_step_leaves_weights_and_optimizers",)),
+    Mutant("bn_not_restored", "a skipped non-finite step keeps the NaN its forward wrote into BN",
+           "pretrain.py",
+           "        torch._foreach_copy_(bn_statistics(model, generator), bn_before)",
+           "        pass",
+           tests=("test_videomoco.py::test_nonfinite_step_leaves_weights_and_optimizers",)),
+    Mutant("epoch_sums_lost", "a mid-epoch resume starts the epoch's averages from zero",
+           "pretrain.py",
+           "        sums[k] += v.to(device)",
+           "        pass",
+           tests=("test_videomoco.py::test_pretrain_resume_is_exact_mid_epoch",)),
+    Mutant("restart_reads_stale_store", "torchrun's restarted group shares the dead group's keys",
+           "utils.py",
+           'store=dist.PrefixStore(f"attempt{attempt}/", store))',
+           'store=store)',
+           tests=("test_videomoco.py::"
+                  "test_torchrun_restarts_a_killed_rank_from_the_last_checkpoint",)),
+    Mutant("loader_dies_of_sigterm", "the loader workers die of a scheduler's SIGTERM", "data.py",
+           "        signal.signal(sig, signal.SIG_IGN)",
+           "        pass",
+           tests=("test_videomoco.py::test_sigterm_to_the_process_group_saves_and_resumes",)),
+    Mutant("bf16_ignored", "--amp bf16 runs in float32", "utils.py",
+           "    if amp == \"none\":",
+           "    if amp in (\"none\", \"bf16\"):",
+           tests=("test_videomoco.py::test_pretrain_bf16_autocast_on_cpu",)),
+    Mutant("decay_weights_off_by_one", "t^(i+1) for t^i", "models.py",
+           "age.to(torch.float64))",
+           "age.to(torch.float64) + 1)"),
+]
+
+
+def method_tests():
+    """setup.cfg's [mutmut] pytest_add_cli_args_test_selection: the method's fast tests."""
+    config = configparser.ConfigParser()
+    config.read(os.path.join(HERE, "setup.cfg"))
+    lines = config.get("mutmut", "pytest_add_cli_args_test_selection").splitlines()
+    return [line for line in lines if line]
+
+
+def copy_repo(dst):
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                           cwd=HERE, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if os.path.isfile(os.path.join(HERE, f)):
+            os.makedirs(os.path.dirname(os.path.join(dst, f)), exist_ok=True)
+            shutil.copy2(os.path.join(HERE, f), os.path.join(dst, f))
+
+
+def apply(mutant, root):
+    path = os.path.join(root, mutant.file)
+    with open(path) as f:
+        source = f.read()
+    found = source.count(mutant.old)
+    if found != 1:
+        raise SystemExit(f"error: mutant {mutant.name}: its original text occurs {found} times in "
+                         f"{mutant.file} (the code moved: update mutate.py)")
+    with open(path, "w") as f:
+        f.write(source.replace(mutant.old, mutant.new))
+
+
+def run(mutant, timeout):
+    """(killed, the first failing test or why, seconds)."""
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.name}-") as root:
+        copy_repo(root)
+        apply(mutant, root)
+        tests = list(mutant.tests) or method_tests()
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTEST_ADDOPTS")}
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+        try:
+            r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True,
+                               timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return True, f"timed out after {timeout} s", time.time() - t0
+        failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", r.stdout, re.M)
+        if r.returncode == 0:
+            return False, "all passed", time.time() - t0
+        why = failed[0].split("::")[-1] if failed else f"pytest exit {r.returncode}"
+        return True, why, time.time() - t0
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    p.add_argument("--list", action="store_true", help="list the mutants and exit")
+    p.add_argument("--jobs", type=int, default=2, help="mutants run at once")
+    p.add_argument("--timeout", type=int, default=600, help="seconds per mutant")
+    args = p.parse_args()
+    if args.list:
+        for m in MUTANTS:
+            print(f"{m.name:26s} {m.file:12s} {m.what}")
+        return
+    unknown = set(args.names) - {m.name for m in MUTANTS}
+    if unknown:
+        raise SystemExit(f"error: unknown mutant(s) {', '.join(sorted(unknown))}; see --list")
+    chosen = [m for m in MUTANTS if not args.names or m.name in args.names]
+    for m in chosen:  # every original text is still there, before anything runs
+        with open(os.path.join(HERE, m.file)) as f:
+            if f.read().count(m.old) != 1:
+                raise SystemExit(f"error: mutant {m.name}: its original text is not in {m.file} "
+                                 "exactly once (the code moved: update mutate.py)")
+    survivors = 0
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for m, (killed, why, seconds) in zip(chosen, pool.map(lambda m: run(m, args.timeout),
+                                                              chosen)):
+            survivors += not killed
+            verdict = "killed by" if killed else "SURVIVED:"
+            print(f"{m.name:26s} {verdict} {why} ({seconds:.0f} s)", flush=True)
+    print(f"{len(chosen) - survivors}/{len(chosen)} mutants killed")
+    sys.exit(1 if survivors else 0)
+
+
+if __name__ == "__main__":
+    main()
