@@ -1,15 +1,16 @@
 """
-Hand-written mutants of the method: each is one way of getting VideoMoCo wrong (four of them are
+Hand-written mutants of the method: each is one way of getting VideoMoCo wrong (three of them are
 what the authors' code does), applied to a copy of the repository, against which the suite must
 fail. A mutant that passes is a survivor and the run exits 1. The program's own mutants (mutmut,
 configured in setup.cfg) are the other half; RESULTS.md, "Mutation testing", has both runs.
 
-    python mutate.py               # every mutant, 2 at a time (about 6 minutes on 2 cores)
+    python mutate.py               # every mutant, 2 at a time (about 12 minutes on 2 cores)
     python mutate.py --list        # their names and what each breaks
     python mutate.py eq6_unused    # some of them
 
 Each mutant runs the method's tests (setup.cfg's selection, the one mutmut uses) with `pytest -x`,
-or the slower tests it names, and reports the first test that failed.
+or the slower tests it names, and reports the first test that failed. A mutant is killed only by a
+failing test (pytest's exit 1); the unmutated copy must pass the same tests first.
 """
 
 import argparse
@@ -35,6 +36,14 @@ class Mutant:
     old: str  # must occur exactly once in `file`
     new: str
     tests: tuple = ()  # node ids to run instead of the method's tests (slow tests of one concern)
+    also: tuple = ()  # more (old, new) edits of the same file
+
+
+@dataclass
+class Outcome:
+    killed: bool
+    why: str  # the first failing test, or what happened
+    seconds: float
 
 
 MUTANTS = [
@@ -49,7 +58,12 @@ MUTANTS = [
     Mutant("enqueue_before_logits", "the batch's keys enter the queue before the loss sees it",
            "models.py",
            "        queue = self.queue.clone().detach()",
-           "        self.dequeue_and_enqueue(k)\n        queue = self.queue.clone().detach()"),
+           "        if self.training:\n"
+           "            self.dequeue_and_enqueue(k)\n"
+           "        queue = self.queue.clone().detach()",
+           also=(("        if self.training:\n"
+                  "            self.dequeue_and_enqueue(k)\n"
+                  "        return", "        return"),)),
     Mutant("momentum_after_keys", "Eq 2 after the key forward (MoCo updates before it)",
            "models.py",
            """            if self.training:
@@ -85,6 +99,11 @@ MUTANTS = [
     Mutant("positive_decayed", "Eq 6 weights the positive too (as a key of age 1)", "models.py",
            "logits = torch.cat([l_pos / tau, l_neg], dim=1)  # (N, 1 + K)",
            "logits = torch.cat([l_pos / tau + math.log(decay), l_neg], dim=1)  # (N, 1 + K)"),
+    Mutant("split_bn_unshuffled", "one process's shuffle-BN emulation splits the keys unshuffled",
+           "models.py",
+           "chunks = torch.tensor_split(x_key[perm], min(self.shuffle_splits, n))",
+           "chunks = torch.tensor_split(x_key, min(self.shuffle_splits, n))",
+           also=(("return k[perm.argsort()]", "return k"),)),
     Mutant("shuffle_bn_off", "shuffle-BN without the shuffle: each process normalises its own keys",
            "models.py",
            "perm = torch.randperm(x_all.shape[0], device=x_key.device)",
@@ -108,7 +127,7 @@ MUTANTS = [
            tests=("test_videomoco.py::test_pretrain_resume_is_exact_mid_epoch",)),
     Mutant("restart_reads_stale_store", "torchrun's restarted group shares the dead group's keys",
            "utils.py",
-           'store=dist.PrefixStore(f"attempt{attempt}/", store))',
+           'store=dist.PrefixStore(f"group{generation}/", store))',
            'store=store)',
            tests=("test_videomoco.py::"
                   "test_torchrun_restarts_a_killed_rank_from_the_last_checkpoint",)),
@@ -143,37 +162,53 @@ def copy_repo(dst):
             shutil.copy2(os.path.join(HERE, f), os.path.join(dst, f))
 
 
+def edits(mutant):
+    return ((mutant.old, mutant.new),) + mutant.also
+
+
+def check(mutant, root):
+    """Every text a mutant replaces is in its file exactly once (else the code moved)."""
+    with open(os.path.join(root, mutant.file)) as f:
+        source = f.read()
+    for old, _ in edits(mutant):
+        found = source.count(old)
+        if found != 1:
+            raise SystemExit(f"error: mutant {mutant.name}: its original text occurs {found} "
+                             f"times in {mutant.file} (the code moved: update mutate.py)")
+
+
 def apply(mutant, root):
+    check(mutant, root)
     path = os.path.join(root, mutant.file)
     with open(path) as f:
         source = f.read()
-    found = source.count(mutant.old)
-    if found != 1:
-        raise SystemExit(f"error: mutant {mutant.name}: its original text occurs {found} times in "
-                         f"{mutant.file} (the code moved: update mutate.py)")
+    for old, new in edits(mutant):
+        source = source.replace(old, new)
     with open(path, "w") as f:
-        f.write(source.replace(mutant.old, mutant.new))
+        f.write(source)
 
 
-def run(mutant, timeout):
-    """(killed, the first failing test or why, seconds)."""
+def run(mutant, tests, timeout):
+    """The tests against a copy of the repository with `mutant` applied (None: unmutated)."""
     t0 = time.time()
-    with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.name}-") as root:
+    with tempfile.TemporaryDirectory(prefix="mutant-") as root:
         copy_repo(root)
-        apply(mutant, root)
-        tests = list(mutant.tests) or method_tests()
+        if mutant is not None:
+            apply(mutant, root)
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTEST_ADDOPTS")}
         cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
         try:
             r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True,
                                timeout=timeout)
         except subprocess.TimeoutExpired:
-            return True, f"timed out after {timeout} s", time.time() - t0
-        failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", r.stdout, re.M)
-        if r.returncode == 0:
-            return False, "all passed", time.time() - t0
-        why = failed[0].split("::")[-1] if failed else f"pytest exit {r.returncode}"
-        return True, why, time.time() - t0
+            return Outcome(False, f"timed out after {timeout} s", time.time() - t0)
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", r.stdout, re.M)
+    if r.returncode == 0:
+        return Outcome(False, "all passed", time.time() - t0)
+    if r.returncode != 1 or not failed:  # an internal or usage error is no test failing
+        tail = (r.stdout + r.stderr).strip().splitlines()[-1:]
+        return Outcome(False, f"pytest exit {r.returncode}: {' '.join(tail)}", time.time() - t0)
+    return Outcome(True, failed[0].split("::")[-1], time.time() - t0)
 
 
 def main():
@@ -192,17 +227,24 @@ def main():
         raise SystemExit(f"error: unknown mutant(s) {', '.join(sorted(unknown))}; see --list")
     chosen = [m for m in MUTANTS if not args.names or m.name in args.names]
     for m in chosen:  # every original text is still there, before anything runs
-        with open(os.path.join(HERE, m.file)) as f:
-            if f.read().count(m.old) != 1:
-                raise SystemExit(f"error: mutant {m.name}: its original text is not in {m.file} "
-                                 "exactly once (the code moved: update mutate.py)")
+        check(m, HERE)
+    # the unmutated copy passes every test the mutants run, or no kill means anything
+    baseline = method_tests() + sorted({t for m in chosen for t in m.tests})
+    clean = run(None, baseline, args.timeout)
+    if clean.why != "all passed":
+        raise SystemExit(f"error: the unmutated code fails its tests: {clean.why}")
+    print(f"{'unmutated':26s} all passed ({clean.seconds:.0f} s)", flush=True)
     survivors = 0
     with ThreadPoolExecutor(args.jobs) as pool:
-        for m, (killed, why, seconds) in zip(chosen, pool.map(lambda m: run(m, args.timeout),
-                                                              chosen)):
-            survivors += not killed
-            verdict = "killed by" if killed else "SURVIVED:"
-            print(f"{m.name:26s} {verdict} {why} ({seconds:.0f} s)", flush=True)
+        outcomes = pool.map(lambda m: run(m, list(m.tests) or method_tests(), args.timeout),
+                            chosen)
+        for m, outcome in zip(chosen, outcomes):
+            survivors += not outcome.killed
+            if outcome.killed:
+                verdict = "killed by"
+            else:
+                verdict = "SURVIVED:"
+            print(f"{m.name:26s} {verdict} {outcome.why} ({outcome.seconds:.0f} s)", flush=True)
     print(f"{len(chosen) - survivors}/{len(chosen)} mutants killed")
     sys.exit(1 if survivors else 0)
 

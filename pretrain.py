@@ -515,7 +515,9 @@ def rank_share(per_rank, rank, world):
         return None
     if len(per_rank) == world:
         return per_rank[rank]
-    return {k: sum(s[k] for s in per_rank) for k in per_rank[0]} if rank == 0 else None
+    if rank != 0:
+        return None
+    return {k: sum(s[k] for s in per_rank) for k in per_rank[0]}
 
 
 def main(argv=None):

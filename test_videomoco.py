@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import os
+import queue
 import random
 import re
 import shutil
@@ -22,6 +23,8 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
 import types
 
 import cv2
@@ -1088,9 +1091,9 @@ def test_drop_frames_straight_through_gradient():
 
 def test_drop_frames_k_bounds():
     # k in 0..T-1: none dropped (the mask still (N, T)), up to all frames but one
-    x, importance = torch.randn(2, 3, 4, 8, 8), torch.randn(2, 4)
-    for drop in (models.drop_frames, lambda x, k: models.random_drop(x, k)):
-        args = (x, importance) if drop is models.drop_frames else (x,)
+    x = torch.randn(2, 3, 4, 8, 8)
+    importance = torch.randn(2, 4)
+    for drop, args in ((models.drop_frames, (x, importance)), (models.random_drop, (x,))):
         x_query, mask = drop(*args, 0)
         assert torch.equal(x_query, x) and torch.equal(mask, torch.zeros(2, 4))
         x_query, mask = drop(*args, 3)
@@ -2193,11 +2196,15 @@ class NaiveVideoMoCo:
     differentiated for its own player only (D by Eq 6, G by Eq 4); SGD written out; the keys
     enqueued one at a time, every age + 1, the new key's 1."""
 
-    def __init__(self, model, generator, lr, k_drop):
+    def __init__(self, model, generator, m, tau, K, lr, k_drop):
         self.enc_q = copy.deepcopy(model.encoder_q)
         self.enc_k = copy.deepcopy(model.encoder_k)
         self.gen = copy.deepcopy(generator)
-        self.m, self.tau, self.K, self.lr, self.k_drop = model.m, model.T, model.K, lr, k_drop
+        self.m = m
+        self.tau = tau
+        self.K = K
+        self.lr = lr
+        self.k_drop = k_drop
         self.queue = model.queue.clone()  # (dim, K) in slot order
         self.age = [int(a) for a in model.queue_age]
         self.ptr = int(model.queue_ptr)
@@ -2274,8 +2281,9 @@ def test_whole_step_matches_moco_algorithm_1_and_eq3_to_6_written_out():
     torch.manual_seed(0)
     model = models.VideoMoCo(TINY, dim=8, K=12, m=0.9, T=0.2, decay=0.5, shuffle_splits=1)
     generator = models.ConvLSTMGenerator(hidden=16, width=8)
-    lr, k_drop = 0.5, 3
-    naive = NaiveVideoMoCo(model, generator, lr, k_drop)
+    lr = 0.5
+    k_drop = 3
+    naive = NaiveVideoMoCo(model, generator, m=0.9, tau=0.2, K=12, lr=lr, k_drop=k_drop)
     opt_d = torch.optim.SGD(model.encoder_q.parameters(), lr, momentum=0.9, weight_decay=1e-4)
     opt_g = torch.optim.SGD(generator.parameters(), lr, momentum=0.9)
     args = argparse.Namespace(method="videomoco", background_erasing=0, drop_frames=k_drop)
@@ -2458,7 +2466,8 @@ def test_pretrain_resume_is_exact_mid_epoch(small_tree, tmp_path, monkeypatch):
     # drops at each of its 2 steps) ends as the straight run: the same step records, the same
     # epoch record (its averages include the step before the save), the same weights and queue
     monkeypatch.setattr(pretrain, "SAVE_EVERY_MIN", 0)
-    kept, real_save = {}, utils.save_atomic
+    kept = {}
+    real_save = utils.save_atomic
 
     def save_and_keep(obj, path):
         real_save(obj, path)
@@ -2512,22 +2521,19 @@ def test_sigterm_to_the_process_group_saves_and_resumes(small_tree, tmp_path):
     out = tmp_path / "pre"
     cmd = [sys.executable, os.path.join(HERE, "pretrain.py"),
            *small_args(small_tree, out, "--epochs", "400", "--workers", "1")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    run = Watched(cmd, start_new_session=True, env=os.environ)
     try:
-        for line in proc.stdout:
-            if "step 3/" in line:
-                break
-        os.killpg(proc.pid, signal.SIGTERM)
-        rest = proc.stdout.read()
-        assert proc.wait(timeout=60) == 0, rest
+        run.read_until("epoch 1 step 3/")
+        os.killpg(run.proc.pid, signal.SIGTERM)
+        code, rest = run.rest()
     finally:
-        proc.kill()
+        run.kill()
+    assert code == 0, rest
     assert "signal received" in rest and "killed by signal" not in rest, rest
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] >= 3
     r = subprocess.run(cmd[:-4] + ["--epochs", str(ckpt["epoch"] + 1), "--workers", "1"],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert r.returncode == 0, r.stderr
     resumed = f"resuming from {out / 'ckpt.pt'}: epoch {ckpt['epoch']}, step {ckpt['step']}"
     assert resumed in r.stdout
@@ -2633,6 +2639,7 @@ import pretrain
 model = pretrain.main(sys.argv[1:])
 torch.save(model.state_dict(), os.path.join({out!r}, "rank" + os.environ["RANK"] + ".pt"))
 """
+LAUNCH_TIMEOUT = 240  # seconds for one launch on 2 loaded cores (each takes 15-40)
 
 
 def torchrun(launcher, script, argv):
@@ -2648,18 +2655,93 @@ def ddp_args(root, out, *extra):
     return small_args(root, out, "--moco-k", "20", "--workers", "1", *extra)
 
 
-def run_to_the_end(cmds, timeout=240):
-    """Start every command at once (one per agent), wait for all; their joined output."""
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=launcher_env()) for cmd in cmds]
+def children(pid):
+    """The pids of `pid`'s processes and theirs, read from /proc."""
+    parents = {}
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                parents.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(p))
+        except OSError:
+            continue
+    found = []
+    todo = [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+class Watched:
+    """A command's process (a torchrun agent, or pretrain.py), its output read line by line on a
+    thread, so that every wait has a deadline; kill() ends it and every process under it
+    (torchrun starts each worker in a session of its own, which the agent's death leaves
+    running)."""
+
+    def __init__(self, cmd, **popen):
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, **{"env": launcher_env(), **popen})
+        self.lines = queue.Queue()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def read_until(self, prefix, timeout=LAUNCH_TIMEOUT):
+        """The lines up to the first that starts with `prefix`."""
+        seen = []
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                line = self.lines.get(timeout=max(deadline - time.time(), 0.01))
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            seen.append(line)
+            if line.startswith(prefix):
+                return seen
+        raise AssertionError(f"no line {prefix!r} within {timeout} s:\n" + "".join(seen)[-3000:])
+
+    def rest(self, timeout=LAUNCH_TIMEOUT):
+        """Everything it prints until it exits; (exit code, output)."""
+        self.proc.wait(timeout=timeout)
+        self.thread.join(timeout=30)
+        seen = []
+        while not self.lines.empty():
+            line = self.lines.get()
+            if line is not None:
+                seen.append(line)
+        return self.proc.returncode, "".join(seen)
+
+    def kill(self):
+        for pid in children(self.proc.pid) + [self.proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+@contextlib.contextmanager
+def launched(*cmds):
+    agents = [Watched(cmd) for cmd in cmds]
     try:
-        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+        yield agents
     finally:
-        for p in procs:
-            p.kill()
-    for p, output in zip(procs, outputs):
-        assert p.returncode == 0, output[-3000:]
-    return "".join(outputs)
+        for agent in agents:
+            agent.kill()
+
+
+def run_to_the_end(cmds):
+    """Start every command at once (one per agent), wait for all; their joined output."""
+    with launched(*cmds) as agents:
+        results = [agent.rest() for agent in agents]
+    for code, output in results:
+        assert code == 0, output[-3000:]
+    return "".join(output for _, output in results)
 
 
 @pytest.mark.parametrize("nodes", [1, 2])
@@ -2678,84 +2760,76 @@ def test_torchrun_ranks_keep_identical_queues_and_weights_and_a_rerun_resumes(di
         launchers = [rendezvous, rendezvous]
     cmds = [torchrun(launcher, str(script), argv) for launcher in launchers]
     run_to_the_end(cmds)
-    s0, s1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert int(s0["queue_ptr"]) == 48 % 20
-    for key in s0:
+    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert int(states[0]["queue_ptr"]) == 48 % 20
+    for key in states[0]:
         if "running_" in key or "num_batches" in key:
             continue  # BN statistics are per process (DDP broadcast_buffers=False)
-        assert torch.equal(s0[key], s1[key]), key
+        assert torch.equal(states[0][key], states[1][key]), key
     log = read_log(tmp_path / "out")
     assert [r["step"] for r in log] == list(range(1, 13))
-    # the same command again: every rank resumes from the end of the run and stops there
+    # the same command again: every rank resumes from the end of the run (rank 0's checkpoint)
+    # and stops there
     output = run_to_the_end(cmds)
     assert f"resuming from {tmp_path / 'out' / 'ckpt.pt'}: epoch 1, step 12" in output
-    for r, before in enumerate((s0, s1)):
+    for r in (0, 1):
         after = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
-        assert r == 1 or all(torch.equal(after[k], before[k]) for k in before)
-        assert torch.equal(after["queue"], s0["queue"])
+        assert all(torch.equal(after[k], states[0][k]) for k in states[0])
 
 
 def test_torchrun_sigterm_to_the_agent_saves_and_the_rerun_resumes_exactly(distinct_tree,
                                                                            tmp_path):
     # what a scheduler's pre-emption does: SIGTERM to torchrun's agent, which forwards it to its
-    # workers' process groups (their loader workers included) in the middle of epoch 1. One
-    # checkpoint, and the rerun of the same command ends as the run that was never interrupted:
-    # the same steps, the same epoch records, the same weights, queue, G and optimizers
+    # workers' process groups (their loader workers included), at the first step of epoch 1.
+    # One checkpoint, and the rerun of the same command ends as the run that was never
+    # interrupted: the same steps, the same epoch records, the same weights, queue, G, optimizers
     def cmd(out):
         return torchrun(["--standalone", "--nproc_per_node=2"], os.path.join(HERE, "pretrain.py"),
                         ddp_args(distinct_tree, out, "--epochs", "2", "--adv-start", "1"))
 
     run_to_the_end([cmd(tmp_path / "straight")])
     cut = tmp_path / "cut"
-    proc = subprocess.Popen(cmd(cut), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=launcher_env())
-    try:
-        for line in proc.stdout:
-            if line.startswith("epoch 1 step 13/"):
-                break
-        proc.send_signal(signal.SIGTERM)
-        rest = proc.stdout.read()
-        proc.wait(timeout=120)
-    finally:
-        proc.kill()
+    with launched(cmd(cut)) as (agent,):
+        agent.read_until("epoch 1 step 13/")
+        agent.proc.send_signal(signal.SIGTERM)
+        _, rest = agent.rest()
     assert "signal received: saved a checkpoint at epoch 1" in rest, rest[-3000:]
     assert "killed by signal" not in rest, rest[-3000:]
     ckpt = torch.load(cut / "ckpt.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and 0 < ckpt["epoch_step"] < 12, (ckpt["epoch"], ckpt["epoch_step"])
     output = run_to_the_end([cmd(cut)])
     assert f"resuming from {cut / 'ckpt.pt'}: epoch 1, step {ckpt['step']} (mid-epoch" in output
-    a, b = (torch.load(out / "ckpt.pt", weights_only=True) for out in (tmp_path / "straight", cut))
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    b = torch.load(cut / "ckpt.pt", weights_only=True)
     for part in ("model", "generator"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
     for part in ("opt_d", "opt_g"):
         assert all(torch.equal(a[part]["state"][i]["momentum_buffer"],
                                b[part]["state"][i]["momentum_buffer"]) for i in a[part]["state"])
-    steps_a, steps_b = read_log(tmp_path / "straight"), read_log(cut)
-    assert [r["step"] for r in steps_b] == list(range(1, 25))  # none lost, none repeated
-    assert [r["loss_d"] for r in steps_a] == [r["loss_d"] for r in steps_b]
+    straight_steps = read_log(tmp_path / "straight")
+    cut_steps = read_log(cut)
+    assert [r["step"] for r in cut_steps] == list(range(1, 25))  # none lost, none repeated
+    assert [r["loss_d"] for r in straight_steps] == [r["loss_d"] for r in cut_steps]
     fields = ("loss", "acc", "spread", "chance", "probe_loss", "probe_top1", "g_vs_random")
-    epochs_a, epochs_b = ([{k: r[k] for k in fields} for r in read_log(out, "epoch") if "loss" in r]
-                          for out in (tmp_path / "straight", cut))
-    assert epochs_a == epochs_b and len(epochs_a) == 2
+    epochs = [[{k: r[k] for k in fields} for r in read_log(out, "epoch") if "loss" in r]
+              for out in (tmp_path / "straight", cut)]
+    assert epochs[0] == epochs[1] and len(epochs[0]) == 2
 
 
 def rank_process(agent_pid, rank):
     """The pid of the worker process of `rank` that torchrun's agent started (read from /proc)."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    for pid in children(agent_pid):
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
             with open(f"/proc/{pid}/environ", "rb") as f:
                 env = f.read().split(b"\0")
         except OSError:
             continue
-        if parent == agent_pid and f"RANK={rank}".encode() in env:
-            return int(pid)
-    raise AssertionError(f"no rank {rank} among the children of {agent_pid}")
+        if f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + str(rank).encode() in env:
+            return pid
+    raise AssertionError(f"no rank {rank} among the processes of {agent_pid}")
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the rank's process in /proc")
 def test_torchrun_restarts_a_killed_rank_from_the_last_checkpoint(distinct_tree, tmp_path):
     # kill -9 of one rank under --max-restarts 1: the agent restarts both, and they resume from the
     # checkpoint of the end of epoch 0 and say so
@@ -2763,21 +2837,14 @@ def test_torchrun_restarts_a_killed_rank_from_the_last_checkpoint(distinct_tree,
     cmd = torchrun(["--standalone", "--nproc_per_node=2", "--max-restarts=1"],
                    os.path.join(HERE, "pretrain.py"),
                    ddp_args(distinct_tree, out, "--epochs", "2", "--workers", "0"))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=launcher_env())
-    try:
-        for line in proc.stdout:
-            if line.startswith("epoch 0 done"):
-                break
-        os.kill(rank_process(proc.pid, 1), signal.SIGKILL)
-        rest = proc.stdout.read()
-        assert proc.wait(timeout=180) == 0, rest
-    finally:
-        proc.kill()
+    with launched(cmd) as (agent,):
+        agent.read_until("epoch 0 done")
+        os.kill(rank_process(agent.proc.pid, 1), signal.SIGKILL)
+        code, rest = agent.rest()
+    assert code == 0, rest[-3000:]
     assert f"resuming from {out / 'ckpt.pt'}: epoch 1, step 12" in rest, rest[-3000:]
     assert torch.load(out / "ckpt.pt", weights_only=True)["epoch"] == 2
     assert [r["step"] for r in read_log(out)][-12:] == list(range(13, 25))
-
 
 
 # -----------------------------------------------------------------------------
@@ -3068,6 +3135,17 @@ def test_input_mode_is_recorded_and_a_mismatching_override_refused(small_tree, t
 
 # -----------------------------------------------------------------------------
 # finetune.py
+
+def test_finetune_keeps_the_pretext_augmentation_but_the_demo_and_the_probe_do_not():
+    # Sec 4.2: finetuning keeps the pretext stage's pre-processing (pretrain.py's defaults); the
+    # demo preset and the linear probe (MAE's) use crop and flip only
+    args = finetune.parse_args(["--data-root", "/x", "--dataset", "folder"])[0]
+    pretext = pretrain.parse_args(["--data-root", "/x", "--dataset", "folder"])[0]
+    assert (args.jitter, args.grayscale) == (pretext.jitter, pretext.grayscale) == (0.8, 0.2)
+    for argv in ([], ["--data-root", "/x", "--dataset", "folder", "--linear"]):
+        args = finetune.parse_args(argv)[0]
+        assert (args.jitter, args.grayscale) == (0.0, 0.0)
+
 
 def test_linear_probe_trains_only_the_head_and_finetune_resumes(small_tree, tmp_path, capsys):
     pre, lin = tmp_path / "pre", tmp_path / "lin"

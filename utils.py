@@ -137,12 +137,15 @@ def init_distributed():
     if world > 1:
         # torchrun's agent keeps one TCP store across the restarts of --max-restarts, so a
         # restarted group may read the dead group's addresses (torch 2.14 with gloo: a refused
-        # connection, at random): each attempt of the group keeps its keys apart
+        # connection, at random). Each group formed on that store takes keys of its own: its
+        # generation, counted in the store by its ranks (TORCHELASTIC_RESTART_COUNT would not do:
+        # only the agent whose worker failed counts the restart). A rank that dies before it
+        # gets here leaves the count short, and the next group waits out the store's timeout.
         store, _, _ = next(dist.rendezvous("env://"))
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        generation = (store.add(f"videomoco/groups_of_{world}", 1) - 1) // world
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank,
                                 world_size=world,
-                                store=dist.PrefixStore(f"attempt{attempt}/", store))
+                                store=dist.PrefixStore(f"group{generation}/", store))
     return rank, world, device
 
 
