@@ -2382,6 +2382,31 @@ def test_drop_frames_defaults_to_a_quarter_of_the_clip(small_tree, tmp_path):
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["args"]["drop_frames"] == 2
 
 
+def test_epoch_schedule_matches_the_cosines_and_phases_written_out():
+    # D: lr * (1 + cos(pi e / E)) / 2 over the run (MoCo v2); G: 0 before the adversarial phase,
+    # then the same half-cosine over its own epochs; the phase and t of Eq 6 per epoch
+    d_params = [nn.Parameter(torch.zeros(1))]
+    g_params = [nn.Parameter(torch.zeros(1))]
+    for method, generator, phases in (
+            ("videomoco", "convlstm", ["moco"] * 4 + ["adversarial"] * 6),
+            ("videomoco", "random", ["moco"] * 4 + ["random-drop"] * 6),
+            ("moco", "none", ["moco"] * 10), ("cvrl", "none", ["cvrl"] * 10),
+            ("vclr", "none", ["vclr"] * 10)):
+        args = argparse.Namespace(method=method, generator=generator, lr=0.3, epochs=10,
+                                  adv_start=4, decay_start=6, decay=0.9)
+        opt_d = torch.optim.SGD(d_params, 1.0)
+        opt_g = torch.optim.SGD(g_params, 1.0) if generator == "convlstm" else None
+        for epoch in range(10):
+            phase, decay = pretrain.epoch_schedule(args, epoch, opt_d, opt_g)
+            assert phase == phases[epoch], (method, generator, epoch)
+            assert decay == (0.9 if epoch >= 6 else 1.0)
+            d_lr = 0.3 * (1 + math.cos(math.pi * epoch / 10)) / 2
+            assert opt_d.param_groups[0]["lr"] == pytest.approx(d_lr, abs=1e-12)
+            if opt_g is not None:
+                g_lr = 0.0 if epoch < 4 else 0.3 * (1 + math.cos(math.pi * (epoch - 4) / 6)) / 2
+                assert opt_g.param_groups[0]["lr"] == pytest.approx(g_lr, abs=1e-12)
+
+
 def test_two_phase_schedule_g_idle_then_trained_from_its_full_lr(small_tree, tmp_path, monkeypatch):
     # D alone before --adv-start (G takes no step), then G from D's initial lr (the paper: 0.02
     # for both), cosine over its own phase
