@@ -10,6 +10,7 @@ import contextlib
 import copy
 import decimal
 import importlib.metadata
+import inspect
 import itertools
 import json
 import math
@@ -1123,6 +1124,23 @@ def test_random_drop():
     assert torch.equal(mask, mask_again)
 
 
+def test_videomoco_defaults_are_the_papers_and_its_queue_starts_as_moco_s():
+    # Eq 1/2/6's constants: dim 128, K = 65536, m = 0.999, tau = 0.07, t = 0.99999 (Sec 4.2);
+    # 2 shuffle-BN groups in a world of one. The queue starts as MoCo's: random unit columns,
+    # every key older than the last (ages K..1); t outside (0, 1] is refused
+    defaults = {name: p.default for name, p in
+                inspect.signature(models.VideoMoCo).parameters.items() if name != "base_encoder"}
+    assert defaults == dict(dim=128, K=65536, m=0.999, T=0.07, decay=0.99999, shuffle_splits=2,
+                            mlp=True)
+    model = models.VideoMoCo(TINY, dim=8, K=16)
+    torch.testing.assert_close(model.queue.norm(dim=0), torch.ones(16))
+    assert model.queue_age.dtype == torch.long and model.queue_age.tolist() == list(range(16, 0, -1))
+    for decay in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match=re.escape("decay t of Eq 6 must be in (0, 1]")):
+            models.VideoMoCo(TINY, dim=8, K=16, decay=decay)
+    assert models.VideoMoCo(TINY, dim=8, K=16, decay=1.0).decay == 1.0
+
+
 def test_generator_defaults_are_the_papers_convlstm():
     # Sec 3.2, 4.2: conv layers, an LSTM of 256 units, one importance score per frame of an RGB clip
     generator = models.ConvLSTMGenerator()
@@ -1336,22 +1354,24 @@ def test_encode_key_restores_order_in_eval_mode():
     torch.testing.assert_close(keys.norm(dim=1), torch.ones(6))
 
 
-def test_shuffle_bn_emulation_normalises_like_separate_processes_in_train_mode():
+@pytest.mark.parametrize("splits", [2, 4])
+def test_shuffle_bn_emulation_normalises_like_separate_processes_in_train_mode(splits):
     # With --shuffle-splits S in a world of one, the queries are normalised in S contiguous
     # sub-batches, as S processes would normalise their own shards, and the keys in S sub-batches of
     # a shuffled batch (MoCo's single-GPU demo, SplitBatchNorm).
     # Train mode: BN uses batch statistics.
     torch.manual_seed(12)
-    model = models.VideoMoCo(TINY, dim=8, K=16, shuffle_splits=2, m=0.5).train()
-    x = torch.randn(6, 3, 4, 32, 32)
+    model = models.VideoMoCo(TINY, dim=8, K=16, shuffle_splits=splits, m=0.5).train()
+    x = torch.randn(8, 3, 4, 32, 32)
     with torch.no_grad():
         q = model.encode_query(x)
-        per_process = torch.cat([model.encoder_q(x[:3]), model.encoder_q(x[3:])])
+        size = 8 // splits
+        per_process = torch.cat([model.encoder_q(x[i:i + size]) for i in range(0, 8, size)])
         whole_batch = model.encoder_q(x)
     torch.testing.assert_close(q, per_process, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(q, whole_batch, atol=1e-3)
     # the training step's queries are the per-process ones
-    out = model(x, torch.randn(6, 3, 4, 32, 32))
+    out = model(x, torch.randn(8, 3, 4, 32, 32))
     torch.testing.assert_close(out["q"], F.normalize(per_process, dim=1), rtol=1e-5, atol=1e-6)
     model.eval()
     with torch.no_grad():  # eval mode: running statistics, no split needed
@@ -1371,6 +1391,28 @@ def test_encode_key_uses_sub_batch_statistics_in_train_mode():
     by_halves = F.normalize(torch.cat(halves)[perm.argsort()], dim=1)
     assert not torch.allclose(keys, one_batch, atol=1e-3)
     torch.testing.assert_close(keys, by_halves, rtol=1e-5, atol=1e-6)
+
+
+def test_a_process_group_of_one_is_a_world_of_one(tmp_path):
+    # DDP on one GPU initialises a group of one: the shuffle-BN emulation must stay (no peer to
+    # shuffle with), the same keys and queries as with no group at all
+    torch.manual_seed(14)
+    model = models.VideoMoCo(TINY, dim=8, K=16, shuffle_splits=2).train()
+    x = torch.randn(6, 3, 4, 32, 32)
+    outputs = []
+    for group in (False, True):
+        if group:
+            dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                                    world_size=1)
+        try:
+            torch.manual_seed(15)  # the key shuffle's permutation
+            with torch.no_grad():
+                outputs.append((model.encode_key(x), model.encode_query(x)))
+        finally:
+            if group:
+                dist.destroy_process_group()
+    for alone, in_group in zip(*outputs):
+        torch.testing.assert_close(in_group, alone, rtol=0, atol=0)
 
 
 def _distributed_worker(rank, world_size, port, x, keys, state, result_dir):
@@ -2229,13 +2271,14 @@ class NaiveVideoMoCo:
 
     def loss_d(self, q, k, decay):
         q, k, queue = q.double(), k.double(), self.queue.double()
-        losses = []
+        losses, hits = [], 0
         for n in range(q.shape[0]):
             pos = torch.exp(torch.dot(q[n], k[n]) / self.tau)
-            neg = sum(decay ** self.age[j] * torch.exp(torch.dot(q[n], queue[:, j]) / self.tau)
-                      for j in range(self.K))
-            losses.append(-torch.log(pos / (pos + neg)))
-        return sum(losses) / len(losses)
+            negs = [decay ** self.age[j] * torch.exp(torch.dot(q[n], queue[:, j]) / self.tau)
+                    for j in range(self.K)]
+            losses.append(-torch.log(pos / (pos + sum(negs))))
+            hits += int(all(pos > neg for neg in negs))  # the positive is the largest term
+        return sum(losses) / len(losses), hits / len(losses)
 
     def sgd(self, params, grads, buffers, weight_decay):
         with torch.no_grad():
@@ -2251,8 +2294,8 @@ class NaiveVideoMoCo:
             for p_k, p_q in zip(self.enc_k.parameters(), self.enc_q.parameters()):  # Eq 2
                 p_k.copy_(self.m * p_k + (1 - self.m) * p_q)
             k = F.normalize(self.enc_k(x_key), dim=1)
-        loss_d = self.loss_d(q, k, decay)
-        result = {"loss_d": loss_d.item(), "loss_g": None, "grad_g": None}
+        loss_d, acc = self.loss_d(q, k, decay)
+        result = {"loss_d": loss_d.item(), "acc": acc, "loss_g": None, "grad_g": None}
         if adversarial:
             with torch.no_grad():
                 q_full = F.normalize(self.enc_q(x), dim=1)
@@ -2290,15 +2333,19 @@ def test_whole_step_matches_moco_algorithm_1_and_eq3_to_6_written_out():
     guard = types.SimpleNamespace(agree=lambda finite: bool(finite))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     gen = torch.Generator().manual_seed(1)
+    accs = []  # (the step's, the naive one's)
     for step, (adversarial, decay) in enumerate([(False, 1.0)] * 2 + [(True, 0.8)] * 3):
         x = torch.randn(4, 3, 8, 32, 32, generator=gen)
         x_key = x + 0.3 * torch.randn(x.shape, generator=gen)
         out = pretrain.train_step(args, model, generator, torch.stack([x, x_key], dim=1), [],
                                   opt_d, opt_g, contextlib.nullcontext(), scaler, guard, decay,
-                                  adversarial)
+                                  adversarial, measure_random=adversarial)
         expected = naive.step(x, x_key, adversarial, decay)
+        if adversarial:  # Table 1's yardstick, on a copy: the comparisons below see no trace of it
+            assert 0 < out["l1_random"].item() < 2 * math.sqrt(8)  # unit vectors, 8 dimensions
         assert out["updated"]
         assert out["loss_d"].item() == pytest.approx(expected["loss_d"], rel=1e-5), step
+        accs.append((out["acc"].item(), expected["acc"]))
         if adversarial:
             assert out["loss_g"].item() == pytest.approx(expected["loss_g"], rel=1e-5), step
             for p, g in zip(generator.parameters(), expected["grad_g"]):
@@ -2313,6 +2360,94 @@ def test_whole_step_matches_moco_algorithm_1_and_eq3_to_6_written_out():
         assert model.queue_age.tolist() == naive.age, step
         assert int(model.queue_ptr) == naive.ptr, step
     assert naive.ptr == 20 % 12  # 20 keys through a queue of 12: it wrapped
+    mine, theirs = zip(*accs)
+    assert mine == pytest.approx(theirs)  # (all 1 here: test_forward_acc_counts_... has misses)
+
+
+def test_forward_acc_counts_the_queries_whose_positive_beats_every_weighted_negative():
+    # the logged top-1 of Eq 6's logits: a query scores when exp(q.k+ / tau) exceeds every
+    # t^age exp(q.k_j / tau) of the queue as it was; unrelated keys, so that some queries miss
+    torch.manual_seed(3)
+    model = models.VideoMoCo(TINY, dim=8, K=12, T=0.2, decay=0.9, shuffle_splits=1)
+    queue, age = model.queue.clone(), model.queue_age.clone()
+    out = model(torch.randn(16, 3, 4, 16, 16), torch.randn(16, 3, 4, 16, 16))
+    hits = 0
+    for n in range(16):
+        q = out["q"][n].detach()
+        pos = math.exp(float(q @ out["k"][n]) / 0.2)
+        hits += all(pos > 0.9 ** int(age[j]) * math.exp(float(q @ queue[:, j]) / 0.2)
+                    for j in range(12))
+    assert 0 < hits < 16
+    assert out["acc"].item() == pytest.approx(hits / 16)
+
+
+@pytest.mark.parametrize("method", ["cvrl", "vclr", "random-drop"])
+def test_train_step_erases_the_query_view_and_feeds_each_method_its_inputs(method):
+    # pretrain.train_step with --background-erasing 0.5 for CVRL, VCLR (the erasing reaches every
+    # clip of the anchor tuple) and Table 1's random-drop row, against the same step written out:
+    # the query view erased (and k random frames dropped), the key view as it was, one SGD step
+    # of the method's loss. The same seed before both: the erasing and the drop draw from it
+    torch.manual_seed(40)
+    n, s, k_drop, p = 6, 3, 2, 0.5
+    extra = []
+    if method == "cvrl":
+        model = methods.CVRL(TINY, dim=8, hidden=16)
+        video = torch.randn(n, 2, 3, 6, 16, 16)
+    elif method == "vclr":
+        model = methods.VCLR(TINY, dim=8, K=16, segments=s, m=0.9)
+        video = torch.randn(n, 2, s, 3, 6, 16, 16)
+        extra = [torch.zeros(n, dtype=torch.long), torch.arange(s).repeat(n, 2, 1)]
+    else:
+        model = models.VideoMoCo(TINY, dim=8, K=16, m=0.9, T=0.2, decay=1.0, shuffle_splits=1)
+        video = torch.randn(n, 2, 3, 6, 16, 16)
+    model.train()
+    reference = copy.deepcopy(model)
+    lr = 0.5
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.SGD(params, lr)
+    args = argparse.Namespace(method="videomoco" if method == "random-drop" else method,
+                              background_erasing=p, drop_frames=k_drop)
+    guard = types.SimpleNamespace(agree=lambda finite: bool(finite))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    seen = []
+    model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs))
+    torch.manual_seed(41)
+    out = pretrain.train_step(args, model, None, video, extra, opt, None,
+                              contextlib.nullcontext(), scaler, guard, 1.0, adversarial=False,
+                              random_drop=method == "random-drop")
+    torch.manual_seed(41)
+    x = video[:, 0].clone()
+    clips = x.view(-1, *x.shape[-4:])  # (N*S, 3, T, H, W) for VCLR: every clip of the tuple
+    erased, lam, _ = methods.background_erasing(clips, p)
+    for c in range(clips.shape[0]):
+        clips[c] = erased[c]
+    if method == "random-drop":
+        x, mask = models.random_drop(x, k_drop)
+        assert (mask.sum(dim=1) == k_drop).all()
+    query, key = seen[0][0], seen[0][1]
+    assert 0 < int((lam > 0).sum()) < clips.shape[0]  # some clips erased, some not
+    if method == "vclr":
+        assert (lam.view(n, s)[:, 1:] > 0).any()  # beyond the first clip of a tuple
+    torch.testing.assert_close(query, x, rtol=0, atol=0)
+    assert torch.equal(key, video[:, 1])  # the key view is never erased
+    assert len(seen) == 1 and all(torch.equal(a, b) for a, b in zip(seen[0][2:], extra))
+    if method == "random-drop":
+        assert seen[0][2] is None and seen[0][3] == 1.0  # no x_full: D alone, Eq 1
+    assert "l1_random" not in out  # measured in the adversarial phase only
+    expected = reference(x, video[:, 1], *extra) if method != "random-drop" else \
+        reference(x, video[:, 1], None, 1.0)
+    loss = expected["loss"] if method != "random-drop" else expected["loss_d"]
+    loss.backward()
+    assert out["updated"] and out["loss_g"] is None
+    assert out["loss_d"].item() == pytest.approx(loss.item(), rel=1e-6)
+    moved = 0
+    for (name, mine), ref in zip(model.named_parameters(), reference.parameters()):
+        if ref.grad is not None:
+            moved += int(ref.grad.abs().sum() > 0)
+            with torch.no_grad():
+                ref -= lr * ref.grad
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6, msg=name)
+    assert moved > 0
 
 
 # -----------------------------------------------------------------------------
@@ -2609,6 +2744,53 @@ def test_nonfinite_step_leaves_weights_and_optimizers():
     assert int(model.queue_ptr) == (ptr + 4) % 12
     slots = [(ptr + i) % 12 for i in range(4)]
     torch.testing.assert_close(model.queue[:, slots], out["k"].T)
+
+
+def adversarial_setup(seed=0):
+    """(model, G, opt_d, opt_g, step) for pretrain.train_step's adversarial steps on CPU in a world
+    of one; step(video, scaler=disabled)."""
+    torch.manual_seed(seed)
+    model = models.VideoMoCo(TINY, dim=8, K=12, m=0.9, shuffle_splits=1)
+    generator = models.ConvLSTMGenerator(hidden=16, width=8)
+    opt_d = torch.optim.SGD(model.encoder_q.parameters(), 0.1, momentum=0.9, weight_decay=1e-4)
+    opt_g = torch.optim.SGD(generator.parameters(), 0.1, momentum=0.9)
+    args = argparse.Namespace(method="videomoco", background_erasing=0, drop_frames=2)
+    guard = types.SimpleNamespace(agree=lambda finite: bool(finite))
+
+    def step(video, scaler=None):
+        scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
+        return pretrain.train_step(args, model, generator, video, [], opt_d, opt_g,
+                                   contextlib.nullcontext(), scaler, guard, 0.9, adversarial=True)
+
+    return model, generator, opt_d, opt_g, step
+
+
+@pytest.mark.parametrize("loss", ["loss_d", "loss_g"])
+def test_either_nonfinite_loss_alone_skips_the_adversarial_step(loss):
+    # D's loss finite and G's not, or the reverse: neither player steps
+    model, generator, opt_d, opt_g, step = adversarial_setup()
+    before = copy.deepcopy([model.encoder_q.state_dict(), generator.state_dict()])
+    model.register_forward_hook(lambda module, inputs, out: {**out, loss: out[loss] * math.nan})
+    out = step(torch.randn(4, 2, 3, 8, 32, 32))
+    other = "loss_g" if loss == "loss_d" else "loss_d"
+    assert not out["updated"] and torch.isfinite(out[other])
+    for old, new in zip(before, [model.encoder_q.state_dict(), generator.state_dict()]):
+        assert all(torch.equal(old[k], new[k]) for k in old)
+    assert all(p.grad is None for p in generator.parameters())
+
+
+def test_adversarial_step_under_a_loss_scale_equals_the_unscaled_step():
+    # --amp fp16's GradScaler scales both losses (D's Eq 6 and G's Eq 4) and unscales both
+    # optimizers' gradients: at a finite scale the step is the unscaled one (exact: powers of 2)
+    video = torch.randn(4, 2, 3, 8, 32, 32)
+    results = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)):
+        model, generator, opt_d, opt_g, step = adversarial_setup()
+        assert step(video, scaler)["updated"]
+        results.append([model.encoder_q.state_dict(), generator.state_dict()])
+    for plain, scaled in zip(*results):
+        for name in plain:
+            torch.testing.assert_close(scaled[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_nonfinite_losses_skip_steps_then_abort(small_tree, tmp_path, capsys, monkeypatch):
