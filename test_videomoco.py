@@ -1610,6 +1610,38 @@ def test_projection_head_has_nn_linear_default_init_not_the_classifier_init():
     assert cvrl_fc.weight.std().item() == pytest.approx(default_std, rel=0.1)
 
 
+def test_mlp_head_is_linear_relu_linear():
+    # MoCo v2's head: without its ReLU the two layers are one linear map (mutmut: the ReLU removed)
+    torch.manual_seed(0)
+    head = models.projection_head(12, 5, mlp=True)
+    x = torch.randn(7, 12)
+    first, last = head[0], head[-1]
+    expected = F.linear(F.linear(x, first.weight, first.bias).clamp(min=0), last.weight, last.bias)
+    assert torch.allclose(head(x), expected, atol=1e-6)
+
+
+def test_encoders_are_built_as_torchvision_builds_and_initialises_them():
+    # the 18-layer archs are torchvision's own, with the given classes; the tiny encoder has no
+    # conv bias and VideoResNet's init: kaiming normal (fan_out, relu) convs, normal(0, 0.01) fc
+    for arch in ("r3d_18", "r2plus1d_18", "mc3_18"):
+        encoder = models.build_encoder(arch, 7)
+        reference = getattr(torchvision.models.video, arch)(weights=None, num_classes=7)
+        assert type(encoder) is type(reference) and encoder.fc.out_features == 7
+        assert [n for n, _ in encoder.named_parameters()] == [
+            n for n, _ in reference.named_parameters()]
+    torch.manual_seed(0)
+    encoder = models.build_encoder("tiny", 9)
+    convs = [m for m in encoder.modules() if isinstance(m, nn.Conv3d)]
+    assert convs and all(m.bias is None for m in convs)
+    for m in convs[1:]:  # enough weights for a std within 10 %
+        fan_out = m.out_channels * math.prod(m.kernel_size)
+        assert m.weight.std().item() == pytest.approx(math.sqrt(2 / fan_out), rel=0.1)
+        assert abs(m.weight.mean().item()) < 0.1 * math.sqrt(2 / fan_out)
+    assert encoder.fc.weight.std().item() == pytest.approx(0.01, rel=0.1)
+    assert abs(encoder.fc.weight.mean().item()) < 0.002
+    assert torch.equal(encoder.fc.bias, torch.zeros(9))
+
+
 # -----------------------------------------------------------------------------
 # models.py: mixed precision
 
