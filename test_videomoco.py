@@ -2379,7 +2379,10 @@ def test_whole_step_matches_moco_algorithm_1_and_eq3_to_6_written_out():
         assert out["loss_d"].item() == pytest.approx(expected["loss_d"], rel=1e-5), step
         accs.append((out["acc"].item(), expected["acc"]))
         if adversarial:
-            assert out["loss_g"].item() == pytest.approx(expected["loss_g"], rel=1e-5), step
+            # -Eq 4 is a small difference of unit vectors (~6e-3 here): float32 order across CPUs
+            # moves it by ~1e-7, so the tolerance is absolute as well as relative
+            expected_g = pytest.approx(expected["loss_g"], rel=1e-5, abs=1e-6)
+            assert out["loss_g"].item() == expected_g, step
             for p, g in zip(generator.parameters(), expected["grad_g"]):
                 torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-7)
         else:
