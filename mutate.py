@@ -4,7 +4,7 @@ what the authors' code does), applied to a copy of the repository, against which
 fail. A mutant that passes is a survivor and the run exits 1. The program's own mutants (mutmut,
 configured in setup.cfg) are the other half; RESULTS.md, "Mutation testing", has both runs.
 
-    python mutate.py               # every mutant, 2 at a time (about 12 minutes on 2 cores)
+    python mutate.py               # every mutant, 2 at a time (about 7 minutes on 2 cores)
     python mutate.py --list        # their names and what each breaks
     python mutate.py eq6_unused    # some of them
 
