@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
+import demo_data
 import models
 import utils
 
@@ -161,6 +162,7 @@ def train_epoch(epoch, step, model, model_ddp, loader, bad, optimizer, ctx, scal
 def main(argv=None):
     args, state, source, preset, note = parse_args(argv)
     data.quiet_opencv()
+    demo_data.ensure(args.dataset, args.data_root)  # a built-in set: written on first use
     rank, world, device = utils.init_distributed()
     per_rank = utils.per_rank(args.batch_size, world)
     log, ctx, scaler = utils.start_run(args, rank, device, preset)

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import demo_data
 import methods
 import models
 import utils
@@ -523,6 +524,7 @@ def rank_share(per_rank, rank, world):
 def main(argv=None):
     args, preset = parse_args(argv)
     data.quiet_opencv()
+    demo_data.ensure(args.dataset, args.data_root)  # a built-in set: written on first use
     rank, world, device = utils.init_distributed()
     per_rank = utils.per_rank(args.batch_size, world)
     settle_args(args)

@@ -41,6 +41,7 @@ from torchvision.models.video.resnet import (BasicBlock, BasicStem, Conv2Plus1D,
                                              R2Plus1dStem, VideoResNet)
 
 import data
+import demo_data
 import evaluate
 import finetune
 import methods
@@ -113,12 +114,12 @@ def avi_frame_chunks(path):
 
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
-    return data.make_demo(str(tmp_path_factory.mktemp("demo")))
+    return demo_data.make_demo(str(tmp_path_factory.mktemp("demo")))
 
 
 @pytest.fixture(scope="session")
 def demo_motion_root(tmp_path_factory):
-    return data.make_demo_motion(str(tmp_path_factory.mktemp("demo-motion")))
+    return demo_data.make_demo_motion(str(tmp_path_factory.mktemp("demo-motion")))
 
 
 @pytest.fixture(scope="session")
@@ -405,7 +406,7 @@ def test_bad_dataset_arguments_give_one_clear_line(tmp_path):
     (lists / "trainlist01.txt").write_text("A/v_A_g01_c01.avi 1\n")
     with pytest.raises(data.DataError, match="names no existing video"):
         data.list_videos("ucf101", str(tmp_path), 1)
-    r = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "check",
+    r = subprocess.run([sys.executable, os.path.join(HERE, "demo_data.py"), "check",
                         "--dataset", "ucf101",
                         "--data-root", str(tmp_path / "missing")], capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and "error:" in r.stderr
@@ -738,7 +739,7 @@ def test_repeat_sample_draws_its_clips_in_one_window_and_fills_the_batch(tmp_pat
 def test_demo_set_layout_and_split_by_group(demo_root):
     train, classes, _ = data.list_videos("ucf101", demo_root, 1, train=True)
     test, _, _ = data.list_videos("ucf101", demo_root, 1, train=False)
-    groups, test_groups, clips = data.DEMO_GROUPS["demo"]
+    groups, test_groups, clips = demo_data.DEMO_GROUPS["demo"]
     assert len(classes) == 6
     assert len(train) == 6 * (groups - test_groups) * clips
     assert len(test) == 6 * test_groups * clips
@@ -827,14 +828,14 @@ def test_demo_motion_classes_cannot_be_told_apart_from_a_single_frame(demo_motio
 def test_check_and_resize_tools(tmp_path):
     make_tree_with_bad_videos(str(tmp_path / "src"), n_good=2)
     (tmp_path / "src" / "notes.txt").write_text("split file stand-in\n")
-    r = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "check",
+    r = subprocess.run([sys.executable, os.path.join(HERE, "demo_data.py"), "check",
                         "--dataset", "folder",
                         "--data-root", str(tmp_path / "src"), "--frames", "8", "--workers", "2",
                         "--bad-list", str(tmp_path / "bad.txt")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "2 ok" in r.stdout and "3 unreadable" in r.stdout and "1 too short" in r.stdout
     assert len((tmp_path / "bad.txt").read_text().splitlines()) == 4
-    r = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "resize",
+    r = subprocess.run([sys.executable, os.path.join(HERE, "demo_data.py"), "resize",
                         str(tmp_path / "src"),
                         str(tmp_path / "dst"), "--short-side", "24", "--workers", "2"],
                        capture_output=True, text=True)
@@ -1633,6 +1634,10 @@ def test_encoders_are_built_as_torchvision_builds_and_initialises_them():
     encoder = models.build_encoder("tiny", 9)
     convs = [m for m in encoder.modules() if isinstance(m, nn.Conv3d)]
     assert convs and all(m.bias is None for m in convs)
+    # its docstring's four stages, the stem keeping the time axis at full length
+    assert [(m.out_channels, m.kernel_size, m.stride, m.padding) for m in convs] == [
+        (16, (3, 3, 3), (1, 2, 2), (1, 1, 1))] + [
+        (c, (3, 3, 3), (2, 2, 2), (1, 1, 1)) for c in (32, 64, 128)]
     for m in convs[1:]:  # enough weights for a std within 10 %
         fan_out = m.out_channels * math.prod(m.kernel_size)
         assert m.weight.std().item() == pytest.approx(math.sqrt(2 / fan_out), rel=0.1)
@@ -3555,15 +3560,17 @@ def project_imports(module):
 
 
 def test_imports_form_a_tree_with_three_leaves():
-    # models.py, data.py and utils.py import nothing of the project; methods.py only models.py; the
-    # stage scripts only models, data, methods and utils (bench.py also pretrain.py, for its step)
+    # models.py, data.py and utils.py import nothing of the project; methods.py only models.py,
+    # demo_data.py only data.py; the stage scripts only models, data, demo_data, methods and utils
+    # (bench.py also pretrain.py, for its step)
     graph = {m: project_imports(m) for m in MODULES}
     card = {"models", "data", "methods", "utils", "pretrain", "finetune", "evaluate", "bench"}
     assert card <= set(graph)
     assert graph["models"] == graph["data"] == graph["utils"] == set()
     assert graph["methods"] == {"models"}
+    assert graph["demo_data"] == {"data"}
     for stage in ("pretrain", "finetune", "evaluate"):
-        assert graph[stage] <= {"models", "data", "methods", "utils"}, stage
+        assert graph[stage] <= {"models", "data", "demo_data", "methods", "utils"}, stage
     assert graph["bench"] <= {"models", "data", "utils", "pretrain"}
 
     def visit(m, path):  # depth-first: a module met again on its own path is a cycle
@@ -3611,11 +3618,11 @@ def opencv_pin():
 
 
 def test_without_libgl_every_entry_point_stops_with_one_line(tmp_path):
-    # a slim container or GPU node without libGL.so.1: the stage scripts, bench.py, data.py's
+    # a slim container or GPU node without libGL.so.1: the stage scripts, bench.py, demo_data.py's
     # commands and the tests' collection each print one line naming both fixes, and exit 1
     env = fake_cv2(tmp_path / "nogl", "libGL.so.1: cannot open shared object file: No such file "
                                       "or directory")
-    scripts = ["pretrain.py", "finetune.py", "evaluate.py", "bench.py", "data.py"]
+    scripts = ["pretrain.py", "finetune.py", "evaluate.py", "bench.py", "demo_data.py"]
     pytest_collect = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                       "--collect-only", "test_videomoco.py"]
     one_line = [[sys.executable, s, "--help"] for s in scripts] + [pytest_collect]
@@ -3625,7 +3632,7 @@ def test_without_libgl_every_entry_point_stops_with_one_line(tmp_path):
     # any other import error is not ours to explain: its own traceback, for a script and for pytest
     other = fake_cv2(tmp_path / "other", "numpy.core.multiarray failed to import")
     runs = ([(c, env) for c in one_line] + [(catch, env)]
-            + [([sys.executable, "data.py", "--help"], other), (pytest_collect, other)])
+            + [([sys.executable, "demo_data.py", "--help"], other), (pytest_collect, other)])
     procs = [subprocess.Popen(c, cwd=HERE, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for c, e in runs]
     try:
