@@ -273,9 +273,10 @@ def bench_step(args):
         opt_d = torch.optim.SGD(model.encoder_q.parameters(), 0.02, momentum=0.9)
         opt_g = torch.optim.SGD(generator.parameters(), 0.02, momentum=0.9)
 
+        run = pretrain.Run(step_args, model, generator, opt_d, opt_g, ctx, scaler, no_guard)
+
         def step(phase="moco"):  # pretrain.py's step, in a world of one
-            pretrain.train_step(step_args, model, generator, video, [], opt_d, opt_g, ctx, scaler,
-                                no_guard, model.decay, adversarial=phase == "adversarial")
+            pretrain.train_step(run, video, [], phase, model.decay)
         return step
 
     for batch in batches:

@@ -537,11 +537,32 @@ class EvalTransform:
 # -----------------------------------------------------------------------------
 # the dataset
 
-class SameClip:
+class PairMaker:
+    """What a training sample is, for VideoClips: where its clips start in a video, and how the
+    decoded clips become samples. SameClip below (VideoMoCo, MoCo); methods.CVRLPair and
+    methods.VCLRTuples.
+      redraw  a clip that runs past a lying container's end is redrawn (True) or moved back
+      repeat  samples per decoded video (repeated sampling); 1 for a pair of one sample"""
+    redraw = False
+    repeat = 1
+
+    def starts(self, rng, num_frames, span):
+        """The first frames of the clips to decode, a list of ints, from a video that claims
+        `num_frames` frames; a clip covers `span` frames (T with its stride)."""
+        raise NotImplementedError
+
+    def samples(self, clips, rng, augment):
+        """[(video, extra)], one per sample, from the decoded uint8 clips (len(starts), T, H, W, 3)
+        in the order of `starts`. augment(list of clips, rng) gives (the clips augmented and
+        stacked, extra: {"aug": parameters} where the augmentation runs on the device, else {});
+        extra may add the pair's own fields (VCLR's "order", "segments")."""
+        raise NotImplementedError
+
+
+class SameClip(PairMaker):
     """VideoMoCo's positive pair: `views` augmentations of one random clip. With repeat N (repeated
     sampling, Feichtenhofer et al. 2022) one decode gives N samples, their clips in one window of
-    REPEAT_WINDOW spans. A pair says where a sample's clips start and how they become samples;
-    redraw: a clip past a lying container's end is redrawn, not moved back."""
+    REPEAT_WINDOW spans."""
     redraw = True
 
     def __init__(self, views=2, repeat=1):
@@ -555,15 +576,15 @@ class SameClip:
         return [first + int(rng.integers(0, max(window - span, 0) + 1))
                 for _ in range(self.repeat)]
 
-    def samples(self, clips, rng, augment):
-        """[(video (views, ...), extra)], one per clip: augment(list of clips, rng) stacks them."""
+    def samples(self, clips, rng, augment):  # one sample per clip: its `views` augmentations
         return [augment([clip] * self.views, rng) for clip in clips]
 
 
 class VideoClips(torch.utils.data.Dataset):
-    """Clips of (path, label) videos. mode "train": the clips of `pair`, augmented ->
-    {"video": (views, 3, T, crop, crop), "label", "index", "bad", "valid", ...the pair's} (a list
-    of N with repeat N); mode "test": `clips` uniformly spaced clips x the eval crops.
+    """Clips of (path, label) videos. An item is a list of sample dicts, {"video", "label",
+    "index", "bad", "valid", ...the pair's extra}: mode "train", one per sample of `pair` (a
+    PairMaker; its repeat, 1 but for repeated sampling), "video" (views, 3, T, crop, crop) for
+    SameClip; mode "test", one, "video" the `clips` uniformly spaced clips x the eval crops.
     Items are (index, seed) from EpochSampler: every random choice comes from the seed, whatever
     worker loads it. A bad video is never a crash: replaced by a random one in training, valid=False
     in testing; `bad` lists (index, reason) for BadVideos to log once in the main process."""
@@ -615,8 +636,8 @@ class VideoClips(torch.utils.data.Dataset):
                 if self.mode == "test":
                     shape = (self.clips * getattr(self.transform, "crops", 1), 3, self.frames,
                              self.transform.crop, self.transform.crop)
-                    return {"video": torch.zeros(shape), "label": self.samples[index][1],
-                            "index": index, "bad": bad, "valid": False}
+                    return [{"video": torch.zeros(shape), "label": self.samples[index][1],
+                             "index": index, "bad": bad, "valid": False}]
                 index = int(rng.integers(0, len(self.samples)))
             if index in self.known_bad:
                 continue
@@ -624,7 +645,7 @@ class VideoClips(torch.utils.data.Dataset):
                 out = [{"video": video, "label": label, "index": index, "bad": [], "valid": True,
                         **extra} for video, label, extra in self._load(index, rng)]
                 out[0]["bad"] = bad
-                return out[0] if len(out) == 1 else out  # a list: repeated sampling
+                return out
             except (VideoError, cv2.error) as e:
                 self.known_bad.add(index)
                 bad.append((index, str(e).strip().splitlines()[-1]))
@@ -635,9 +656,9 @@ class VideoClips(torch.utils.data.Dataset):
 # loading: this rank's batches
 
 def collate(batch):
-    """default_collate, except `bad` lists are concatenated rather than stacked, and the samples of
-    one video (a list, --repeat-sample) are samples of the batch."""
-    batch = [s for item in batch for s in (item if isinstance(item, list) else [item])]
+    """default_collate of the items' samples (VideoClips: a list per item), except that `bad`
+    lists are concatenated rather than stacked."""
+    batch = [s for item in batch for s in item]
     bad = [b for sample in batch for b in sample["bad"]]
     out = torch.utils.data.default_collate([{k: v for k, v in s.items() if k != "bad"}
                                             for s in batch])

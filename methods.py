@@ -13,8 +13,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import (VideoMoCo, concat_all_gather, decayed_infonce, infonce_chance, is_distributed,
-                    pooled_features, projection_head)
+from data import PairMaker
+from models import (VideoMoCo, concat_all_gather, decayed_infonce, forward_output, infonce_chance,
+                    is_distributed, pooled_features, projection_head)
 
 
 # -----------------------------------------------------------------------------
@@ -43,11 +44,9 @@ def cvrl_starts(rng, num_frames_video, span, shape="linear"):
     return pair if rng.random() < 0.5 else pair[::-1]
 
 
-class CVRLPair:
+class CVRLPair(PairMaker):
     """CVRL's positive pair, for data.VideoClips: two clips of a video whose starts are d ~
     interval_probs(`interval`) apart, each with its own augmentation -> "video": (2, 3, T, H, W)."""
-    redraw, repeat = False, 1
-
     def __init__(self, interval="linear"):
         self.interval = interval
 
@@ -97,12 +96,10 @@ def order_shuffle(rng, segments):
             return perm, True
 
 
-class VCLRTuples:
+class VCLRTuples(PairMaker):
     """VCLR's positive pair, for data.VideoClips: two tuples (tuple_starts), one augmentation per
     tuple, each shuffled with probability 0.5 -> "video" (2, S, 3, T, H, W), "order" (0 both in
     order, 1 the first shuffled, 2 the second, 3 both), "segments" (2, S), each clip's segment."""
-    redraw, repeat = False, 1
-
     def __init__(self, segments=3):
         self.segments, self.warned = segments, False
 
@@ -204,9 +201,9 @@ class CVRL(nn.Module):
     (features -> hidden), then `head` (BN, ReLU, Linear, BN, ReLU, Linear), dropped downstream. Both
     clips are one BN batch; `global_batchnorm` makes it global under DDP on CUDA."""
 
-    def __init__(self, base_encoder, dim=128, hidden=2048, T=0.1):
+    def __init__(self, base_encoder, dim=128, hidden=2048, tau=0.1):
         super().__init__()
-        self.T = T
+        self.tau = tau
         self.encoder_q = base_encoder(num_classes=hidden)
         # see projection_head
         self.encoder_q.fc = projection_head(self.encoder_q.fc.in_features, hidden)
@@ -217,8 +214,8 @@ class CVRL(nn.Module):
     def forward(self, x1, x2):  # (N, 3, T, H, W) each, two clips of the same N videos
         n = x1.shape[0]
         z = self.head(self.encoder_q(torch.cat([x1, x2])))  # (2N, dim)
-        loss, acc = nt_xent(z[:n], z[n:], self.T)
-        return {"loss": loss, "acc": acc, "q": F.normalize(z[:n].detach().float(), dim=1)}
+        loss, acc = nt_xent(z[:n], z[n:], self.tau)
+        return forward_output(loss, acc, F.normalize(z[:n].detach().float(), dim=1))
 
 
 def tuple_embedding(pooled, head):
@@ -241,18 +238,19 @@ class VCLR(VideoMoCo):
     deviation: the paper has a head per loss; here encoder_q's `fc` serves all three, so encoder_q
     is exported as VideoMoCo's. Queries never share BN statistics with their keys."""
 
-    def __init__(self, base_encoder, dim=128, K=131072, m=0.999, T=0.1, segments=3,
+    def __init__(self, base_encoder, dim=128, K=131072, m=0.999, tau=0.1, segments=3,
                  order_weight=1.0, shuffle_splits=2, mlp=True, clip_weight=1.0):
-        super().__init__(base_encoder, dim, K, m, T, 1.0, shuffle_splits, mlp)
+        super().__init__(base_encoder, dim, K, m, tau, 1.0, shuffle_splits, mlp)
         self.segments, self.order_weight, self.clip_weight = segments, order_weight, clip_weight
         self.order_head = nn.Linear(2 * segments * dim, 4)
         self.add_queue("clip_queue", dim)  # L_clip's negatives
 
     def forward(self, anchor, positive, order, segments=None):
         """anchor, positive (N, S, 3, T, H, W) tuples as given (maybe shuffled); order (N,) their
-        order class; segments (N, 2, S), each clip's segment (for L_clip). Returns {"loss",
-        "loss_nce" (L_v), "loss_order", "loss_clip", "acc", "order_acc", "q", "k",
-        "order_logits"}; the momentum update and the enqueue only in training mode."""
+        order class; segments (N, 2, S), each clip's segment (for L_clip). Returns
+        models.forward_output's dict: loss_d the weighted sum, loss_nce L_v, and "loss_order",
+        "loss_clip", "order_acc", "order_logits"; the momentum update and the enqueue only in
+        training mode."""
         n, s = anchor.shape[:2]
         if s != self.segments or positive.shape[:2] != anchor.shape[:2]:
             raise ValueError(f"VCLR needs anchor, positive of shape (N, {self.segments}, 3, T, H, "
@@ -274,7 +272,7 @@ class VCLR(VideoMoCo):
             clip_k = F.normalize(head_k(pooled_k).float(), dim=2)  # (N, S, dim)
             k = tuple_embedding(pooled_k, head_k)  # (N, dim)
         queue = self.queue.clone().detach()  # (dim, K), the negatives before this batch enters
-        loss_nce, logits = decayed_infonce(q, k, queue, self.queue_age, self.T, 1.0,
+        loss_nce, logits = decayed_infonce(q, k, queue, self.queue_age, self.tau, 1.0,
                                            return_logits=True)
 
         # (N, 2*S*dim): the anchor's clips then the positive's, each in the order given (Eq 9)
@@ -288,7 +286,7 @@ class VCLR(VideoMoCo):
             where = (segments[:, 1] == segments[:, 0, :1]).float().argmax(dim=1)
             k_clip = clip_k[torch.arange(n, device=where.device), where]  # (N, dim)
             loss_clip = decayed_infonce(clip_q[:, 0], k_clip, self.clip_queue.clone().detach(),
-                                        self.clip_queue_age, self.T, 1.0)
+                                        self.clip_queue_age, self.tau, 1.0)
             loss = loss + self.clip_weight * loss_clip
 
         acc = (logits.argmax(dim=1) == 0).float().mean().detach()
@@ -297,9 +295,8 @@ class VCLR(VideoMoCo):
             self.dequeue_and_enqueue(k)
             if self.clip_weight:
                 self.dequeue_and_enqueue(k_clip, "clip_queue")
-        return {"loss": loss, "loss_nce": loss_nce, "loss_order": loss_order,
-                "loss_clip": loss_clip, "acc": acc,
-                "order_acc": order_acc, "q": q, "k": k, "order_logits": order_logits}
+        return forward_output(loss, acc, q, k, loss_nce=loss_nce, loss_order=loss_order,
+                              loss_clip=loss_clip, order_acc=order_acc, order_logits=order_logits)
 
 
 def global_batchnorm(model, method, device, world, log):

@@ -11,6 +11,35 @@ Gradient routing in the adversarial phase, as Eq 4-6 say (the authors' code diff
   taken as an input-only gradient of `loss_g` through D (`torch.autograd.grad` w.r.t.
   `x_query_in`, which leaves D's `.grad` untouched and fires no DistributedDataParallel hooks) and
   pushed into G with `x_query.backward(grad_in)`. See `adversarial_backward`.
+
+The step, as MoCo's paper gives its Algorithm 1 (pretrain.train_step is this, with AMP, DDP and the
+non-finite guard; a test runs this block with models.py alone in a folder):
+
+    import torch, torchvision
+    import models
+    torch.manual_seed(0)
+    model = models.VideoMoCo(torchvision.models.video.r2plus1d_18, dim=16, K=32, m=0.99)
+    generator = models.ConvLSTMGenerator(3, 16, 8)
+    opt_d = torch.optim.SGD(model.encoder_q.parameters(), 0.02, momentum=0.9, weight_decay=1e-4)
+    opt_g = torch.optim.SGD(generator.parameters(), 0.02, momentum=0.9)
+    x = torch.randn(4, 3, 8, 32, 32)  # a clip; x_key: another augmentation of it
+    x_key = x + 0.1 * torch.randn_like(x)
+    # D alone, MoCo's step (Eq 1; Eq 2, the keys, the queue inside forward)
+    out = model(x, x_key)
+    opt_d.zero_grad()
+    out["loss_d"].backward()
+    opt_d.step()
+    # the adversarial step: G drops the k most important frames (Eq 3), D minimises Eq 5/6 with
+    # x_query as the query, G maximises Eq 4; each player is updated by its own loss
+    x_query, _ = models.drop_frames(x, generator(x), 2)
+    x_query_in = x_query.detach().requires_grad_()  # D's input: loss_d's backward stops here
+    out = model(x_query_in, x_key, adversarial=True, x_full=x, decay=0.99999)
+    opt_d.zero_grad()
+    opt_g.zero_grad()
+    models.adversarial_backward(out["loss_d"], out["loss_g"], x_query, x_query_in,
+                                model.encoder_q.parameters())
+    opt_d.step()
+    opt_g.step()
 """
 import contextlib
 import copy
@@ -249,12 +278,12 @@ class VideoMoCo(nn.Module):
     oldest; queue_age (K,), the age i of t^i in Eq 6 counted in keys, newest 1, the oldest of a
     full queue K (0.99999^65536 = 0.52, Sec 4.3.2). The initial keys are aged K - j by slot."""
 
-    def __init__(self, base_encoder, dim=128, K=65536, m=0.999, T=0.07, decay=0.99999,
+    def __init__(self, base_encoder, dim=128, K=65536, m=0.999, tau=0.07, decay=0.99999,
                  shuffle_splits=2, mlp=True):
         super().__init__()
         if not 0 < decay <= 1:
             raise ValueError(f"decay t of Eq 6 must be in (0, 1], got {decay}")
-        self.K, self.m, self.T, self.decay, self.shuffle_splits = K, m, T, decay, shuffle_splits
+        self.K, self.m, self.tau, self.decay, self.shuffle_splits = K, m, tau, decay, shuffle_splits
 
         self.encoder_q = base_encoder(num_classes=dim)  # as MoCo's builder; its last layer is `fc`
         self.encoder_q.fc = projection_head(self.encoder_q.fc.in_features, dim, mlp)
@@ -330,29 +359,57 @@ class VideoMoCo(nn.Module):
                                            queue_age[slots])
             queue_ptr.add_(batch * finite).remainder_(self.K)
 
-    def forward(self, x_query, x_key, x_full=None, decay=None):
-        """x_query: the query clip (G's output, Eq 3), x_key: the other view, x_full: the clip
-        before the drop (adversarial phase), decay: t of Eq 6 (default self.decay; 1 gives Eq 1).
-        Returns {"loss_d": Eq 5/6, "loss_g": Eq 4 or None, "q", "k", "q_full", "acc"}. Only in
-        training mode: the momentum update and the enqueue."""
+    def forward(self, x_query, x_key, *, decay=None, adversarial=False, x_full=None):
+        """One step's forward, in MoCo's order: the queries, Eq 2, the keys, the scores against the
+        queue as it was (Eq 5/6; decay is t, default self.decay, 1 gives Eq 1), Eq 4 when
+        adversarial (x_full: the clip before G's drop), then the enqueue. x_query: the query clip
+        (G's output in the adversarial phase, Eq 3), x_key: the other view. Returns
+        `forward_output`'s dict. Eq 2 and the enqueue only in training mode."""
+        if adversarial and x_full is None:
+            raise ValueError("the adversarial forward needs x_full, the clip before the drop")
         q = F.normalize(self.encode_query(x_query), dim=1)  # (N, dim)
         with torch.no_grad():
             if self.training:
-                self.momentum_update()
+                self.momentum_update()  # Eq 2, before the key forward
             k = F.normalize(self.encode_key(x_key), dim=1)  # (N, dim)
-        queue = self.queue.clone().detach()  # (dim, K), the negatives before this batch enters
-        age = self.queue_age.clone()  # (K,)
-        decay = self.decay if decay is None else decay
-        loss_d, logits = decayed_infonce(q, k, queue, age, self.T, decay, return_logits=True)
+        loss_d, acc = self.contrast(q, k, self.decay if decay is None else decay)
         loss_g = q_full = None
-        if x_full is not None:
-            with torch.no_grad():
-                q_full = F.normalize(self.encode_query(x_full), dim=1)  # (N, dim)
-            loss_g = generator_loss(q, q_full)
-        acc = (logits.argmax(dim=1) == 0).float().mean().detach()  # a tensor: no host sync here
+        if adversarial:
+            loss_g, q_full = self.adversary_loss(q, x_full)
         if self.training:
-            self.dequeue_and_enqueue(k)
-        return {"loss_d": loss_d, "loss_g": loss_g, "q": q, "k": k, "q_full": q_full, "acc": acc}
+            self.dequeue_and_enqueue(k)  # after the scores: they saw the queue as it was
+        return forward_output(loss_d, acc, q, k, loss_g=loss_g, q_full=q_full)
+
+    def contrast(self, q, k, decay):
+        """Eq 5/6 (Eq 1 for decay 1) of the queries against their keys and the queue as it is
+        now, before this batch enters; returns (loss, top-1 of the positive, a tensor)."""
+        queue = self.queue.clone().detach()  # (dim, K)
+        age = self.queue_age.clone()  # (K,)
+        loss, logits = decayed_infonce(q, k, queue, age, self.tau, decay, return_logits=True)
+        acc = (logits.argmax(dim=1) == 0).float().mean().detach()  # a tensor: no host sync here
+        return loss, acc
+
+    def adversary_loss(self, q, x_full):
+        """Eq 4 as G's loss, -|D(x_query) - D(x)|_1, with D(x) = q_full from the same encoder
+        (no gradient: G's gradient flows through q). Returns (loss_g, q_full)."""
+        with torch.no_grad():
+            q_full = F.normalize(self.encode_query(x_full), dim=1)  # (N, dim)
+        return generator_loss(q, q_full), q_full
+
+
+def forward_output(loss_d, acc, q, k=None, *, loss_g=None, q_full=None, loss_nce=None, **terms):
+    """The dict every method's forward returns (VideoMoCo, CVRL, VCLR), which pretrain.train_step
+    reads:
+      loss_d    what D minimises (Eq 5/6 for VideoMoCo; CVRL's NT-Xent; VCLR's weighted sum)
+      loss_nce  the contrastive term the log compares with its chance level (loss_d unless given:
+                VCLR's L_v)
+      loss_g    G's loss, Eq 4 negated (adversarial VideoMoCo), else None
+      acc       top-1 of the positive among the contrasted keys (a tensor)
+      q, k      the normalised queries and keys (N, dim); k None for CVRL
+      q_full    D(x), the full clip's query, where loss_g is
+      **terms   a method's own terms, logged beside (VCLR: loss_order, order_acc, loss_clip, ...)"""
+    return {"loss_d": loss_d, "loss_nce": loss_d if loss_nce is None else loss_nce,
+            "loss_g": loss_g, "acc": acc, "q": q, "k": k, "q_full": q_full, **terms}
 
 
 # -----------------------------------------------------------------------------

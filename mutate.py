@@ -49,25 +49,25 @@ class Outcome:
 MUTANTS = [
     Mutant("eq6_unused", "training never uses Eq 6: the forward computes Eq 1 whatever t is",
            "models.py",
-           "decay = self.decay if decay is None else decay",
-           "decay = 1.0"),
+           "loss_d, acc = self.contrast(q, k, self.decay if decay is None else decay)",
+           "loss_d, acc = self.contrast(q, k, 1.0)"),
     Mutant("eq6_not_passed", "the step does not pass the schedule's t (the model's own is used)",
            "pretrain.py",
-           "out = model(x_query_in, x_key, x if adversarial else None, decay)",
-           "out = model(x_query_in, x_key, x if adversarial else None)"),
+           "out = model(x_query_in, x_key, decay=decay, adversarial=adversarial, x_full=x)",
+           "out = model(x_query_in, x_key, adversarial=adversarial, x_full=x)"),
     Mutant("enqueue_before_logits", "the batch's keys enter the queue before the loss sees it",
            "models.py",
-           "        queue = self.queue.clone().detach()",
+           "        loss_d, acc = self.contrast(",
            "        if self.training:\n"
            "            self.dequeue_and_enqueue(k)\n"
-           "        queue = self.queue.clone().detach()",
+           "        loss_d, acc = self.contrast(",
            also=(("        if self.training:\n"
-                  "            self.dequeue_and_enqueue(k)\n"
-                  "        return", "        return"),)),
+                  "            self.dequeue_and_enqueue(k)  # after the scores", "        if False:\n"
+                  "            self.dequeue_and_enqueue(k)  # after the scores"),)),
     Mutant("momentum_after_keys", "Eq 2 after the key forward (MoCo updates before it)",
            "models.py",
            """            if self.training:
-                self.momentum_update()
+                self.momentum_update()  # Eq 2, before the key forward
             k = F.normalize(self.encode_key(x_key), dim=1)  # (N, dim)""",
            """            k = F.normalize(self.encode_key(x_key), dim=1)  # (N, dim)
             if self.training:
@@ -122,7 +122,7 @@ MUTANTS = [
            tests=("test_videomoco.py::test_nonfinite_step_leaves_weights_and_optimizers",)),
     Mutant("epoch_sums_lost", "a mid-epoch resume starts the epoch's averages from zero",
            "pretrain.py",
-           "        sums[k] += v.to(device)",
+           "        sums[k] += v.to(run.device)",
            "        pass",
            tests=("test_videomoco.py::test_pretrain_resume_is_exact_mid_epoch",)),
     Mutant("restart_reads_stale_store", "torchrun's restarted group shares the dead group's keys",

@@ -13,6 +13,7 @@ momentum encoder. The same command with the same --out resumes; SIGTERM / SIGUSR
 
 import argparse
 import copy
+import dataclasses
 import functools
 import json
 import math
@@ -34,8 +35,10 @@ import utils
 
 METHODS = ("videomoco", "moco", "cvrl", "vclr")
 G_RATIO_STEPS = 5  # steps of an adversarial epoch, evenly spaced, that measure G against random
-SAVE_EVERY_MIN, MAX_NONFINITE = 30, 20  # mid-epoch saves; non-finite losses in a row that stop
+SAVE_EVERY_MIN = 30  # minutes between mid-epoch saves
+MAX_NONFINITE = 20  # non-finite losses in a row that stop the run
 PROBE_CLIPS = 64  # the queue-free metric's probe set: chance ln 64
+EPOCH_SUMS = ("loss", "acc", "spread", "steps", "l1_g", "l1_random")  # the epoch record's sums
 
 
 def get_args_parser():
@@ -85,29 +88,38 @@ def get_args_parser():
     return p
 
 
-# The presets, defaults for the flags not given. The demo preset: `python pretrain.py` without
-# --data-root, under 3 minutes on 2 CPU cores. K = 64 against 180 training videos (K/N 0.36; the
-# paper's 65536 of Kinetics' 240k is 0.27); t makes the oldest key weigh 0.52 (0.9898^64) as the
-# paper's 0.99999^65536; no colour jitter, which holds the loss at 0.75 of chance at this budget
-# (RESULTS.md). Per method on top of it: VCLR's three clips must fit in the 32-48 frame videos.
-DEMO_PRESET = dict(**utils.DEMO_CLIPS, batch_size=32, epochs=30, workers=2, moco_k=64,
-                   moco_m=0.99, decay=0.9898, lr=0.1, jitter=0.0, knn_every=5, print_freq=10,
-                   out="runs/demo")
-METHOD_DEMO_PRESET = {"vclr": dict(frames=8, stride=1, moco_k=64)}
-# a method's own defaults for the shared flags: MoCo is VideoMoCo without G and decay; CVRL's and
-# the official VCLR code's tau, VCLR's K; G belongs to VideoMoCo
-METHOD_DEFAULTS = {"moco": dict(generator="none", decay=1.0),
-                   "cvrl": dict(generator="none", moco_t=0.1),
-                   "vclr": dict(generator="none", moco_t=0.1, moco_k=131072)}
+def defaults(method, demo):
+    """The defaults that depend on --method and on whether this is the demo (a built-in set, no
+    --data-root); a flag given on the command line wins over them.
+
+    The demo: `python pretrain.py`, under 3 minutes on 2 CPU cores. K = 64 against 180 training
+    videos (K/N 0.36; the paper's 65536 of Kinetics' 240k is 0.27); t makes the oldest key weigh
+    0.52 (0.9898^64) as the paper's 0.99999^65536; no colour jitter, which holds the loss at 0.75
+    of chance at this budget (RESULTS.md). A method's own: MoCo is VideoMoCo without G and decay;
+    CVRL's and the official VCLR code's tau; VCLR's K; VCLR's three clips must fit in the demo's
+    32-48 frame videos."""
+    d = {}
+    if demo:
+        d.update(utils.DEMO_CLIPS, batch_size=32, epochs=30, workers=2, moco_k=64, moco_m=0.99,
+                 decay=0.9898, lr=0.1, jitter=0.0, knn_every=5, print_freq=10, out="runs/demo")
+    if method != "videomoco":
+        d["generator"] = "none"  # G is VideoMoCo's
+    if method == "moco":
+        d["decay"] = 1.0
+    if method in ("cvrl", "vclr"):
+        d["moco_t"] = 0.1
+    if method == "vclr" and demo:
+        d.update(frames=8, stride=1)
+    if method == "vclr" and not demo:
+        d["moco_k"] = 131072
+    return d
 
 
 def parse_args(argv):
-    """The flags, with the presets as defaults (a given flag wins); returns (args, the preset)."""
+    """The flags, with `defaults` for those not given; returns (args, the defaults applied)."""
     parser = get_args_parser()
-    first = parser.parse_args(argv)  # what the presets depend on: --method, --dataset, --data-root
-    demo = data.is_demo(first)
-    preset = {**(DEMO_PRESET if demo else {}), **METHOD_DEFAULTS.get(first.method, {}),
-              **(METHOD_DEMO_PRESET.get(first.method, {}) if demo else {})}
+    first = parser.parse_args(argv)  # what the defaults depend on: --method, --dataset, --data-root
+    preset = defaults(first.method, data.is_demo(first))
     parser.set_defaults(**preset)
     return parser.parse_args(argv), preset
 
@@ -129,84 +141,208 @@ def settle_args(args):
                          f"{args.frames} (no dropping is --generator none)")
 
 
-def build_data(args, per_rank, rank):
-    """(training dataset, its loader, the record of bad videos): two augmented views of one clip
-    (VideoMoCo, MoCo), or CVRL's or VCLR's positive pair."""
-    samples, _, missing = data.list_videos(args.dataset, args.data_root, args.split, train=True)
-    transform = data.TrainTransform(args.crop, jitter=args.jitter, grayscale=args.grayscale,
-                                    on_device=args.augment_on == "device")
-    pair = {"cvrl": methods.CVRLPair(), "vclr": methods.VCLRTuples()}.get(
-        args.method, data.SameClip(views=2, repeat=args.repeat_sample))
-    if args.repeat_sample > 1 and args.method in ("cvrl", "vclr"):
-        raise data.DataError(f"--repeat-sample {args.repeat_sample}: only where a sample is one "
-                             "clip (not --method cvrl or vclr)")
-    dataset = data.VideoClips(samples, args.frames, args.stride, transform, pair)
-    loader = data.build_loader(dataset, per_rank, args.workers, train=True, seed=args.seed)
-    return dataset, loader, data.BadVideos(samples, missing, log=rank == 0)
+def main(argv=None):
+    args, preset = parse_args(argv)
+    data.quiet_opencv()
+    demo_data.ensure(args.dataset, args.data_root)  # a built-in set: written on first use
+    rank, world, device = utils.init_distributed()
+    per_rank = utils.per_rank(args.batch_size, world)
+    settle_args(args)
+    log, ctx, scaler = utils.start_run(args, rank, device, preset)
 
+    # data
+    try:
+        dataset, loader, bad = build_data(args, per_rank, rank)
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}")
 
-def build_models(args, device, world, log):
-    """(model, G or None, and the two as the loop calls them: DDP-wrapped in a world of several)."""
-    base_encoder = models.encoder_builder(args.arch, args.input)
-    if args.method == "cvrl":
-        model = methods.CVRL(base_encoder, T=args.moco_t)
-    elif args.method == "vclr":
-        model = methods.VCLR(base_encoder, K=args.moco_k, m=args.moco_m, T=args.moco_t,
-                             shuffle_splits=args.shuffle_splits, mlp=args.mlp,
-                             clip_weight=args.clip_weight)
-    else:
-        model = models.VideoMoCo(base_encoder, K=args.moco_k, m=args.moco_m, T=args.moco_t,
-                                 decay=args.decay, shuffle_splits=args.shuffle_splits,
-                                 mlp=args.mlp)
-    model = methods.global_batchnorm(model, args.method, device, world, log).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
-    for name in ("encoder_q", "encoder_k") if args.compile else ():
-        if hasattr(model, name):  # in place, so that the state_dict keys stay torchvision's
-            getattr(model, name).compile()
-    # G exists only where it is used: --method videomoco with --generator convlstm
-    generator = models.ConvLSTMGenerator().to(device) if args.generator == "convlstm" else None
-    log(f"{args.method}: encoder {args.arch} on {args.input} input, "
-        f"{models.count_parameters(model.encoder_q) / 1e6:.2f}M parameters"
-        + (f"; G: ConvLSTM, {models.count_parameters(generator) / 1e6:.2f}M" if generator else "")
-        + f"; {world} process(es) on {device}")
-    # every rank starts from rank 0's weights and queue (MoCo relies on identical queues), then no
-    # buffer sync: the queue is updated identically on every rank from gathered keys, so
-    # re-broadcasting it (dim x K floats) every step, as DDP's default would, is pure traffic
-    return model, generator, utils.wrap_ddp(model, sync_buffers=False), utils.wrap_ddp(generator)
+    # model and optimizers: D's (encoder_q and any method head, never the momentum encoder) and G's
+    # (no weight decay: it is a scorer, not a feature)
+    model, generator, model_ddp, generator_ddp = build_models(args, device, world, log)
+    opt_d = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], args.lr,
+                            momentum=0.9, weight_decay=1e-4)
+    opt_g = torch.optim.SGD(generator.parameters(), args.lr, momentum=0.9) if generator else None
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    parts = {"model": model, "generator": generator, "opt_d": opt_d, "opt_g": opt_g}
+    ckpt = utils.resume(ckpt_path, "pretrain", parts, scaler, rank, log, args, must_match=(
+        ("method", "videomoco"), ("input", "rgb"), ("arch", None), ("moco_k", None)), may_change=(
+        "epochs", "adv_start", "lr", "batch_size", "generator", "drop_frames", "decay"))
+    start_epoch, step = (0, 0) if ckpt is None else (ckpt["epoch"], ckpt["step"])
+    resumed = {}
+    if ckpt is not None and ckpt["epoch_step"]:  # mid-epoch: each rank's sums of the epoch so far
+        resumed = {"epoch_step": ckpt["epoch_step"],
+                   "sums": rank_share(ckpt.get("epoch_sums"), rank, world)}
+    save = functools.partial(save_checkpoint, ckpt_path, args, parts, scaler, rank=rank)
+
+    # watching the run: the loss against its chance level, the queue-free metric, the feature
+    # spread, kNN on the test split; the first measurements are the random-init anchors
+    knn = KNNMonitor(args, args.workers) if args.knn_every > 0 else None
+    probe = build_probe(dataset)
+    bn_batch = max(per_rank // args.shuffle_splits, 2)
+    if start_epoch == 0 and not resumed:
+        loss, top1, chance = queue_free_metric(model, probe, bn_batch, device, ctx)
+        log(f"queue-free loss at random init: {loss:.4f} (chance {chance:.4f}) top-1 {top1:.3f}",
+            curve=True, epoch=0, probe_loss=loss, probe_top1=top1, probe_chance=chance)
+        if knn is not None:
+            knn.measure(model.encoder_q, 0, device, ctx, log)
+
+    # loop
+    guard = Guard(device, log)
+    run = Run(args, model_ddp, generator_ddp, opt_d, opt_g, ctx, scaler, guard, device, loader,
+              bad, utils.Progress(step, args.epochs * len(loader)), log, save)
+    stopped = warned = False
+    try:  # a DataError (too many bad videos) is raised on every rank at the same flush
+        for epoch in range(start_epoch, args.epochs):
+            done = train_epoch(run, epoch, step, resumed)
+            step, stopped = done["step"], done["stopped"]
+            if stopped:
+                break
+            resumed = {}
+            save(epoch + 1, step, 0)
+            guard.last_save = time.time()
+            chance = methods.chance_level(args.method, model, args.batch_size, done["decay"])
+            probe_metric = queue_free_metric(model, probe, bn_batch, device, ctx)
+            warning = log_epoch(epoch, done["phase"], done["sums"], chance, probe_metric,
+                                ckpt_path, len(bad), log)
+            if warning and not warned:
+                log(warning)
+                warned = True
+            if knn is not None and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+                knn.measure(model.encoder_q, epoch + 1, device, ctx, log)
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}")
+    if not stopped:
+        if len(bad) and rank == 0:
+            bad.write(os.path.join(args.out, "bad_videos.txt"))
+        if rank == 0:
+            learning_summary(log, args.epochs)
+        log(f"done. log: {log.path}; backbone: {os.path.join(args.out, 'backbone.pt')}\n"
+            f"next: python evaluate.py --ckpt {ckpt_path}  (kNN retrieval of the features)\n"
+            f"      python finetune.py --ckpt {ckpt_path} --out {args.out}-finetune")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return model
 
 
 # -----------------------------------------------------------------------------
-# one step
+# the loop: an epoch, a step
 
-def train_step(args, model, generator, video, extra, opt_d, opt_g, ctx, scaler, guard, decay,
-               adversarial, random_drop=False, measure_random=False):
+@dataclasses.dataclass
+class Run:
+    """What stays the same for a whole run, which train_epoch and train_step read. The step's: the
+    flags, D's wrapper and G as the step calls them (DDP-wrapped in a world of several; G None
+    where there is none), their optimizers, the autocast context, the loss scaler, the guard. The
+    loop's: the device, the loader, the record of bad videos, the progress meter, the log and
+    `save(epoch, step, epoch_step, sums)`."""
+    args: argparse.Namespace
+    model: nn.Module
+    generator: nn.Module | None
+    opt_d: torch.optim.Optimizer
+    opt_g: torch.optim.Optimizer | None
+    ctx: object  # a context manager: autocast, or nullcontext
+    scaler: torch.amp.GradScaler
+    guard: "Guard"
+    device: torch.device = torch.device("cpu")
+    loader: torch.utils.data.DataLoader | None = None
+    bad: data.BadVideos | None = None
+    progress: utils.Progress | None = None
+    log: object = print
+    save: object = None
+
+
+def train_epoch(run, epoch, step, resumed):
+    """One epoch from global step `step`; resumed: {} or, from a mid-epoch checkpoint,
+    {"epoch_step": the steps done, "sums": this rank's share of the epoch's sums so far}. Returns
+    {"step": the global step after it, "phase", "decay": t of Eq 6, "sums": the EPOCH_SUMS over
+    the updated steps, "stopped": by a signal, after saving}."""
+    args, loader, bad, guard = run.args, run.loader, run.bad, run.guard
+    skip = resumed.get("epoch_step", 0)
+    phase, decay = epoch_schedule(args, epoch, run.opt_d, run.opt_g)
+    loader.sampler.set_epoch(epoch, skip * loader.batch_size)  # in videos
+    run.model.train()
+    if run.generator is not None:
+        run.generator.train()
+    run.progress.restart()
+    sums = {k: torch.zeros((), device=run.device) for k in EPOCH_SUMS}
+    for k, v in (resumed.get("sums") or {}).items():
+        sums[k] += v.to(run.device)
+    steps = skip + len(loader)  # the epoch's, a resumed one's included (the loader skips `skip`)
+    for epoch_step, batch in enumerate(loader, start=skip):
+        bad.update(batch["bad"])
+        video = data.to_device(batch, run.device)  # (N, 2, 3, T, H, W); VCLR (N, 2, S, ...)
+        extra = []
+        if "order" in batch:  # VCLR's order labels and segments
+            extra = [batch[k].to(run.device) for k in ("order", "segments")]
+        measure = phase == "adversarial" and epoch_step % max(steps // G_RATIO_STEPS, 1) == 0
+        out = train_step(run, video, extra, phase, decay, measure_random=measure)
+        guard.count(out, step)
+        spread = feature_spread(out["q"])
+        if out["updated"]:
+            sums["loss"] += out["loss_nce"].detach().float()
+            sums["acc"] += out["acc"].float()
+            sums["spread"] += spread
+            sums["steps"] += 1
+            if measure:
+                sums["l1_g"] += -out["loss_g"].detach().float()
+                sums["l1_random"] += out["l1_random"].float()
+        step += 1
+        run.progress.clips += args.batch_size
+        if step % args.print_freq == 0 or epoch_step + 1 == steps:
+            bad.flush()  # all ranks' bad videos (a collective, at the same step on every rank)
+            log_step(run, out, spread, epoch, step, phase)
+        if guard.stop or guard.save_due:
+            run.save(epoch, step, epoch_step + 1, sums)
+            guard.last_save = time.time()
+            if guard.stop:
+                run.log(f"signal received: saved a checkpoint at epoch {epoch} step {step}; "
+                        "rerun the same command to resume")
+                return {"step": step, "phase": phase, "decay": decay, "sums": sums,
+                        "stopped": True}
+    return {"step": step, "phase": phase, "decay": decay, "sums": sums, "stopped": False}
+
+
+def log_step(run, out, spread, epoch, step, phase):
+    """The progress line and record of a step (rank 0 prints; host syncs, every print_freq)."""
+    loss_g = float("nan")
+    if out["loss_g"] is not None:
+        loss_g = out["loss_g"].item()
+    shown = [("loss_d", out["loss_d"].item(), ".4f"), ("loss_g", loss_g, ".4f"),
+             ("acc", out["acc"].item(), ".3f"), ("spread", spread.item(), ".3f"),
+             ("lr", run.opt_d.param_groups[0]["lr"], ".4g")]
+    vclr = {k: out[k].item() for k in ("loss_order", "order_acc", "loss_clip")
+            if out.get(k) is not None}
+    tail = "".join(f" {k} {v:.4f}" for k, v in vclr.items()) + f" bad {len(run.bad)} [{phase}]"
+    run.progress.log(run.log, epoch, step, shown, tail, bad_videos=len(run.bad), phase=phase,
+                     **vclr)
+
+
+def train_step(run, video, extra, phase, decay, measure_random=False):
     """One step on a batch, in the paper's order. video: (N, 2, 3, T, H, W), x and x_key, two
     augmentations of each clip (CVRL: two clips; VCLR: (N, 2, S, 3, T, H, W), two tuples, with
-    extra = (order labels, segments)). adversarial: G drops k frames; random_drop: k random frames
-    are dropped (Table 1); decay: t of Eq 6 (1 = Eq 1). Returns the model's dict with "loss_d"
-    (the encoder's loss), "loss_g" (G's, or None), "updated" and, when measure_random,
-    "l1_random"."""
+    extra = [order labels, segments]). phase: epoch_schedule's; "adversarial": G drops k frames
+    (Eq 3), "random-drop": k random frames are dropped (Table 1). decay: t of Eq 6 (1 = Eq 1).
+    Returns models.forward_output's dict with "updated" and, when measure_random, "l1_random"."""
+    args, model, generator = run.args, run.model, run.generator
+    adversarial = phase == "adversarial"
     x, x_key = video[:, 0], video[:, 1]
     bn_before = [b.clone() for b in bn_statistics(model, generator)]  # restored if the step skips
     if args.background_erasing > 0:  # on the query view (every clip of VCLR's anchor tuple)
         x = methods.background_erasing(x.flatten(0, x.dim() - 5),
                                        args.background_erasing)[0].view_as(x)
-    with ctx:
+    with run.ctx:
         if args.method in ("cvrl", "vclr"):
             out = model(x, x_key, *extra)
-            out.update(loss_d=out["loss"], loss_g=None)
         else:
             if adversarial:  # Eq 3: G scores every frame, its k most important are dropped
                 x_query, _ = models.drop_frames(x, generator(x), args.drop_frames)
-            elif random_drop:  # Table 1's random-drop row
+            elif phase == "random-drop":  # Table 1's random-drop row
                 x_query, _ = models.random_drop(x, args.drop_frames)
             else:
                 x_query = x
             # D sees a detached copy, so that loss_d's backward stops at D's input
             x_query_in = x_query.detach().requires_grad_(adversarial)
             # Eq 2, the keys (shuffle-BN), Eq 5/6 for D (Eq 1 if decay is 1) and Eq 4 for G
-            out = model(x_query_in, x_key, x if adversarial else None, decay)
+            out = model(x_query_in, x_key, decay=decay, adversarial=adversarial, x_full=x)
             if measure_random:
                 out["l1_random"] = random_drop_distance(model, x, out["q_full"], args.drop_frames)
     # a non-finite loss skips the step on every rank alike (the step's one host sync): D, G, their
@@ -216,21 +352,21 @@ def train_step(args, model, generator, video, extra, opt_d, opt_g, ctx, scaler, 
     finite = torch.isfinite(out["loss_d"])
     if out["loss_g"] is not None:
         finite = finite & torch.isfinite(out["loss_g"])
-    out["updated"] = guard.agree(finite)
+    out["updated"] = run.guard.agree(finite)
     if not out["updated"]:
         torch._foreach_copy_(bn_statistics(model, generator), bn_before)
         return out
-    opts = (opt_d, opt_g) if adversarial else (opt_d,)
+    opts = (run.opt_d, run.opt_g) if adversarial else (run.opt_d,)
     for opt in opts:
         opt.zero_grad(set_to_none=True)
     if adversarial:  # D by Eq 5/6 alone, G by Eq 4 alone
         models.adversarial_backward(out["loss_d"], out["loss_g"], x_query, x_query_in,
-                                    opt_d.param_groups[0]["params"], scale=scaler.scale)
+                                    run.opt_d.param_groups[0]["params"], scale=run.scaler.scale)
     else:
-        scaler.scale(out["loss_d"]).backward()
+        run.scaler.scale(out["loss_d"]).backward()
     for opt in opts:  # both through the one scaler under float16
-        scaler.step(opt)
-    scaler.update()
+        run.scaler.step(opt)
+    run.scaler.update()
     return out
 
 
@@ -263,72 +399,15 @@ def epoch_schedule(args, epoch, opt_d, opt_g):
     return phase, (args.decay if epoch >= args.decay_start else 1.0)
 
 
-EPOCH_SUMS = ("loss", "acc", "spread", "steps", "l1_g", "l1_random")  # the epoch record's sums
-
-
-def train_epoch(epoch, resumed, step, loader, bad, model, generator, opt_d, opt_g, ctx, scaler,
-                args, guard, progress, save, log, device):
-    """One epoch; resumed: {} or, from a mid-epoch checkpoint, {"epoch_step": the steps done,
-    "sums": this rank's share of the epoch's sums so far}. Returns (step, phase, t of Eq 6, sums
-    over the updated steps, stopped by a signal)."""
-    skip = resumed.get("epoch_step", 0)
-    phase, decay = epoch_schedule(args, epoch, opt_d, opt_g)
-    adversarial = phase == "adversarial"
-    loader.sampler.set_epoch(epoch, skip * loader.batch_size)  # in videos
-    model.train()
-    if generator is not None:
-        generator.train()
-    progress.restart()
-    sums = {k: torch.zeros((), device=device) for k in EPOCH_SUMS}
-    for k, v in (resumed.get("sums") or {}).items():
-        sums[k] += v.to(device)
-    steps = skip + len(loader)  # the epoch's, a resumed one's included (the loader skips `skip`)
-    for epoch_step, batch in enumerate(loader, start=skip):
-        bad.update(batch["bad"])
-        video = data.to_device(batch, device)  # (N, 2, 3, T, H, W); VCLR (N, 2, S, ...)
-        extra = [batch[k].to(device) for k in ("order", "segments")] if "order" in batch else []
-        measure = adversarial and epoch_step % max(steps // G_RATIO_STEPS, 1) == 0
-        out = train_step(args, model, generator, video, extra, opt_d, opt_g, ctx, scaler, guard,
-                         decay, adversarial, phase == "random-drop", measure)
-        guard.count(out, step)
-        spread = feature_spread(out["q"])
-        if out["updated"]:
-            sums["loss"] += out.get("loss_nce", out["loss_d"]).detach().float()  # VCLR's: L_v
-            sums["acc"] += out["acc"].float()
-            sums["spread"] += spread
-            sums["steps"] += 1
-            if measure:
-                sums["l1_g"] += -out["loss_g"].detach().float()
-                sums["l1_random"] += out["l1_random"].float()
-        step += 1
-        progress.clips += args.batch_size
-        if step % args.print_freq == 0 or epoch_step + 1 == steps:
-            bad.flush()  # all ranks' bad videos (a collective, at the same step on every rank)
-            loss_g = out["loss_g"].item() if out["loss_g"] is not None else float("nan")
-            shown = [("loss_d", out["loss_d"].item(), ".4f"), ("loss_g", loss_g, ".4f"),
-                     ("acc", out["acc"].item(), ".3f"), ("spread", spread.item(), ".3f"),
-                     ("lr", opt_d.param_groups[0]["lr"], ".4g")]
-            vclr = {k: out[k].item() for k in ("loss_order", "order_acc", "loss_clip")
-                    if out.get(k) is not None}
-            tail = "".join(f" {k} {v:.4f}" for k, v in vclr.items()) + f" bad {len(bad)} [{phase}]"
-            progress.log(log, epoch, step, shown, tail, bad_videos=len(bad), phase=phase, **vclr)
-        if guard.stop or guard.save_due:
-            save(epoch, step, epoch_step + 1, sums)
-            guard.last_save = time.time()
-            if guard.stop:
-                log(f"signal received: saved a checkpoint at epoch {epoch} step {step}; "
-                    "rerun the same command to resume")
-                return step, phase, decay, sums, True
-    return step, phase, decay, sums, False
-
-
 class Guard:
     """What every rank decides alike at each step, in one all-reduce: skip a non-finite step (stop
     after MAX_NONFINITE in a row), stop on SIGTERM / SIGUSR1 (pre-emption), save every
     SAVE_EVERY_MIN minutes."""
 
     def __init__(self, device, log):
-        self.device, self.log, self.last_save = device, log, time.time()
+        self.device = device
+        self.log = log
+        self.last_save = time.time()
         self.signal = self.stop = self.save_due = False
         self.nonfinite = 0
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -355,6 +434,84 @@ class Guard:
         if self.nonfinite >= MAX_NONFINITE:
             raise SystemExit(f"error: {self.nonfinite} non-finite losses in a row; "
                              "lower --lr or try --amp none")
+
+
+# -----------------------------------------------------------------------------
+# the builders: data, models, checkpoints
+
+def build_data(args, per_rank, rank):
+    """(training dataset, its loader, the record of bad videos): two augmented views of one clip
+    (VideoMoCo, MoCo), or CVRL's or VCLR's positive pair."""
+    samples, _, missing = data.list_videos(args.dataset, args.data_root, args.split, train=True)
+    transform = data.TrainTransform(args.crop, jitter=args.jitter, grayscale=args.grayscale,
+                                    on_device=args.augment_on == "device")
+    pair = {"cvrl": methods.CVRLPair(), "vclr": methods.VCLRTuples()}.get(
+        args.method, data.SameClip(views=2, repeat=args.repeat_sample))
+    if args.repeat_sample > 1 and args.method in ("cvrl", "vclr"):
+        raise data.DataError(f"--repeat-sample {args.repeat_sample}: only where a sample is one "
+                             "clip (not --method cvrl or vclr)")
+    dataset = data.VideoClips(samples, args.frames, args.stride, transform, pair)
+    loader = data.build_loader(dataset, per_rank, args.workers, train=True, seed=args.seed)
+    return dataset, loader, data.BadVideos(samples, missing, log=rank == 0)
+
+
+def build_models(args, device, world, log):
+    """(model, G or None, and the two as the loop calls them: DDP-wrapped in a world of several)."""
+    base_encoder = models.encoder_builder(args.arch, args.input)
+    if args.method == "cvrl":
+        model = methods.CVRL(base_encoder, tau=args.moco_t)
+    elif args.method == "vclr":
+        model = methods.VCLR(base_encoder, K=args.moco_k, m=args.moco_m, tau=args.moco_t,
+                             shuffle_splits=args.shuffle_splits, mlp=args.mlp,
+                             clip_weight=args.clip_weight)
+    else:
+        model = models.VideoMoCo(base_encoder, K=args.moco_k, m=args.moco_m, tau=args.moco_t,
+                                 decay=args.decay, shuffle_splits=args.shuffle_splits,
+                                 mlp=args.mlp)
+    model = methods.global_batchnorm(model, args.method, device, world, log).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    for name in ("encoder_q", "encoder_k") if args.compile else ():
+        if hasattr(model, name):  # in place, so that the state_dict keys stay torchvision's
+            getattr(model, name).compile()
+    # G exists only where it is used: --method videomoco with --generator convlstm
+    generator = models.ConvLSTMGenerator().to(device) if args.generator == "convlstm" else None
+    log(f"{args.method}: encoder {args.arch} on {args.input} input, "
+        f"{models.count_parameters(model.encoder_q) / 1e6:.2f}M parameters"
+        + (f"; G: ConvLSTM, {models.count_parameters(generator) / 1e6:.2f}M" if generator else "")
+        + f"; {world} process(es) on {device}")
+    # every rank starts from rank 0's weights and queue (MoCo relies on identical queues), then no
+    # buffer sync: the queue is updated identically on every rank from gathered keys, so
+    # re-broadcasting it (dim x K floats) every step, as DDP's default would, is pure traffic
+    return model, generator, utils.wrap_ddp(model, sync_buffers=False), utils.wrap_ddp(generator)
+
+
+def save_checkpoint(path, args, parts, scaler, epoch, step, epoch_step, sums=None, *, rank):
+    """ckpt.pt (all a resume needs) and backbone.pt (encoder_q without its head), by rank 0.
+    Mid-epoch, every rank's sums of the epoch so far, so that the resumed epoch's record is the
+    uninterrupted one's. Collective."""
+    epoch_sums = None
+    if sums is not None:
+        epoch_sums = utils.gather_objects([{k: v.cpu() for k, v in sums.items()}])  # rank order
+    utils.save_checkpoint(path, "pretrain", parts, scaler, rank, method=args.method, epoch=epoch,
+                          step=step, epoch_step=epoch_step, epoch_sums=epoch_sums, args=vars(args))
+    if rank == 0:
+        backbone = {k: v for k, v in parts["model"].encoder_q.state_dict().items()
+                    if not k.startswith("fc.")}
+        utils.save_atomic(backbone, os.path.join(os.path.dirname(path), "backbone.pt"))
+
+
+def rank_share(per_rank, rank, world):
+    """This rank's sums from a mid-epoch checkpoint's per-rank list; in a world of another size
+    rank 0 takes them all (the epoch record stays right, to float rounding); older checkpoints
+    have none (None: the resumed epoch's averages start from zero)."""
+    if not per_rank:
+        return None
+    if len(per_rank) == world:
+        return per_rank[rank]
+    if rank != 0:
+        return None
+    return {k: sum(s[k] for s in per_rank) for k in per_rank[0]}
 
 
 # -----------------------------------------------------------------------------
@@ -393,7 +550,7 @@ def queue_free_metric(model, probe, bn_batch, device, ctx):
     with ctx:
         q = torch.cat([encoder_q(c) for c in x.tensor_split(chunks)])  # (P, dim)
         k = torch.cat([encoder_k(c) for c in x_key[perm].tensor_split(chunks)])[perm.argsort()]
-    logits = F.normalize(q.float(), dim=1) @ F.normalize(k.float(), dim=1).T / model.T  # (P, P)
+    logits = F.normalize(q.float(), dim=1) @ F.normalize(k.float(), dim=1).T / model.tau  # (P, P)
     labels = torch.arange(p, device=logits.device)
     top1 = (logits.argmax(dim=1) == labels).float().mean().item()
     return F.cross_entropy(logits, labels).item(), top1, math.log(p)
@@ -490,118 +647,6 @@ def learning_summary(log, epochs):
             f"{knn[0]['epoch']} to {knn[-1]['knn_top1']:.3f} after {epochs} epochs "
             f"(chance {knn[-1]['knn_chance']:.3f})")
 
-
-# -----------------------------------------------------------------------------
-
-def save_checkpoint(path, args, parts, scaler, epoch, step, epoch_step, sums=None, *, rank):
-    """ckpt.pt (all a resume needs) and backbone.pt (encoder_q without its head), by rank 0.
-    Mid-epoch, every rank's sums of the epoch so far, so that the resumed epoch's record is the
-    uninterrupted one's. Collective."""
-    epoch_sums = None
-    if sums is not None:
-        epoch_sums = utils.gather_objects([{k: v.cpu() for k, v in sums.items()}])  # rank order
-    utils.save_checkpoint(path, "pretrain", parts, scaler, rank, method=args.method, epoch=epoch,
-                          step=step, epoch_step=epoch_step, epoch_sums=epoch_sums, args=vars(args))
-    if rank == 0:
-        backbone = {k: v for k, v in parts["model"].encoder_q.state_dict().items()
-                    if not k.startswith("fc.")}
-        utils.save_atomic(backbone, os.path.join(os.path.dirname(path), "backbone.pt"))
-
-
-def rank_share(per_rank, rank, world):
-    """This rank's sums from a mid-epoch checkpoint's per-rank list; in a world of another size
-    rank 0 takes them all (the epoch record stays right, to float rounding); older checkpoints
-    have none (None: the resumed epoch's averages start from zero)."""
-    if not per_rank:
-        return None
-    if len(per_rank) == world:
-        return per_rank[rank]
-    if rank != 0:
-        return None
-    return {k: sum(s[k] for s in per_rank) for k in per_rank[0]}
-
-
-def main(argv=None):
-    args, preset = parse_args(argv)
-    data.quiet_opencv()
-    demo_data.ensure(args.dataset, args.data_root)  # a built-in set: written on first use
-    rank, world, device = utils.init_distributed()
-    per_rank = utils.per_rank(args.batch_size, world)
-    settle_args(args)
-    log, ctx, scaler = utils.start_run(args, rank, device, preset)
-
-    # data
-    try:
-        dataset, loader, bad = build_data(args, per_rank, rank)
-    except data.DataError as e:
-        raise SystemExit(f"error: {e}")
-
-    # model and optimizers: D's (encoder_q and any method head, never the momentum encoder) and G's
-    # (no weight decay: it is a scorer, not a feature)
-    model, generator, model_ddp, generator_ddp = build_models(args, device, world, log)
-    opt_d = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], args.lr,
-                            momentum=0.9, weight_decay=1e-4)
-    opt_g = torch.optim.SGD(generator.parameters(), args.lr, momentum=0.9) if generator else None
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
-    parts = {"model": model, "generator": generator, "opt_d": opt_d, "opt_g": opt_g}
-    ckpt = utils.resume(ckpt_path, "pretrain", parts, scaler, rank, log, args, must_match=(
-        ("method", "videomoco"), ("input", "rgb"), ("arch", None), ("moco_k", None)), may_change=(
-        "epochs", "adv_start", "lr", "batch_size", "generator", "drop_frames", "decay"))
-    start_epoch, step = (0, 0) if ckpt is None else (ckpt["epoch"], ckpt["step"])
-    resumed = {}
-    if ckpt is not None and ckpt["epoch_step"]:  # mid-epoch: each rank's sums of the epoch so far
-        resumed = {"epoch_step": ckpt["epoch_step"],
-                   "sums": rank_share(ckpt.get("epoch_sums"), rank, world)}
-    save = functools.partial(save_checkpoint, ckpt_path, args, parts, scaler, rank=rank)
-
-    # watching the run: the loss against its chance level, the queue-free metric, the feature
-    # spread, kNN on the test split; the first measurements are the random-init anchors
-    knn = KNNMonitor(args, args.workers) if args.knn_every > 0 else None
-    probe = build_probe(dataset)
-    bn_batch = max(per_rank // args.shuffle_splits, 2)
-    if start_epoch == 0 and not resumed:
-        loss, top1, chance = queue_free_metric(model, probe, bn_batch, device, ctx)
-        log(f"queue-free loss at random init: {loss:.4f} (chance {chance:.4f}) top-1 {top1:.3f}",
-            curve=True, epoch=0, probe_loss=loss, probe_top1=top1, probe_chance=chance)
-        if knn is not None:
-            knn.measure(model.encoder_q, 0, device, ctx, log)
-
-    # loop
-    guard = Guard(device, log)
-    progress = utils.Progress(step, args.epochs * len(loader))
-    stopped = warned = False
-    try:  # a DataError (too many bad videos) is raised on every rank at the same flush
-        for epoch in range(start_epoch, args.epochs):
-            step, phase, decay, sums, stopped = train_epoch(
-                epoch, resumed, step, loader, bad, model_ddp, generator_ddp, opt_d, opt_g, ctx,
-                scaler, args, guard, progress, save, log, device)
-            if stopped:
-                break
-            resumed = {}
-            save(epoch + 1, step, 0)
-            guard.last_save = time.time()
-            chance = methods.chance_level(args.method, model, args.batch_size, decay)
-            probe_metric = queue_free_metric(model, probe, bn_batch, device, ctx)
-            warning = log_epoch(epoch, phase, sums, chance, probe_metric, ckpt_path, len(bad),
-                                log)
-            if warning and not warned:
-                log(warning)
-                warned = True
-            if knn is not None and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-                knn.measure(model.encoder_q, epoch + 1, device, ctx, log)
-    except data.DataError as e:
-        raise SystemExit(f"error: {e}")
-    if not stopped:
-        if len(bad) and rank == 0:
-            bad.write(os.path.join(args.out, "bad_videos.txt"))
-        if rank == 0:
-            learning_summary(log, args.epochs)
-        log(f"done. log: {log.path}; backbone: {os.path.join(args.out, 'backbone.pt')}\n"
-            f"next: python evaluate.py --ckpt {ckpt_path}  (kNN retrieval of the features)\n"
-            f"      python finetune.py --ckpt {ckpt_path} --out {args.out}-finetune")
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return model
 
 
 if __name__ == "__main__":

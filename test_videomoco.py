@@ -24,6 +24,7 @@ import socket
 import struct
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import types
@@ -472,7 +473,7 @@ def test_test_mode_marks_bad_videos_invalid_instead_of_swapping(tmp_path):
     make_tree_with_bad_videos(str(tmp_path), n_good=2)
     samples, _, _ = data.list_videos("folder", str(tmp_path), 1)
     dataset = data.VideoClips(samples, 8, 1, data.EvalTransform(32, crops=3), mode="test", clips=4)
-    out = [dataset[i] for i in range(len(samples))]
+    out = [dataset[i][0] for i in range(len(samples))]
     good = [os.path.basename(os.path.dirname(p)) == "good" for p, _ in samples]
     assert [o["valid"] for o in out] == good
     assert all(o["video"].shape == (12, 3, 8, 32, 32) for o in out)
@@ -859,7 +860,7 @@ with data.VideoReader("v.avi") as reader:
     clip = reader.clips([3], 8, 2)[0]
 assert clip.shape == (8, 48, 64, 3) and clip.dtype == np.uint8
 dataset = data.VideoClips([("v.avi", 0)], 8, 2, data.TrainTransform(32), data.SameClip(views=2))
-sample = dataset[(0, 1)]
+sample, = dataset[(0, 1)]
 assert sample["video"].shape == (2, 3, 8, 32, 32) and sample["valid"]
 assert not (sample["video"][0] == sample["video"][1]).all()  # two augmentations of the clip
 print("alone", data.__file__)
@@ -1102,7 +1103,7 @@ def test_drop_frames_k_bounds():
         assert torch.equal(mask.sum(1), torch.full((2,), 3.0))
         assert (x_query.flatten(3).abs().sum((1, 3)) > 0).sum(1).tolist() == [1, 1]
         for k in (-1, 4):
-            with pytest.raises(ValueError, match=f"needs 0 <= k < T, got k={k}, T=4"):
+            with pytest.raises(ValueError, match=f"needs 0 <= k < T, got k={k}, tau=4"):
                 drop(*args, k)
 
 
@@ -1131,7 +1132,7 @@ def test_videomoco_defaults_are_the_papers_and_its_queue_starts_as_moco_s():
     # every key older than the last (ages K..1); t outside (0, 1] is refused
     defaults = {name: p.default for name, p in
                 inspect.signature(models.VideoMoCo).parameters.items() if name != "base_encoder"}
-    assert defaults == dict(dim=128, K=65536, m=0.999, T=0.07, decay=0.99999, shuffle_splits=2,
+    assert defaults == dict(dim=128, K=65536, m=0.999, tau=0.07, decay=0.99999, shuffle_splits=2,
                             mlp=True)
     model = models.VideoMoCo(TINY, dim=8, K=16)
     torch.testing.assert_close(model.queue.norm(dim=0), torch.ones(16))
@@ -1170,49 +1171,34 @@ def adversarial_forward(model, generator, x, x_key, k):
     return model(x_query_in, x_key, x_full=x), x_query, x_query_in
 
 
-LIFTED = """
-import torch, torchvision
-import models  # the copy, alone in this folder
-torch.manual_seed(0)
-model = models.VideoMoCo(torchvision.models.video.r2plus1d_18, dim=16, K=32, m=0.99)
-generator = models.ConvLSTMGenerator(3, 16, 8)
-opt_d = torch.optim.SGD(model.encoder_q.parameters(), 0.02, momentum=0.9, weight_decay=1e-4)
-opt_g = torch.optim.SGD(generator.parameters(), 0.02, momentum=0.9)
-g_before = [p.clone() for p in generator.parameters()]
-d_before = [p.clone() for p in model.encoder_q.parameters()]
-x = torch.randn(4, 3, 8, 32, 32)
-x_key = x + 0.1 * torch.randn_like(x)
-# D alone (Eq 1/6): MoCo's step
-out = model(x, x_key)
-opt_d.zero_grad()
-out["loss_d"].backward()
-opt_d.step()
-assert torch.isfinite(out["loss_d"])
-# the adversarial step (Eq 3-6): G drops k frames, D and G each updated by its own loss
-x_query, _ = models.drop_frames(x, generator(x), 2)
-x_query_in = x_query.detach().requires_grad_()
-out = model(x_query_in, x_key, x_full=x)
-opt_d.zero_grad()
-opt_g.zero_grad()
-models.adversarial_backward(out["loss_d"], out["loss_g"], x_query, x_query_in,
-                            model.encoder_q.parameters())
-opt_d.step()
-opt_g.step()
+def docstring_step():
+    """The step of models.py's module docstring (its indented code block), as a script."""
+    doc = models.__doc__
+    block = doc[doc.index("The step, as MoCo's paper gives"):].split("\n\n", 1)[1]
+    return textwrap.dedent(block)
+
+
+LIFTED_CHECKS = """
 assert torch.isfinite(out["loss_d"]) and torch.isfinite(out["loss_g"])
-assert out["loss_g"] is not None and int(model.queue_ptr) == 8
-assert any(not torch.equal(a, b) for a, b in zip(g_before, generator.parameters()))
-assert any(not torch.equal(a, b) for a, b in zip(d_before, model.encoder_q.parameters()))
+assert int(model.queue_ptr) == 8  # two steps of 4 keys
+torch.manual_seed(0)  # the initial weights again: the block's first two constructions
+model0 = models.VideoMoCo(torchvision.models.video.r2plus1d_18, dim=16, K=32, m=0.99)
+generator0 = models.ConvLSTMGenerator(3, 16, 8)
+assert any(not torch.equal(a, b) for a, b in zip(generator0.parameters(), generator.parameters()))
+assert any(not torch.equal(a, b) for a, b in zip(model0.encoder_q.parameters(),
+                                                 model.encoder_q.parameters()))
 print("lifted", models.__file__)
 """
 
 
 def test_models_py_alone_trains_videomoco_with_a_torchvision_encoder(tmp_path):
-    # models.py is the file people copy: alone in an empty folder, with torchvision's r2plus1d_18 as
-    # MoCo's base_encoder, it runs a MoCo step and an adversarial step (pretrain.train_step's,
-    # written out)
+    # models.py is the file people copy: alone in an empty folder, the step of its docstring (with
+    # torchvision's r2plus1d_18 as MoCo's base_encoder, a MoCo step and an adversarial step,
+    # pretrain.train_step's written out) runs and trains both players
     shutil.copy(os.path.join(HERE, "models.py"), tmp_path / "models.py")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, "-c", LIFTED], cwd=tmp_path, env=env,
+    script = docstring_step() + LIFTED_CHECKS
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
                        capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -1572,7 +1558,7 @@ def test_linear_head_learns_noise_patterns_where_the_classifier_init_collapses()
     # nn.Linear's init and collapses to ln(K+1) with the normal(0, 0.01) init of 385ac2d.
     def loss_over_chance(classifier_init):
         torch.manual_seed(0)
-        model = models.VideoMoCo(TINY, dim=128, K=128, m=0.99, T=0.07, decay=1.0, mlp=False)
+        model = models.VideoMoCo(TINY, dim=128, K=128, m=0.99, tau=0.07, decay=1.0, mlp=False)
         if classifier_init:
             for enc in (model.encoder_q, model.encoder_k):
                 nn.init.normal_(enc.fc.weight, 0, 0.01)
@@ -1757,7 +1743,7 @@ def test_vclr_tuples_have_one_clip_per_segment_and_order_labels_match_the_shuffl
                               pair=methods.VCLRTuples(3))
     labels = set()
     for seed in range(40):
-        sample = dataset[(0, seed)]
+        sample, = dataset[(0, seed)]
         video = sample["video"]  # (2, S, 3, T, H, W)
         assert video.shape[:4] == (2, 3, 3, 4)
         shuffled, by_segment = [], []
@@ -1786,7 +1772,7 @@ def test_cvrl_pair_clips_come_from_two_positions(tmp_path):
                               pair=methods.CVRLPair())
     distances = []
     for seed in range(30):
-        video = dataset[(0, seed)]["video"]  # (2, 3, T, H, W)
+        video = dataset[(0, seed)][0]["video"]  # (2, 3, T, H, W)
         firsts = [(data.denormalize(v[:, 0]).clamp(0, 1) * 255).round().byte() for v in video]
         first = [frame_index(f.permute(1, 2, 0).numpy()) for f in firsts]
         distances.append(abs(first[0] - first[1]))
@@ -1911,11 +1897,11 @@ def test_cvrl_structure_and_gradients():
     assert isinstance(model.encoder_q.fc, nn.Linear) and model.encoder_q.fc.out_features == 32
     assert [type(m) for m in model.head] == [nn.BatchNorm1d, nn.ReLU, nn.Linear,
                                              nn.BatchNorm1d, nn.ReLU, nn.Linear]
-    assert model.head[-1].out_features == 8 and model.T == 0.1
+    assert model.head[-1].out_features == 8 and model.tau == 0.1
     assert not hasattr(model, "queue") and not hasattr(model, "encoder_k")
     out = model(torch.randn(4, 3, 4, 16, 16), torch.randn(4, 3, 4, 16, 16))
-    assert torch.isfinite(out["loss"]) and not out["acc"].requires_grad
-    out["loss"].backward()
+    assert torch.isfinite(out["loss_d"]) and not out["acc"].requires_grad
+    out["loss_d"].backward()
     for name, param in [("conv", model.encoder_q.features[0].weight),
                         ("fc", model.encoder_q.fc.weight),
                         ("hidden", model.head[2].weight), ("last", model.head[5].weight)]:
@@ -1925,7 +1911,7 @@ def test_cvrl_structure_and_gradients():
 
 def test_cvrl_forward_is_nt_xent_of_the_two_clips():
     torch.manual_seed(25)
-    model = methods.CVRL(TINY, dim=8, hidden=32, T=0.2)
+    model = methods.CVRL(TINY, dim=8, hidden=32, tau=0.2)
     projector = nn.Sequential(model.encoder_q, model.head)
     fit_batchnorm(projector, torch.randn(8, 3, 4, 16, 16))
     x1, x2 = torch.randn(4, 3, 4, 16, 16), torch.randn(4, 3, 4, 16, 16)
@@ -1934,7 +1920,7 @@ def test_cvrl_forward_is_nt_xent_of_the_two_clips():
         z1 = torch.cat([projector(x1[i:i + 1]) for i in range(4)])
         z2 = torch.cat([projector(x2[i:i + 1]) for i in range(4)])
     expected_loss, expected_acc = naive_nt_xent(z1, z2, 0.2)
-    assert out["loss"].item() == pytest.approx(expected_loss, rel=1e-4)
+    assert out["loss_d"].item() == pytest.approx(expected_loss, rel=1e-4)
     assert out["acc"].item() == pytest.approx(expected_acc)
 
 
@@ -1946,7 +1932,7 @@ def test_cvrl_identical_clips_give_a_lower_loss():
     with torch.no_grad():
         same = model(x, x.clone())
         independent = model(x, torch.randn(6, 3, 4, 16, 16))
-    assert same["loss"] < independent["loss"]
+    assert same["loss_d"] < independent["loss_d"]
     assert same["acc"].item() == 1.0
 
 
@@ -2034,7 +2020,7 @@ def test_vclr_eval_forward_matches_loops():
     assert out["order_logits"].shape == (n, 4)
     torch.testing.assert_close(out["order_logits"], order_logits, rtol=1e-4, atol=1e-5)
 
-    expected = naive_decayed_infonce(q, k, model.queue, model.queue_age, model.T, 1.0)
+    expected = naive_decayed_infonce(q, k, model.queue, model.queue_age, model.tau, 1.0)
     assert out["loss_nce"].item() == pytest.approx(expected, rel=1e-4)
     expected = naive_cross_entropy(order_logits, order)
     assert out["loss_order"].item() == pytest.approx(expected, rel=1e-4)
@@ -2046,11 +2032,11 @@ def test_vclr_eval_forward_matches_loops():
         k_clip = torch.stack([clip_embedding(model.encoder_k, positive[0, 2]),
                               clip_embedding(model.encoder_k, positive[1, 1])])
     expected = naive_decayed_infonce(q_clip, k_clip, model.clip_queue, model.clip_queue_age,
-                                     model.T, 1.0)
+                                     model.tau, 1.0)
     assert out["loss_clip"].item() == pytest.approx(expected, rel=1e-4)
     expected = (0.7 * out["loss_clip"].item() + out["loss_nce"].item()
                 + 0.5 * out["loss_order"].item())
-    assert out["loss"].item() == pytest.approx(expected, rel=1e-6)
+    assert out["loss_d"].item() == pytest.approx(expected, rel=1e-6)
     logits = torch.cat([(q * k).sum(1, keepdim=True), q @ model.queue], dim=1)
     assert out["acc"].item() == pytest.approx((logits.argmax(1) == 0).float().mean().item())
     expected = (order_logits.argmax(1) == order).float().mean().item()
@@ -2105,7 +2091,7 @@ def test_vclr_training_step_enqueues_and_routes_gradients():
     # clip-level keys, not video-level
     assert not torch.allclose(model.clip_queue[:, :n], out["k"].T)
     assert not torch.equal(model.encoder_k.fc[0].weight, key_before)
-    out["loss"].backward()
+    out["loss_d"].backward()
     for name, param in [("order_head", model.order_head.weight),
                         ("conv", model.encoder_q.features[0].weight),
                         ("fc", model.encoder_q.fc[0].weight)]:
@@ -2151,12 +2137,12 @@ def test_cvrl_and_vclr_autocast_bfloat16():
         out_vclr = vclr(torch.randn(2, 2, 3, 4, 16, 16), torch.randn(2, 2, 3, 4, 16, 16),
                         torch.tensor([0, 3]),
                         torch.tensor([[[0, 1], [0, 1]], [[1, 0], [1, 0]]]))
-    assert out_cvrl["loss"].dtype == torch.float32 and torch.isfinite(out_cvrl["loss"])
-    for key in ("loss", "loss_nce", "loss_order", "loss_clip"):
+    assert out_cvrl["loss_d"].dtype == torch.float32 and torch.isfinite(out_cvrl["loss_d"])
+    for key in ("loss_d", "loss_nce", "loss_order", "loss_clip"):
         assert out_vclr[key].dtype == torch.float32 and torch.isfinite(out_vclr[key]), key
     assert vclr.queue.dtype == torch.float32 and int(vclr.queue_ptr) == 2
-    out_cvrl["loss"].backward()
-    out_vclr["loss"].backward()
+    out_cvrl["loss_d"].backward()
+    out_vclr["loss_d"].backward()
     assert torch.isfinite(vclr.encoder_q.fc[0].weight.grad).all()
     assert torch.isfinite(cvrl.head[5].weight.grad).all()
 
@@ -2359,7 +2345,7 @@ def test_whole_step_matches_moco_algorithm_1_and_eq3_to_6_written_out():
     # default (0.5) would be a different loss. One process (shuffle_splits=1: shuffle-BN is its
     # own test)
     torch.manual_seed(0)
-    model = models.VideoMoCo(TINY, dim=8, K=12, m=0.9, T=0.2, decay=0.5, shuffle_splits=1)
+    model = models.VideoMoCo(TINY, dim=8, K=12, m=0.9, tau=0.2, decay=0.5, shuffle_splits=1)
     generator = models.ConvLSTMGenerator(hidden=16, width=8)
     lr = 0.5
     k_drop = 3
@@ -2374,9 +2360,11 @@ def test_whole_step_matches_moco_algorithm_1_and_eq3_to_6_written_out():
     for step, (adversarial, decay) in enumerate([(False, 1.0)] * 2 + [(True, 0.8)] * 3):
         x = torch.randn(4, 3, 8, 32, 32, generator=gen)
         x_key = x + 0.3 * torch.randn(x.shape, generator=gen)
-        out = pretrain.train_step(args, model, generator, torch.stack([x, x_key], dim=1), [],
-                                  opt_d, opt_g, contextlib.nullcontext(), scaler, guard, decay,
-                                  adversarial, measure_random=adversarial)
+        run = pretrain.Run(args, model, generator, opt_d, opt_g, contextlib.nullcontext(), scaler,
+                           guard)
+        phase = "adversarial" if adversarial else "moco"
+        out = pretrain.train_step(run, torch.stack([x, x_key], dim=1), [], phase, decay,
+                                  measure_random=adversarial)
         expected = naive.step(x, x_key, adversarial, decay)
         if adversarial:  # Table 1's yardstick, on a copy: the comparisons below see no trace of it
             assert 0 < out["l1_random"].item() < 2 * math.sqrt(8)  # unit vectors, 8 dimensions
@@ -2408,7 +2396,7 @@ def test_forward_acc_counts_the_queries_whose_positive_beats_every_weighted_nega
     # the logged top-1 of Eq 6's logits: a query scores when exp(q.k+ / tau) exceeds every
     # t^age exp(q.k_j / tau) of the queue as it was; unrelated keys, so that some queries miss
     torch.manual_seed(3)
-    model = models.VideoMoCo(TINY, dim=8, K=12, T=0.2, decay=0.9, shuffle_splits=1)
+    model = models.VideoMoCo(TINY, dim=8, K=12, tau=0.2, decay=0.9, shuffle_splits=1)
     queue, age = model.queue.clone(), model.queue_age.clone()
     out = model(torch.randn(16, 3, 4, 16, 16), torch.randn(16, 3, 4, 16, 16))
     hits = 0
@@ -2438,7 +2426,7 @@ def test_train_step_erases_the_query_view_and_feeds_each_method_its_inputs(metho
         video = torch.randn(n, 2, s, 3, 6, 16, 16)
         extra = [torch.zeros(n, dtype=torch.long), torch.arange(s).repeat(n, 2, 1)]
     else:
-        model = models.VideoMoCo(TINY, dim=8, K=16, m=0.9, T=0.2, decay=1.0, shuffle_splits=1)
+        model = models.VideoMoCo(TINY, dim=8, K=16, m=0.9, tau=0.2, decay=1.0, shuffle_splits=1)
         video = torch.randn(n, 2, 3, 6, 16, 16)
     model.train()
     reference = copy.deepcopy(model)
@@ -2450,11 +2438,11 @@ def test_train_step_erases_the_query_view_and_feeds_each_method_its_inputs(metho
     guard = types.SimpleNamespace(agree=lambda finite: bool(finite))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     seen = []
-    model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs))
+    model.register_forward_pre_hook(lambda module, inputs, kwargs: seen.append((inputs, kwargs)),
+                                    with_kwargs=True)
     torch.manual_seed(41)
-    out = pretrain.train_step(args, model, None, video, extra, opt, None,
-                              contextlib.nullcontext(), scaler, guard, 1.0, adversarial=False,
-                              random_drop=method == "random-drop")
+    run = pretrain.Run(args, model, None, opt, None, contextlib.nullcontext(), scaler, guard)
+    out = pretrain.train_step(run, video, extra, method, 1.0)  # the phase: the method's own
     torch.manual_seed(41)
     x = video[:, 0].clone()
     clips = x.view(-1, *x.shape[-4:])  # (N*S, 3, T, H, W) for VCLR: every clip of the tuple
@@ -2464,19 +2452,22 @@ def test_train_step_erases_the_query_view_and_feeds_each_method_its_inputs(metho
     if method == "random-drop":
         x, mask = models.random_drop(x, k_drop)
         assert (mask.sum(dim=1) == k_drop).all()
-    query, key = seen[0][0], seen[0][1]
+    (query, key, *rest), kwargs = seen[0]
     assert 0 < int((lam > 0).sum()) < clips.shape[0]  # some clips erased, some not
     if method == "vclr":
         assert (lam.view(n, s)[:, 1:] > 0).any()  # beyond the first clip of a tuple
     torch.testing.assert_close(query, x, rtol=0, atol=0)
     assert torch.equal(key, video[:, 1])  # the key view is never erased
-    assert len(seen) == 1 and all(torch.equal(a, b) for a, b in zip(seen[0][2:], extra))
+    assert len(seen) == 1 and len(rest) == len(extra)
+    assert all(torch.equal(a, b) for a, b in zip(rest, extra))
     if method == "random-drop":
-        assert seen[0][2] is None and seen[0][3] == 1.0  # no x_full: D alone, Eq 1
+        assert kwargs["adversarial"] is False and kwargs["decay"] == 1.0  # D alone, Eq 1
     assert "l1_random" not in out  # measured in the adversarial phase only
-    expected = reference(x, video[:, 1], *extra) if method != "random-drop" else \
-        reference(x, video[:, 1], None, 1.0)
-    loss = expected["loss"] if method != "random-drop" else expected["loss_d"]
+    if method == "random-drop":
+        expected = reference(x, video[:, 1], decay=1.0)
+    else:
+        expected = reference(x, video[:, 1], *extra)
+    loss = expected["loss_d"]
     loss.backward()
     assert out["updated"] and out["loss_g"] is None
     assert out["loss_d"].item() == pytest.approx(loss.item(), rel=1e-6)
@@ -2498,8 +2489,8 @@ def moco_step(model, opt, video):
     args = argparse.Namespace(method="videomoco", background_erasing=0, drop_frames=1)
     guard = types.SimpleNamespace(agree=lambda finite: bool(finite))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    return pretrain.train_step(args, model, None, video, [], opt, None, contextlib.nullcontext(),
-                               scaler, guard, model.decay, adversarial=False)
+    run = pretrain.Run(args, model, None, opt, None, contextlib.nullcontext(), scaler, guard)
+    return pretrain.train_step(run, video, [], "moco", model.decay)
 
 
 def test_channels_last_step_matches_the_default_layout_and_compile_keeps_the_keys():
@@ -2755,8 +2746,9 @@ def test_nonfinite_step_leaves_weights_and_optimizers():
     scaler = torch.amp.GradScaler("cpu", enabled=False)
 
     def step(video):
-        return pretrain.train_step(args, model, generator, video, [], opt_d, opt_g,
-                                   contextlib.nullcontext(), scaler, guard, 0.9, adversarial=True)
+        run = pretrain.Run(args, model, generator, opt_d, opt_g, contextlib.nullcontext(), scaler,
+                           guard)
+        return pretrain.train_step(run, video, [], "adversarial", 0.9)
 
     video = torch.randn(4, 2, 3, 8, 32, 32)
     assert step(video)["updated"]  # the optimizers now hold momentum buffers
@@ -2799,8 +2791,9 @@ def adversarial_setup(seed=0):
 
     def step(video, scaler=None):
         scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
-        return pretrain.train_step(args, model, generator, video, [], opt_d, opt_g,
-                                   contextlib.nullcontext(), scaler, guard, 0.9, adversarial=True)
+        run = pretrain.Run(args, model, generator, opt_d, opt_g, contextlib.nullcontext(), scaler,
+                           guard)
+        return pretrain.train_step(run, video, [], "adversarial", 0.9)
 
     return model, generator, opt_d, opt_g, step
 
@@ -3165,7 +3158,7 @@ def test_queue_free_metric_matches_a_loop():
     # contiguous sub-batches of 3, keys in shuffled ones), then InfoNCE of each query against all 6
     # keys written out; the model itself is untouched
     torch.manual_seed(3)
-    model = models.VideoMoCo(TINY, dim=8, K=16, m=0.5, T=0.2)
+    model = models.VideoMoCo(TINY, dim=8, K=16, m=0.5, tau=0.2)
     with torch.no_grad():
         for p in model.encoder_k.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -3215,7 +3208,7 @@ def test_a_drifting_collapse_fools_the_training_loss_and_not_the_queue_free_metr
     gen = torch.Generator().manual_seed(0)
     model = nn.Module()
     model.encoder_q = model.encoder_k = DriftingCollapse()
-    model.T = 0.07
+    model.tau = 0.07
     queue, losses = [], []
     for step in range(12):
         model.encoder_q.step = step
@@ -3560,14 +3553,14 @@ def project_imports(module):
 
 
 def test_imports_form_a_tree_with_three_leaves():
-    # models.py, data.py and utils.py import nothing of the project; methods.py only models.py,
-    # demo_data.py only data.py; the stage scripts only models, data, demo_data, methods and utils
-    # (bench.py also pretrain.py, for its step)
+    # models.py, data.py and utils.py import nothing of the project; methods.py only models.py and
+    # data.py (its pairs are data.PairMakers), demo_data.py only data.py; the stage scripts only
+    # models, data, demo_data, methods and utils (bench.py also pretrain.py, for its step)
     graph = {m: project_imports(m) for m in MODULES}
     card = {"models", "data", "methods", "utils", "pretrain", "finetune", "evaluate", "bench"}
     assert card <= set(graph)
     assert graph["models"] == graph["data"] == graph["utils"] == set()
-    assert graph["methods"] == {"models"}
+    assert graph["methods"] == {"models", "data"}
     assert graph["demo_data"] == {"data"}
     for stage in ("pretrain", "finetune", "evaluate"):
         assert graph[stage] <= {"models", "data", "demo_data", "methods", "utils"}, stage

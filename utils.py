@@ -91,7 +91,7 @@ def estimate_bn_statistics(encoder, loader, device, ctx):
 
 
 def knn_predict(query, gallery, gallery_labels, num_classes, k=20, temperature=0.07):
-    """Weighted k-NN vote: each of the k nearest gallery items votes exp(cos / T) for its class."""
+    """Weighted k-NN vote: each of the k nearest gallery items votes exp(cos / temperature) for its class."""
     sim, index = (query @ gallery.T).topk(min(k, gallery.shape[0]), dim=1)  # (Q, k)
     votes = torch.zeros(query.shape[0], num_classes, dtype=sim.dtype, device=sim.device)
     votes.scatter_add_(1, gallery_labels[index], (sim / temperature).exp())
