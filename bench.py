@@ -77,7 +77,8 @@ class DecodeOnly(torch.utils.data.Dataset):
     whole video, then slice the clip out)."""
 
     def __init__(self, jobs, whole=False):
-        self.jobs, self.whole = jobs, whole
+        self.jobs = jobs
+        self.whole = whole
 
     def __len__(self):
         return len(self.jobs)
@@ -85,7 +86,8 @@ class DecodeOnly(torch.utils.data.Dataset):
     def __getitem__(self, i):
         path, u, frames = self.jobs[i]
         if self.whole:  # every frame decoded and converted, as a naive loader does
-            cap, video = cv2.VideoCapture(path), []
+            cap = cv2.VideoCapture(path)
+            video = []
             while (frame := cap.read()[1]) is not None:
                 video.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
             cap.release()
@@ -127,7 +129,8 @@ def _pipeline_rate(dataset, count, workers, batch=8, repeat=1):
         dataset, batch_size=batch // repeat, shuffle=True, num_workers=workers,
         collate_fn=data.collate, worker_init_fn=bench_worker_init, persistent_workers=True,
         prefetch_factor=4)
-    n, it = 0, iter(loader)
+    n = 0
+    it = iter(loader)
     next(it)  # workers up and warm
     t0 = time.perf_counter()
     while n < count:
@@ -150,7 +153,9 @@ def bench_loader(args):
     paths = make_bench_videos(root)
     print(f"{len(paths)} videos, 320x240 XVID, 10 s each, in {root} "
           f"({time.time() - t0:.1f} s to prepare)")
-    frames, workers, count = args.frames, args.workers, args.clips
+    frames = args.frames
+    workers = args.workers
+    count = args.clips
     jobs = _jobs(paths, count, frames)
     samples = [(p, 0) for p in paths] * 50  # long epochs: no restart stalls inside a measurement
 
@@ -191,7 +196,8 @@ def bench_loader(args):
     for _ in range(3):
         for on_device in times:
             times[on_device].append(_worker_time(two_views[on_device]))
-    work, dev = min(times[False]), min(times[True])
+    work = min(times[False])
+    dev = min(times[True])
     print(f"worker time per sample: {work * 1e3:.1f} ms augmenting in the worker, "
           f"{dev * 1e3:.1f} ms with the augmentation on the device")
     print(f"ratio worker time device / workers = {dev / work:.2f}  (target <= 0.8)")
@@ -318,7 +324,8 @@ def bench_step(args):
               "(on by default only where < 1)")
 
     # the loss alone at the paper's K: Eq 6 vs Eq 1, forward and backward
-    n, k = 128, 65536
+    n = 128
+    k = 65536
     q = torch.nn.functional.normalize(torch.randn(n, 128, device=device), dim=1).requires_grad_()
     key = torch.nn.functional.normalize(torch.randn(n, 128, device=device), dim=1)
     queue = torch.nn.functional.normalize(torch.randn(128, k, device=device), dim=0)
@@ -328,7 +335,8 @@ def bench_step(args):
         for decay in times:
             times[decay].append(_time(lambda: models.decayed_infonce(
                 q, key, queue, age, 0.07, decay).backward(), args.repeats * 4, device))
-    plain, decayed = min(times[1.0]), min(times[0.99999])
+    plain = min(times[1.0])
+    decayed = min(times[0.99999])
     print(f"InfoNCE (Eq 1) {plain * 1e3:.2f} ms, decayed InfoNCE (Eq 6) {decayed * 1e3:.2f} ms "
           f"at N {n}, K {k}")
     print(f"ratio decayed / plain InfoNCE = {decayed / plain:.3f}  (target <= 1.05)")

@@ -122,7 +122,8 @@ class VideoReader:
     def _reopen(self):
         self.cap.release()
         self.cap = open_capture(self.path)
-        self.pos, self.seeked = 0, False
+        self.pos = 0
+        self.seeked = False
 
     def _goto(self, index):
         if index < self.pos:
@@ -139,7 +140,8 @@ class VideoReader:
 
     def _seek(self, index):
         self.cap.set(cv2.CAP_PROP_POS_FRAMES, index)
-        self.pos, self.seeked = index, True
+        self.pos = index
+        self.seeked = True
 
     def _hit_end(self):
         if self.real_frames is None:
@@ -371,7 +373,8 @@ _TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.5
 
 def _hue_matrix(angle):
     # a hue shift is a rotation of the chroma plane in YIQ space
-    c, s = math.cos(angle), math.sin(angle)
+    c = math.cos(angle)
+    s = math.sin(angle)
     return np.linalg.inv(_TO_YIQ) @ np.array([[1, 0, 0], [0, c, -s], [0, s, c]]) @ _TO_YIQ
 
 
@@ -468,8 +471,12 @@ class TrainTransform:
 
     def __init__(self, crop=112, scale=(0.2, 1.0), flip=0.5, jitter=0.8, grayscale=0.2,
                  on_device=False):
-        self.crop, self.scale, self.flip = crop, scale, flip
-        self.jitter, self.grayscale, self.on_device = jitter, grayscale, on_device
+        self.crop = crop
+        self.scale = scale
+        self.flip = flip
+        self.jitter = jitter
+        self.grayscale = grayscale
+        self.on_device = on_device
 
     def __call__(self, frames, rng):  # uint8 (T, H, W, 3) -> float (3, T, crop, crop) or the above
         y, x, h, w = random_resized_box(frames.shape[1], frames.shape[2], rng, self.scale)
@@ -515,7 +522,8 @@ class EvalTransform:
 
     def __init__(self, crop=112, resize=None, crops=1):
         assert crops in (1, 3), "crops must be 1 or 3"
-        self.crop, self.crops = crop, crops
+        self.crop = crop
+        self.crops = crops
         self.resize = resize or int(round(crop * 128 / 112))
 
     def __call__(self, frames, rng=None):
@@ -523,7 +531,8 @@ class EvalTransform:
         s = self.resize / min(height, width)
         height, width = max(self.crop, round(height * s)), max(self.crop, round(width * s))
         frames = _resize_frames(frames, (height, width))
-        cy, cx = (height - self.crop) // 2, (width - self.crop) // 2
+        cy = (height - self.crop) // 2
+        cx = (width - self.crop) // 2
         if self.crops == 1:
             boxes = [(cy, cx)]
         elif width >= height:
@@ -566,7 +575,8 @@ class SameClip(PairMaker):
     redraw = True
 
     def __init__(self, views=2, repeat=1):
-        self.views, self.repeat = views, repeat
+        self.views = views
+        self.repeat = repeat
 
     def starts(self, rng, num_frames, span):
         if self.repeat == 1:
@@ -592,8 +602,12 @@ class VideoClips(torch.utils.data.Dataset):
     def __init__(self, samples, frames=32, stride=1, transform=None, pair=None, mode="train",
                  clips=10):
         assert mode in ("train", "test")
-        self.samples, self.frames, self.stride = samples, frames, stride
-        self.transform, self.mode, self.clips = transform, mode, clips
+        self.samples = samples
+        self.frames = frames
+        self.stride = stride
+        self.transform = transform
+        self.mode = mode
+        self.clips = clips
         self.pair = pair or SameClip()
         self.min_frames = min_clip_frames(frames)
         self.known_bad = set()  # per process: don't retry a video this worker already saw fail
@@ -673,9 +687,12 @@ class BadVideos:
     reports, so the count and the decision to stop are the same everywhere."""
 
     def __init__(self, samples, missing=(), max_fraction=MAX_BAD_FRACTION, log=True):
-        self.samples, self.max_fraction, self.log = samples, max_fraction, log
+        self.samples = samples
+        self.max_fraction = max_fraction
+        self.log = log
         self.total = len(samples) + len(missing)
-        self.paths, self.pending = {}, []
+        self.paths = {}
+        self.pending = []
         for path in missing:
             self._add(path, "listed in the split file but does not exist")
         self.check()
@@ -708,7 +725,7 @@ class BadVideos:
         if len(self.paths) > self.max_fraction * self.total:
             raise DataError(f"{len(self.paths)} of {self.total} videos are unreadable or missing "
                             f"(more than {self.max_fraction:.0%}); fix the data "
-                            "(python data.py check)")
+                            "(python demo_data.py check)")
 
     def write(self, path):
         with open(path, "w") as f:
@@ -741,12 +758,17 @@ class EpochSampler(torch.utils.data.Sampler):
     skip) also reseeds the workers' base seed and skips what a resumed run already did."""
 
     def __init__(self, size, train, seed=0):  # yields (index, per-sample seed)
-        self.size, self.train, self.seed = size, train, seed
+        self.size = size
+        self.train = train
+        self.seed = seed
         self.rank, self.world = _rank_world()
-        self.epoch, self.skip, self.generator = 0, 0, None
+        self.epoch = 0
+        self.skip = 0
+        self.generator = None
 
     def set_epoch(self, epoch, skip=0):
-        self.epoch, self.skip = epoch, skip
+        self.epoch = epoch
+        self.skip = skip
         if self.generator is not None:
             seed = np.random.SeedSequence([self.seed, self.rank, epoch]).generate_state(1)[0]
             self.generator.manual_seed(int(seed))
@@ -795,7 +817,8 @@ def test_loader(samples, args, batch_size, workers, clips=1, crops=1):
     return build_loader(dataset, batch_size, workers, train=False)
 
 
-BN_CLIPS, BN_BATCH = 1024, 32
+BN_CLIPS = 1024
+BN_BATCH = 32
 
 
 def bn_loader(samples, args, workers):

@@ -38,7 +38,8 @@ DEMO_SCENE_CLASSES = (("Rise", "vertical"), ("Fall", "vertical"), ("Grow", "chec
 DEMO_MOTION_CLASSES = ("MoveUp", "MoveDown", "Grow", "Shrink", "SwingHorizontal", "SwingVertical")
 # (groups per class, test groups, clips per group), UCF101 holds out 7 of 25 groups of 4-7 clips
 DEMO_GROUPS = {"demo": (16, 6, 3), "demo-motion": (10, 3, 4)}
-DEMO_SIZE, DEMO_FPS = (128, 96), 25
+DEMO_SIZE = (128, 96)
+DEMO_FPS = 25
 
 
 def _smooth_noise(rng, h, w, cells):
@@ -52,7 +53,8 @@ def _scene_background(rng, texture):
     of its own, one dark and one light."""
     w, h = DEMO_SIZE
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    period, tilt = rng.uniform(6, 14), rng.uniform(-0.35, 0.35)
+    period = rng.uniform(6, 14)
+    tilt = rng.uniform(-0.35, 0.35)
 
     def grating(angle):  # stripes perpendicular to the direction `angle`
         phase = rng.uniform(0, 2 * math.pi)
@@ -65,7 +67,8 @@ def _scene_background(rng, texture):
     else:
         a = grating(tilt) * grating(math.pi / 2 + tilt)
     a = (np.tanh(2 * a) / 2 + 0.5)[..., None]  # (H, W, 1) in [0, 1]
-    dark, light = rng.uniform(0, 110, 3), rng.uniform(140, 255, 3)
+    dark = rng.uniform(0, 110, 3)
+    light = rng.uniform(140, 255, 3)
     return (dark * (1 - a) + light * a).astype(np.float32)
 
 
@@ -84,7 +87,9 @@ def _render(rng, motion, background, objects, frames, t0=0):
     for t in range(t0, t0 + frames):
         frame = background.copy()
         for o in objects:
-            x, y, size = o["x"], o["y"], o["size"]
+            x = o["x"]
+            y = o["y"]
+            size = o["size"]
             swing = 2 * abs(((o["phase"] + t * o["speed"] / 40) % 1) - 0.5) - 0.5  # triangle wave
             cycle = (o["phase"] + t * o["speed"] / 60) % 1  # sawtooth for the size classes
             if motion in ("MoveUp", "Rise"):
@@ -228,7 +233,8 @@ def _check_one(job):
     path, min_frames = job
     try:
         with data.VideoReader(path) as reader:
-            claimed, real = reader.claimed_frames, reader.count_frames()
+            claimed = reader.claimed_frames
+            real = reader.count_frames()
     except data.VideoError as e:
         return path, "unreadable", str(e)
     if real == 0:
@@ -242,7 +248,8 @@ def _check_one(job):
 
 def check(args):
     """Decode every listed video of both splits: a summary and a file of the bad ones."""
-    jobs, missing = [], []
+    jobs = []
+    missing = []
     for train in (True, False):
         samples, _, miss = data.list_videos(args.dataset, args.data_root, args.split, train)
         jobs += [(p, data.min_clip_frames(args.frames)) for p, _ in samples]
@@ -271,7 +278,8 @@ def _resize_one(job):
     except data.VideoError as e:
         return src, str(e)
     fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
-    writer, n = None, 0
+    writer = None
+    n = 0
     while True:
         ok, frame = cap.read()
         if not ok:
@@ -304,7 +312,8 @@ def resize(args):
         out = os.path.join(args.dst, os.path.relpath(folder, args.src))
         os.makedirs(out, exist_ok=True)
         for name in files:
-            src, dst = os.path.join(folder, name), os.path.join(out, name)
+            src = os.path.join(folder, name)
+            dst = os.path.join(out, name)
             if name.lower().endswith(data.VIDEO_EXTENSIONS):
                 if not os.path.exists(dst):
                     jobs.append((src, dst, args.short_side))

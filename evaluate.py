@@ -94,7 +94,9 @@ def load_model(args):
         if args.arch is None:
             raise SystemExit("error: pass --ckpt, or --arch for a randomly initialised encoder "
                              "(the kNN baseline)")
-        ckpt, kind, recorded = {}, "random-init", None
+        ckpt = {}
+        kind = "random-init"
+        recorded = None
     else:
         ckpt = utils.load_checkpoint(args.ckpt)
         kind = ckpt.get("kind", "backbone")
@@ -264,8 +266,7 @@ def main(argv=None):
                 json.dump(result, f, indent=1)
         print(json.dumps(result))
         sys.stdout.flush()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    utils.end_distributed()
     return result
 
 

@@ -68,7 +68,7 @@ def quick_test(model, loader, device, ctx):
             pred = model(video[:, 0]).argmax(1)
         correct += torch.stack([((pred == batch["label"].to(device)) & valid).sum(),
                                 valid.sum()]).float()
-    if dist.is_initialized():
+    if models.is_distributed():
         dist.all_reduce(correct)
     return (correct[0] / correct[1].clamp(min=1)).item()
 
@@ -80,7 +80,10 @@ def parse_args(argv):
     note says when a given dataset differs from the pretraining's."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    state, source, settings, note = None, None, {}, None
+    state = None
+    source = None
+    settings = {}
+    note = None
     if args.ckpt:
         _, state, source = utils.backbone_from_checkpoint(args.ckpt)
     if source is not None:
@@ -213,8 +216,7 @@ def main(argv=None):
         log(f"epoch {epoch} done: test top-1 (1 centre clip) {top1:.3f}; {len(bad)} bad videos "
             f"skipped; saved {ckpt_path}", epoch=epoch, test_top1_1clip=top1)
     log(f"done. next: python evaluate.py --ckpt {ckpt_path}  (10-clip test protocol)")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    utils.end_distributed()
     return model
 
 

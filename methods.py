@@ -65,7 +65,9 @@ def tuple_starts(rng, num_frames_video, span, segments):
     (anchor, positive, distinct); distinct is False where a segment offered one start only."""
     bounds = np.linspace(0, num_frames_video, segments + 1)
     last = max(num_frames_video - span, 0)  # the last start whose clip ends in the video
-    anchor, positive, distinct = [], [], True
+    anchor = []
+    positive = []
+    distinct = True
     for j in range(segments):
         lo = int(math.ceil(bounds[j]))
         end = max(int(math.ceil(bounds[j + 1])), lo + 1)  # the next segment's first frame
@@ -101,7 +103,8 @@ class VCLRTuples(PairMaker):
     tuple, each shuffled with probability 0.5 -> "video" (2, S, 3, T, H, W), "order" (0 both in
     order, 1 the first shuffled, 2 the second, 3 both), "segments" (2, S), each clip's segment."""
     def __init__(self, segments=3):
-        self.segments, self.warned = segments, False
+        self.segments = segments
+        self.warned = False
 
     def starts(self, rng, num_frames, span):
         anchor, positive, distinct = tuple_starts(rng, num_frames, span, self.segments)
@@ -113,8 +116,12 @@ class VCLRTuples(PairMaker):
         return anchor + positive
 
     def samples(self, clips, rng, augment):
-        s, frames = self.segments, clips.shape[1]
-        tuples, params, shuffled, segments = [], [], [], []
+        s = self.segments
+        frames = clips.shape[1]
+        tuples = []
+        params = []
+        shuffled = []
+        segments = []
         for clips_of_tuple in (clips[:s], clips[s:]):
             # one augmentation for the whole tuple: its clips side by side in time
             t, extra = augment([np.concatenate(clips_of_tuple)], rng)
@@ -137,7 +144,8 @@ def background_erasing(x, p, weight=(0.1, 0.3), generator=None):
     """Background erasing (Wang et al., CVPR 2021): with probability p per clip (N, C, T, H, W) a
     random frame r of it is mixed into every frame, x'_t = (1 - lam) x_t + lam x_r, lam ~
     U(weight): a static component, so appearance stops telling clips apart. -> (x', lam, r)."""
-    n, t = x.shape[0], x.shape[2]
+    n = x.shape[0]
+    t = x.shape[2]
     applied = torch.rand(n, generator=generator) < p
     lam = torch.empty(n).uniform_(*weight, generator=generator) * applied  # (N,)
     r = torch.randint(0, t, (n,), generator=generator)  # (N,)
@@ -241,7 +249,9 @@ class VCLR(VideoMoCo):
     def __init__(self, base_encoder, dim=128, K=131072, m=0.999, tau=0.1, segments=3,
                  order_weight=1.0, shuffle_splits=2, mlp=True, clip_weight=1.0):
         super().__init__(base_encoder, dim, K, m, tau, 1.0, shuffle_splits, mlp)
-        self.segments, self.order_weight, self.clip_weight = segments, order_weight, clip_weight
+        self.segments = segments
+        self.order_weight = order_weight
+        self.clip_weight = clip_weight
         self.order_head = nn.Linear(2 * segments * dim, 4)
         self.add_queue("clip_queue", dim)  # L_clip's negatives
 

@@ -77,7 +77,8 @@ class TinyEncoder(nn.Module):
 
     def __init__(self, num_classes, widths=(16, 32, 64, 128)):
         super().__init__()
-        layers, c_in = [], 3
+        layers = []
+        c_in = 3
         for i, c_out in enumerate(widths):
             stride = (1, 2, 2) if i == 0 else 2  # keep the time axis at full length in the stem
             layers += [nn.Conv3d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
@@ -190,7 +191,8 @@ class ConvLSTMGenerator(nn.Module):
 
     def __init__(self, in_channels=3, hidden=256, width=16):
         super().__init__()
-        layers, c_in = [], in_channels
+        layers = []
+        c_in = in_channels
         for c_out in (width, 2 * width, 4 * width, 4 * width):
             layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
                        nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
@@ -238,7 +240,8 @@ def drop_frames(x, importance, k, temperature=1.0):
 
 def random_drop(x, k, generator=None):
     """Table 1's "random dropout": k random frames per clip dropped as in `drop_frames`."""
-    n, t = x.shape[0], x.shape[2]
+    n = x.shape[0]
+    t = x.shape[2]
     if not 0 <= k < t:
         raise ValueError(f"random_drop needs 0 <= k < T, got k={k}, T={t}")
     device = x.device if generator is None else generator.device
@@ -251,6 +254,9 @@ def random_drop(x, k, generator=None):
 # The VideoMoCo wrapper: query encoder D, momentum encoder (Eq 2), the queue and its ages (Eq 6).
 
 def is_distributed():
+    """The project's one answer to "am I distributed?": a process group of more than one process
+    (a group of one, as DDP on one GPU forms, is a world of one). Every file asks it here but
+    data.py, which is copied alone and reads its rank and world itself (data._rank_world)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -283,7 +289,11 @@ class VideoMoCo(nn.Module):
         super().__init__()
         if not 0 < decay <= 1:
             raise ValueError(f"decay t of Eq 6 must be in (0, 1], got {decay}")
-        self.K, self.m, self.tau, self.decay, self.shuffle_splits = K, m, tau, decay, shuffle_splits
+        self.K = K
+        self.m = m
+        self.tau = tau
+        self.decay = decay
+        self.shuffle_splits = shuffle_splits
 
         self.encoder_q = base_encoder(num_classes=dim)  # as MoCo's builder; its last layer is `fc`
         self.encoder_q.fc = projection_head(self.encoder_q.fc.in_features, dim, mlp)
@@ -318,7 +328,8 @@ class VideoMoCo(nn.Module):
         in a world of one), the order restored; every process passes the same N."""
         with torch.no_grad():
             if is_distributed():
-                n_local, device = x_key.shape[0], x_key.device.type
+                n_local = x_key.shape[0]
+                device = x_key.device.type
                 if torch.is_autocast_enabled(device) and getattr(self.encoder_k, "input_mode",
                                                                  "rgb") == "rgb":
                     # the clips travel in the dtype the first conv casts them to anyway: half the

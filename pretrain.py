@@ -194,7 +194,8 @@ def main(argv=None):
     try:  # a DataError (too many bad videos) is raised on every rank at the same flush
         for epoch in range(start_epoch, args.epochs):
             done = train_epoch(run, epoch, step, resumed)
-            step, stopped = done["step"], done["stopped"]
+            step = done["step"]
+            stopped = done["stopped"]
             if stopped:
                 break
             resumed = {}
@@ -219,8 +220,7 @@ def main(argv=None):
         log(f"done. log: {log.path}; backbone: {os.path.join(args.out, 'backbone.pt')}\n"
             f"next: python evaluate.py --ckpt {ckpt_path}  (kNN retrieval of the features)\n"
             f"      python finetune.py --ckpt {ckpt_path} --out {args.out}-finetune")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    utils.end_distributed()
     return model
 
 
@@ -255,7 +255,10 @@ def train_epoch(run, epoch, step, resumed):
     {"epoch_step": the steps done, "sums": this rank's share of the epoch's sums so far}. Returns
     {"step": the global step after it, "phase", "decay": t of Eq 6, "sums": the EPOCH_SUMS over
     the updated steps, "stopped": by a signal, after saving}."""
-    args, loader, bad, guard = run.args, run.loader, run.bad, run.guard
+    args = run.args
+    loader = run.loader
+    bad = run.bad
+    guard = run.guard
     skip = resumed.get("epoch_step", 0)
     phase, decay = epoch_schedule(args, epoch, run.opt_d, run.opt_g)
     loader.sampler.set_epoch(epoch, skip * loader.batch_size)  # in videos
@@ -322,9 +325,12 @@ def train_step(run, video, extra, phase, decay, measure_random=False):
     extra = [order labels, segments]). phase: epoch_schedule's; "adversarial": G drops k frames
     (Eq 3), "random-drop": k random frames are dropped (Table 1). decay: t of Eq 6 (1 = Eq 1).
     Returns models.forward_output's dict with "updated" and, when measure_random, "l1_random"."""
-    args, model, generator = run.args, run.model, run.generator
+    args = run.args
+    model = run.model
+    generator = run.generator
     adversarial = phase == "adversarial"
-    x, x_key = video[:, 0], video[:, 1]
+    x = video[:, 0]
+    x_key = video[:, 1]
     bn_before = [b.clone() for b in bn_statistics(model, generator)]  # restored if the step skips
     if args.background_erasing > 0:  # on the query view (every clip of VCLR's anchor tuple)
         x = methods.background_erasing(x.flatten(0, x.dim() - 5),
@@ -419,7 +425,7 @@ class Guard:
         flags = torch.stack([torch.tensor(float(self.signal), device=self.device),
                              (~finite).float().to(self.device),
                              torch.tensor(float(due), device=self.device)])
-        if dist.is_initialized():
+        if models.is_distributed():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         self.stop, nonfinite, self.save_due = (bool(v) for v in flags.tolist())
         return not nonfinite
@@ -539,7 +545,8 @@ def queue_free_metric(model, probe, bn_batch, device, ctx):
     are not fooled. Train-mode forwards as in the step (queries in contiguous sub-batches of
     `bn_batch`, keys in shuffled ones) on copies of the encoders. Returns (loss, top-1, chance)."""
     video = data.to_device(next(iter(probe)), device)  # (P, 2, 3, T, H, W)
-    x, x_key = video[:, 0], video[:, 1]
+    x = video[:, 0]
+    x_key = video[:, 1]
     p = x.shape[0]
     head = getattr(model, "head", nn.Identity())  # CVRL projects after encoder_q's fc
     encoder_q = copy.deepcopy(nn.Sequential(model.encoder_q, head)).train()
@@ -599,7 +606,8 @@ class KNNMonitor:
         return (pred == self.labels[1][q_index]).float().mean().item()
 
     def measure(self, encoder, epochs_done, device, ctx, log):
-        top1, chance = self(encoder, device, ctx), 1 / self.num_classes
+        top1 = self(encoder, device, ctx)
+        chance = 1 / self.num_classes
         log(f"kNN top-1 after {epochs_done} epochs: {top1:.3f} (chance {chance:.3f}; "
             f"{self.k}-NN on the test split, 1 clip per video)", curve=True, epoch=epochs_done,
             knn_top1=top1, knn_chance=chance)
@@ -609,7 +617,7 @@ def log_epoch(epoch, phase, sums, chance, probe, path, bad, log):
     """The epoch's record (the means over its updated steps, and the queue-free metric `probe` =
     (loss, top-1, chance)); returns the collapse warning, or None. Collective (one all-reduce)."""
     totals = torch.stack(list(sums.values()))
-    if dist.is_initialized():
+    if models.is_distributed():
         dist.all_reduce(totals)
     s = dict(zip(sums, totals))
     loss, acc, spread = ((s[k] / s["steps"].clamp(min=1)).item() for k in ("loss", "acc", "spread"))
@@ -636,7 +644,8 @@ def learning_summary(log, epochs):
     records = [records[e] for e in sorted(records)]
     probe = [r for r in records if r.get("probe_loss") is not None]
     if len(probe) > 1:
-        a, b = probe[0], probe[-1]
+        a = probe[0]
+        b = probe[-1]
         log(f"queue-free loss went from {a['probe_loss']:.3f} at epoch {a['epoch']} to "
             f"{b['probe_loss']:.3f} after {epochs} epochs (chance {b['probe_chance']:.3f}), "
             f"its top-1 from {a['probe_top1']:.3f} to {b['probe_top1']:.3f} (chance "

@@ -1,6 +1,6 @@
 """
-What the stage scripts share, so that none of them imports another (DINO's utils.py); it imports
-nothing of the project. The run plumbing (distributed setup, autocast, RNG state, atomic
+What the stage scripts share, so that none of them imports another (DINO's utils.py); of the
+project it imports only models.py (is_distributed). The run plumbing (distributed setup, autocast, RNG state, atomic
 checkpoints and resume, logging and progress, the learning-rate schedule), frozen evaluation (BN
 statistics re-estimated on training clips, features of whole sets, the weighted kNN vote) and the
 transfer of a pretrained encoder into a downstream model.
@@ -21,12 +21,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import models
+
 # -----------------------------------------------------------------------------
 # frozen evaluation: BN statistics, features of whole sets, kNN
 
 def gather_objects(obj):
     """The concatenation of a list `obj` over all ranks (rank order); `obj` in a world of one."""
-    if not dist.is_initialized():
+    if not models.is_distributed():
         return obj
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, obj)
@@ -37,7 +39,8 @@ def gather_objects(obj):
 def per_video(fn, loader, device, ctx):
     """fn over batches of V videos of C clips (V*C, 3, T, H, W) -> ({index: (C, D) cpu float},
     skipped (bad) indices), over all ranks."""
-    results, skipped = [], []
+    results = []
+    skipped = []
     for batch in loader:
         video = batch["video"].to(device, non_blocking=True)  # (V, C, 3, T, H, W)
         v, c = video.shape[:2]
@@ -107,7 +110,7 @@ DEMO_CLIPS = dict(arch="tiny", frames=16, stride=2, crop=64)  # the demo presets
 def wrap_ddp(module, sync_buffers=True):
     """DistributedDataParallel in a world of several processes, every one starting from rank 0's
     parameters and buffers; the module itself (or None) in a world of one."""
-    if module is None or not dist.is_initialized():
+    if module is None or not models.is_distributed():
         return module
     for t in module.state_dict().values():
         dist.broadcast(t, src=0)
@@ -126,7 +129,8 @@ def per_rank(batch_size, world):
 def init_distributed():
     """torchrun's environment -> process group (nccl on CUDA, gloo on CPU); none -> a world of one,
     same code, collectives skipped. Returns (rank, world_size, device)."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True  # fixed shapes (drop_last): pick the fastest kernels
@@ -147,6 +151,12 @@ def init_distributed():
                                 world_size=world,
                                 store=dist.PrefixStore(f"group{generation}/", store))
     return rank, world, device
+
+
+def end_distributed():
+    """The end of a stage: its process group, if init_distributed formed one, destroyed."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def autocast_context(amp, device):
@@ -253,7 +263,8 @@ class Logger:
     """One human line and one JSON line (OUT/log.jsonl) per call, rank 0 only."""
 
     def __init__(self, out, rank):
-        self.rank, self.path = rank, os.path.join(out, "log.jsonl")
+        self.rank = rank
+        self.path = os.path.join(out, "log.jsonl")
 
     def __call__(self, line, **fields):
         if self.rank != 0:
@@ -284,11 +295,14 @@ class Progress:
     logged with the same fields. Count clips in `clips`; `restart()` at each epoch's start."""
 
     def __init__(self, step, total_steps):
-        self.first_step, self.total, self.t_start = step, total_steps, time.time()
+        self.first_step = step
+        self.total = total_steps
+        self.t_start = time.time()
         self.restart()
 
     def restart(self):
-        self.t_log, self.clips = time.time(), 0
+        self.t_log = time.time()
+        self.clips = 0
 
     def log(self, log, epoch, step, shown, tail="", **fields):
         """shown: (name, value, format spec) in print order; `fields` are logged, not printed."""
