@@ -369,6 +369,15 @@ def test_models_py_alone_trains_videomoco_with_a_torchvision_encoder(tmp_path):
     assert r.stdout.strip() == f"lifted {tmp_path / 'models.py'}"
 
 
+def test_adversarial_forward_needs_the_full_clip():
+    # Eq 4 compares D(x_query) with D(x): the adversarial mode without x is a one-line error
+    model = models.VideoMoCo(TINY, dim=8, K=16)
+    x = torch.randn(2, 3, 4, 16, 16)
+    with pytest.raises(ValueError, match="^the adversarial forward needs x_full, the clip before "
+                                         "the drop$"):
+        model(x, x, adversarial=True)
+
+
 def test_adversarial_backward_routes_losses():
     torch.manual_seed(7)
     model = models.VideoMoCo(TINY, dim=8, K=16)
