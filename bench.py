@@ -95,7 +95,7 @@ class DecodeOnly(torch.utils.data.Dataset):
         else:
             with data.VideoReader(path) as reader:
                 reader.clips([int(u * (reader.claimed_frames - frames + 1))], frames)
-        return {"video": torch.zeros(1, dtype=torch.uint8), "bad": []}
+        return [{"video": torch.zeros(1, dtype=torch.uint8), "bad": []}]  # as VideoClips: a list
 
 
 def steady_malloc():

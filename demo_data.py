@@ -128,7 +128,8 @@ def _draw_shape(frame, shape, x, y, size, color):
 def _write_video(path, frames):
     writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"XVID"), DEMO_FPS, DEMO_SIZE)
     if not writer.isOpened():  # else the demo set would be half-written and taken as complete
-        raise data.DataError(f"OpenCV cannot write XVID video {path}: check opencv-python's install")
+        raise data.DataError(f"OpenCV cannot write XVID video {path}: "
+                             "check opencv-python's install")
     for f in frames:
         writer.write(f)
     writer.release()

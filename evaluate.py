@@ -21,7 +21,6 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
 
 import data
 import demo_data
@@ -224,7 +223,7 @@ def main(argv=None):
     data.quiet_opencv()
     rank, world, device = utils.init_distributed()
     kind, model, ckpt = load_model(args)
-    demo_data.ensure(args.dataset, args.data_root)  # the checkpoint's data: a demo set, on first use
+    demo_data.ensure(args.dataset, args.data_root)  # the checkpoint's data; a demo set: first use
     model.to(device).eval()
     ctx, _ = utils.autocast_context(args.amp, device)
     if args.occlusion and kind != "finetune":

@@ -25,9 +25,9 @@ non-finite guard; a test runs this block with models.py alone in a folder):
     x = torch.randn(4, 3, 8, 32, 32)  # a clip; x_key: another augmentation of it
     x_key = x + 0.1 * torch.randn_like(x)
     # D alone, MoCo's step (Eq 1; Eq 2, the keys, the queue inside forward)
-    out = model(x, x_key)
+    out_moco = model(x, x_key)
     opt_d.zero_grad()
-    out["loss_d"].backward()
+    out_moco["loss_d"].backward()
     opt_d.step()
     # the adversarial step: G drops the k most important frames (Eq 3), D minimises Eq 5/6 with
     # x_query as the query, G maximises Eq 4; each player is updated by its own loss

@@ -62,7 +62,8 @@ MUTANTS = [
            "            self.dequeue_and_enqueue(k)\n"
            "        loss_d, acc = self.contrast(",
            also=(("        if self.training:\n"
-                  "            self.dequeue_and_enqueue(k)  # after the scores", "        if False:\n"
+                  "            self.dequeue_and_enqueue(k)  # after the scores",
+                  "        if False:\n"
                   "            self.dequeue_and_enqueue(k)  # after the scores"),)),
     Mutant("momentum_after_keys", "Eq 2 after the key forward (MoCo updates before it)",
            "models.py",

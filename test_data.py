@@ -642,3 +642,16 @@ def test_data_py_alone_reads_a_clip_and_makes_two_views(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == f"alone {tmp_path / 'data.py'}"
+
+
+def test_bench_decode_only_items_collate_as_the_dataset_s(tmp_path):
+    # bench.py's decode-only limit and naive baseline go through data.collate like VideoClips'
+    # items (a list of samples each): a dict instead crashed `python bench.py`
+    import bench
+    path = str(tmp_path / "v.avi")
+    write_index_video(path, 12)
+    for whole in (False, True):
+        dataset = bench.DecodeOnly([(path, 0.5, 4)] * 2, whole=whole)
+        batch = data.collate([dataset[0], dataset[1]])
+        assert batch["video"].shape == (2, 1) and batch["bad"] == []
+

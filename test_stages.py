@@ -384,20 +384,7 @@ def test_nonfinite_step_leaves_weights_and_optimizers():
     # README: a non-finite loss skips the step. D's and G's weights, their optimizers' state and
     # their BN statistics stay as they were (the forward wrote NaN into the BN statistics); Eq 2
     # and the enqueue of the step's finite keys, which ran in the forward, stay
-    torch.manual_seed(0)
-    model = models.VideoMoCo(TINY, dim=8, K=12, m=0.9, shuffle_splits=1)
-    generator = models.ConvLSTMGenerator(hidden=16, width=8)
-    opt_d = torch.optim.SGD(model.encoder_q.parameters(), 0.1, momentum=0.9, weight_decay=1e-4)
-    opt_g = torch.optim.SGD(generator.parameters(), 0.1, momentum=0.9)
-    args = argparse.Namespace(method="videomoco", background_erasing=0, drop_frames=2)
-    guard = types.SimpleNamespace(agree=lambda finite: bool(finite))
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-
-    def step(video):
-        run = pretrain.Run(args, model, generator, opt_d, opt_g, contextlib.nullcontext(), scaler,
-                           guard)
-        return pretrain.train_step(run, video, [], "adversarial", 0.9)
-
+    model, generator, opt_d, opt_g, step = adversarial_setup(0)
     video = torch.randn(4, 2, 3, 8, 32, 32)
     assert step(video)["updated"]  # the optimizers now hold momentum buffers
     before = copy.deepcopy([model.encoder_q.state_dict(), generator.state_dict(),

@@ -343,7 +343,8 @@ def docstring_step():
 
 
 LIFTED_CHECKS = """
-assert torch.isfinite(out["loss_d"]) and torch.isfinite(out["loss_g"])
+assert torch.isfinite(out_moco["loss_d"])  # the MoCo step
+assert torch.isfinite(out["loss_d"]) and torch.isfinite(out["loss_g"])  # the adversarial step
 assert int(model.queue_ptr) == 8  # two steps of 4 keys
 torch.manual_seed(0)  # the initial weights again: the block's first two constructions
 model0 = models.VideoMoCo(torchvision.models.video.r2plus1d_18, dim=16, K=32, m=0.99)

@@ -1,9 +1,9 @@
 """
-What the stage scripts share, so that none of them imports another (DINO's utils.py); of the
-project it imports only models.py (is_distributed). The run plumbing (distributed setup, autocast, RNG state, atomic
-checkpoints and resume, logging and progress, the learning-rate schedule), frozen evaluation (BN
-statistics re-estimated on training clips, features of whole sets, the weighted kNN vote) and the
-transfer of a pretrained encoder into a downstream model.
+What the stage scripts share, so that none of them imports another (DINO's utils.py); of the project
+it imports only models.py (is_distributed). The run plumbing (distributed setup, autocast, RNG
+state, atomic checkpoints and resume, logging and progress, the learning-rate schedule), frozen
+evaluation (BN statistics re-estimated on training clips, features of whole sets, the weighted kNN
+vote) and the transfer of a pretrained encoder into a downstream model.
 """
 
 import contextlib
@@ -94,7 +94,8 @@ def estimate_bn_statistics(encoder, loader, device, ctx):
 
 
 def knn_predict(query, gallery, gallery_labels, num_classes, k=20, temperature=0.07):
-    """Weighted k-NN vote: each of the k nearest gallery items votes exp(cos / temperature) for its class."""
+    """Weighted k-NN vote: each of the k nearest gallery items votes exp(cos / temperature) for
+    its class."""
     sim, index = (query @ gallery.T).topk(min(k, gallery.shape[0]), dim=1)  # (Q, k)
     votes = torch.zeros(query.shape[0], num_classes, dtype=sim.dtype, device=sim.device)
     votes.scatter_add_(1, gallery_labels[index], (sim / temperature).exp())
