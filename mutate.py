@@ -140,7 +140,11 @@ MUTANTS = [
            "    if amp == \"none\":",
            "    if amp in (\"none\", \"bf16\"):",
            tests=("test_stages.py::test_pretrain_bf16_autocast_on_cpu",)),
-    Mutant("decay_weights_off_by_one", "t^(i+1) for t^i", "models.py",
+    Mutant("eq6_off_by_one", "Eq 6's negatives weighted t^(i+1) for t^i", "models.py",
+           "log_weight = age.to(q.dtype) * math.log(decay)",
+           "log_weight = (age.to(q.dtype) + 1) * math.log(decay)"),
+    Mutant("chance_weights_off_by_one", "decay_weights, the chance level's t^i, as t^(i+1)",
+           "models.py",
            "age.to(torch.float64))",
            "age.to(torch.float64) + 1)"),
 ]
