@@ -114,7 +114,8 @@ def _render(rng, motion, background, objects, frames, t0=0):
 
 
 def _draw_shape(frame, shape, x, y, size, color):
-    color, s = tuple(float(c) for c in np.clip(color, 0, 255)), size / 2
+    color = tuple(float(c) for c in np.clip(color, 0, 255))
+    s = size / 2
     if shape == 0:
         cv2.circle(frame, (int(x), int(y)), int(s), color, -1, cv2.LINE_AA)
     elif shape == 1:

@@ -148,8 +148,8 @@ def background_erasing(x, p, weight=(0.1, 0.3), generator=None):
     t = x.shape[2]
     applied = torch.rand(n, generator=generator) < p
     lam = torch.empty(n).uniform_(*weight, generator=generator) * applied  # (N,)
-    r = torch.randint(0, t, (n,), generator=generator)  # (N,)
-    lam, r = lam.to(x.device, x.dtype), r.to(x.device)
+    lam = lam.to(x.device, x.dtype)
+    r = torch.randint(0, t, (n,), generator=generator).to(x.device)  # (N,)
     static = x[torch.arange(n, device=x.device), :, r]  # (N, C, H, W)
     lam5 = lam[:, None, None, None, None]
     return (1 - lam5) * x + lam5 * static[:, :, None], lam, r

@@ -188,8 +188,9 @@ def main(argv=None):
 
     # loop
     guard = Guard(device, log)
-    run = Run(args, model_ddp, generator_ddp, opt_d, opt_g, ctx, scaler, guard, device, loader,
-              bad, utils.Progress(step, args.epochs * len(loader)), log, save)
+    run = Run(args=args, model=model_ddp, generator=generator_ddp, opt_d=opt_d, opt_g=opt_g,
+              ctx=ctx, scaler=scaler, guard=guard, device=device, loader=loader, bad=bad,
+              progress=utils.Progress(step, args.epochs * len(loader)), log=log, save=save)
     stopped = warned = False
     try:  # a DataError (too many bad videos) is raised on every rank at the same flush
         for epoch in range(start_epoch, args.epochs):
