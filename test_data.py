@@ -235,7 +235,9 @@ def test_test_mode_marks_bad_videos_invalid_instead_of_swapping(tmp_path):
     make_tree_with_bad_videos(str(tmp_path), n_good=2)
     samples, _, _ = data.list_videos("folder", str(tmp_path), 1)
     dataset = data.VideoClips(samples, 8, 1, data.EvalTransform(32, crops=3), mode="test", clips=4)
-    out = [dataset[i][0] for i in range(len(samples))]
+    items = [dataset[i] for i in range(len(samples))]
+    assert all(len(item) == 1 for item in items)  # one sample per video in test mode
+    out = [item[0] for item in items]
     good = [os.path.basename(os.path.dirname(p)) == "good" for p, _ in samples]
     assert [o["valid"] for o in out] == good
     assert all(o["video"].shape == (12, 3, 8, 32, 32) for o in out)
