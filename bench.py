@@ -5,6 +5,8 @@ noise; ratios taken back to back are not).
     python bench.py            # both of the below
     python bench.py --loader   # the data pipelines against the sequential-decode limit
     python bench.py --step     # the step: adversarial vs MoCo, FLOPs, MFU, memory format, compile
+    python bench.py --profile  # the ten costliest kernels of one adversarial step
+    (--json PATH also writes the measurements; gpu_report.py runs all three on a GPU node)
 
 Targets: pipeline / limit >= 0.8, pipeline / naive >= 3, --repeat-sample 2 pipeline / limit >= 1.7,
 worker time with the augmentation on the device <= 0.8 x in the workers, resident memory growth
@@ -15,6 +17,7 @@ the paper's size on CUDA (MFU against the dense bf16 peak), at 16 x 64 x 64, bat
 
 import argparse
 import ctypes
+import json
 import os
 import time
 import types
@@ -148,9 +151,10 @@ def _worker_time(dataset, n=40):
 
 
 def bench_loader(args):
-    root = os.path.join(os.path.expanduser("~"), ".cache", "videomoco", "bench-videos-v1")
+    root = os.path.join(args.video_cache, "bench-videos-v1" + (
+        f"-{args.videos}" if args.videos != 30 else ""))
     t0 = time.time()
-    paths = make_bench_videos(root)
+    paths = make_bench_videos(root, n=args.videos)
     print(f"{len(paths)} videos, 320x240 XVID, 10 s each, in {root} "
           f"({time.time() - t0:.1f} s to prepare)")
     frames = args.frames
@@ -191,15 +195,20 @@ def bench_loader(args):
     # a pretraining sample (two views of one clip), in this process: worker time
     torch.set_num_threads(1)
     cv2.setNumThreads(0)
-    two_views = {on_device: clips(on_device, views=2) for on_device in (False, True)}
-    times = {False: [], True: []}
+    two_views = {"workers": clips(False, views=2), "device": clips(True, views=2),
+                 f"device, repeat {args.repeat}": clips(True, views=2, repeat=args.repeat)}
+    times = {name: [] for name in two_views}
     for _ in range(3):
-        for on_device in times:
-            times[on_device].append(_worker_time(two_views[on_device]))
-    work = min(times[False])
-    dev = min(times[True])
+        for name, dataset in two_views.items():
+            # an item is `repeat` samples of one decoded clip
+            times[name].append(_worker_time(dataset) / dataset.pair.repeat)
+    worker_s = {name: min(t) for name, t in times.items()}
+    work = worker_s["workers"]
+    dev = worker_s["device"]
     print(f"worker time per sample: {work * 1e3:.1f} ms augmenting in the worker, "
-          f"{dev * 1e3:.1f} ms with the augmentation on the device")
+          f"{dev * 1e3:.1f} ms with the augmentation on the device, "
+          f"{worker_s[f'device, repeat {args.repeat}'] * 1e3:.1f} ms with it and "
+          f"--repeat-sample {args.repeat}")
     print(f"ratio worker time device / workers = {dev / work:.2f}  (target <= 0.8)")
 
     # memory: the dataset in this process, so every allocation it makes is counted
@@ -212,6 +221,9 @@ def bench_loader(args):
     rss1 = _rss_mb()
     print(f"resident memory over {args.memory_iters} iterations: {rss0:.0f} MB -> {rss1:.0f} MB "
           f"({100 * (rss1 - rss0) / rss0:+.1f} %, target < 5 %)")
+    return {"cores": os.cpu_count(), "workers": workers, "frames": frames, "crop": args.crop,
+            "repeat": args.repeat, "samples_per_s": best, "worker_s_per_sample": worker_s,
+            "rss_growth": (rss1 - rss0) / rss0}
 
 
 # -----------------------------------------------------------------------------
@@ -246,86 +258,115 @@ class CountFlops(TorchDispatchMode):
         return out
 
 
+# the step's variants: (memory format, torch.compile of both encoders)
+VARIANTS = {"eager": (torch.contiguous_format, False),
+            "channels_last_3d": (torch.channels_last_3d, False),
+            "compile": (torch.contiguous_format, True)}
+
 # dense bf16 tensor-core peaks (vendor datasheets, SXM parts), for the MFU estimate
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def bench_step(args):
+def step_setup(args):
+    """What every measured step shares: the device, the encoder, the clip size, autocast. The
+    paper's size on CUDA; at most 16 x 64 x 64, batch 4, on CPU."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     torch.backends.cudnn.benchmark = True  # as the stage scripts (utils.init_distributed)
-    arch = args.arch or "r2plus1d_10"
+    ctx, scaler = utils.autocast_context(None, device)
+    frames = args.frames if cuda else min(args.frames, 16)
+    return types.SimpleNamespace(
+        device=device, cuda=cuda, arch=args.arch or "r2plus1d_10", input=args.input,
+        moco_k=args.moco_k, frames=frames, crop=args.crop if cuda else min(args.crop, 64),
+        ctx=ctx, scaler=scaler,
+        step_args=argparse.Namespace(method="videomoco", background_erasing=0,
+                                     drop_frames=max(1, frames // 4)),
+        guard=types.SimpleNamespace(agree=lambda finite: bool(finite)))  # one process, no signals
+
+
+def make_step(setup, batch, variant="eager"):
+    """pretrain.py's step on a fixed random batch, in a world of one: step(phase)."""
+    memory_format, compiled = VARIANTS[variant]
+    torch.manual_seed(0)
+    video = torch.randn(batch, 2, 3, setup.frames, setup.crop, setup.crop,
+                        device=setup.device)  # x and x_key
+    model = models.VideoMoCo(models.encoder_builder(setup.arch, setup.input), 128, setup.moco_k,
+                             0.999, 0.07, 0.99999).to(setup.device, memory_format=memory_format)
+    generator = models.ConvLSTMGenerator().to(setup.device)
+    if compiled:  # in place: the state_dict keys stay as they are (pretrain.py --compile)
+        model.encoder_q.compile()
+        model.encoder_k.compile()
+    opt_d = torch.optim.SGD(model.encoder_q.parameters(), 0.02, momentum=0.9)
+    opt_g = torch.optim.SGD(generator.parameters(), 0.02, momentum=0.9)
+    run = pretrain.Run(setup.step_args, model, generator, opt_d, opt_g, setup.ctx, setup.scaler,
+                       setup.guard)
+
+    def step(phase="moco"):
+        pretrain.train_step(run, video, [], phase, model.decay)
+    return step
+
+
+def bench_step(args):
+    setup = step_setup(args)
+    device = setup.device
+    cuda = setup.cuda
+    arch = setup.arch
+    frames = setup.frames
+    crop = setup.crop
     # per-GPU batches of 16, 32, 64 (8 GPUs at the paper's global 128), and 128 on one GPU
     batches = [args.batch] if args.batch else ([16, 32, 64, 128] if cuda else [4])
-    frames, crop = (args.frames, args.crop) if cuda else (min(args.frames, 16), min(args.crop, 64))
-    ctx, scaler = utils.autocast_context(None, device)
-    step_args = argparse.Namespace(method="videomoco", background_erasing=0,
-                                   drop_frames=max(1, frames // 4))
-    no_guard = types.SimpleNamespace(agree=lambda finite: bool(finite))  # one process, no signals
     peak = next((v for k, v in PEAK_BF16_FLOPS.items()
                  if cuda and k in torch.cuda.get_device_name()), None)
     print(f"step: {arch} on {args.input} input, {frames} frames, crop {crop}, K {args.moco_k}, on "
           f"{device}" + (f" ({torch.cuda.get_device_name()})" if cuda else ""))
 
-    def make(batch, memory_format=torch.contiguous_format, compiled=False):
-        torch.manual_seed(0)
-        video = torch.randn(batch, 2, 3, frames, crop, crop, device=device)  # x and x_key
-        model = models.VideoMoCo(models.encoder_builder(arch, args.input), 128, args.moco_k,
-                                 0.999, 0.07, 0.99999).to(device, memory_format=memory_format)
-        generator = models.ConvLSTMGenerator().to(device)
-        if compiled:  # in place: the state_dict keys stay as they are (pretrain.py --compile)
-            model.encoder_q.compile()
-            model.encoder_k.compile()
-        opt_d = torch.optim.SGD(model.encoder_q.parameters(), 0.02, momentum=0.9)
-        opt_g = torch.optim.SGD(generator.parameters(), 0.02, momentum=0.9)
-
-        run = pretrain.Run(step_args, model, generator, opt_d, opt_g, ctx, scaler, no_guard)
-
-        def step(phase="moco"):  # pretrain.py's step, in a world of one
-            pretrain.train_step(run, video, [], phase, model.decay)
-        return step
-
+    records = []
     for batch in batches:
-        step = make(batch)
-        times = {"moco": [], "adversarial": []}
-        for _ in range(3):  # interleaved, best of three
-            for phase in times:
-                times[phase].append(_time(lambda: step(phase), args.repeats, device))
-        best = {phase: min(t) for phase, t in times.items()}
-        for phase, seconds in best.items():
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            with CountFlops() as counter:
-                step(phase)
-            rate = counter.total / seconds
-            print(f"batch {batch:3d} {phase + ' step':17s} {seconds * 1e3:8.1f} ms "
-                  f"{batch / seconds:7.1f} clips/s {counter.total / batch / 1e9:6.1f} GFLOP/clip "
-                  f"{rate / 1e12:6.2f} TFLOP/s"
-                  + (f"  MFU {100 * rate / peak:.1f} % of {peak / 1e12:.0f} bf16" if peak else "")
-                  + (f"  peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else ""))
-        print(f"ratio adversarial / MoCo step = {best['adversarial'] / best['moco']:.2f}  "
-              "(target <= 1.75; <= 1.6 on a GPU)")
-        del step
+        best = {}
+        for variant in args.variants:
+            if variant == "compile":
+                t0 = time.perf_counter()
+            step = make_step(setup, batch, variant)
+            if variant == "compile":
+                step()  # compiles
+                print(f"torch.compile of both encoders at batch {batch}: "
+                      f"{time.perf_counter() - t0:.0f} s")
+            times = {"moco": [], "adversarial": []}
+            for _ in range(3):  # interleaved, best of three
+                for phase in times:
+                    times[phase].append(_time(lambda: step(phase), args.repeats, device))
+            for phase, seconds in ((phase, min(t)) for phase, t in times.items()):
+                best[variant, phase] = seconds
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                with CountFlops() as counter:
+                    step(phase)
+                rate = counter.total / seconds
+                record = {"batch": batch, "variant": variant, "phase": phase,
+                          "ms": seconds * 1e3, "clips_per_s": batch / seconds,
+                          "gflop_per_clip": counter.total / batch / 1e9,
+                          "tflop_per_s": rate / 1e12,
+                          "mfu": rate / peak if peak else None,
+                          "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+                records.append(record)
+                print(f"batch {batch:3d} {variant:16s} {phase + ' step':17s} "
+                      f"{seconds * 1e3:8.1f} ms {batch / seconds:7.1f} clips/s "
+                      f"{record['gflop_per_clip']:6.1f} GFLOP/clip {rate / 1e12:6.2f} TFLOP/s"
+                      + (f"  MFU {100 * record['mfu']:.1f} % of {peak / 1e12:.0f} bf16"
+                         if peak else "")
+                      + (f"  peak {record['peak_gib']:.1f} GiB" if cuda else ""))
+            del step
+            print(f"ratio adversarial / MoCo step ({variant}) = "
+                  f"{best[variant, 'adversarial'] / best[variant, 'moco']:.2f}  "
+                  "(target <= 1.75; <= 1.6 on a GPU)")
+        for variant in args.variants[1:]:  # the memory format and compilation against eager
+            print(f"ratio MoCo step {variant} / {args.variants[0]} = "
+                  f"{best[variant, 'moco'] / best[args.variants[0], 'moco']:.2f}  "
+                  "(on by default only where < 1)")
 
-    # the memory format and compilation, each against the same MoCo step in eager NCTHW
-    step = make(batches[0])
-    variants = {"channels_last_3d": make(batches[0], torch.channels_last_3d)}
-    if args.compile:
-        t0 = time.perf_counter()
-        variants["torch.compile"] = make(batches[0], compiled=True)
-        variants["torch.compile"]()  # compiles
-        print(f"torch.compile of both encoders: {time.perf_counter() - t0:.0f} s")
-    times = {name: [] for name in ["eager", *variants]}
-    for _ in range(3):
-        for name, fn in [("eager", step), *variants.items()]:
-            times[name].append(_time(fn, args.repeats, device))
-    for name in variants:
-        print(f"ratio MoCo step {name} / eager = {min(times[name]) / min(times['eager']):.2f}  "
-              "(on by default only where < 1)")
-
-    # the loss alone at the paper's K: Eq 6 vs Eq 1, forward and backward
+    # the loss alone at --moco-k (the paper's K by default): Eq 6 vs Eq 1, forward and backward
     n = 128
-    k = 65536
+    k = args.moco_k
     q = torch.nn.functional.normalize(torch.randn(n, 128, device=device), dim=1).requires_grad_()
     key = torch.nn.functional.normalize(torch.randn(n, 128, device=device), dim=1)
     queue = torch.nn.functional.normalize(torch.randn(128, k, device=device), dim=0)
@@ -340,6 +381,39 @@ def bench_step(args):
     print(f"InfoNCE (Eq 1) {plain * 1e3:.2f} ms, decayed InfoNCE (Eq 6) {decayed * 1e3:.2f} ms "
           f"at N {n}, K {k}")
     print(f"ratio decayed / plain InfoNCE = {decayed / plain:.3f}  (target <= 1.05)")
+    return {"device": torch.cuda.get_device_name() if cuda else "cpu", "arch": arch,
+            "frames": frames, "crop": crop, "moco_k": args.moco_k, "steps": records,
+            "infonce_ms": plain * 1e3, "decayed_infonce_ms": decayed * 1e3}
+
+
+def profile_step(args):
+    """The ten costliest kernels (CUDA; on CPU, operators) of one adversarial step, by self time,
+    after two warm-up steps. Returns the rows; prints them as a Markdown table."""
+    setup = step_setup(args)
+    batch = args.batch or (32 if setup.cuda else 4)
+    step = make_step(setup, batch)
+    for _ in range(2):
+        step("adversarial")
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if setup.cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize()
+    with torch.profiler.profile(activities=activities) as prof:
+        step("adversarial")
+        if setup.cuda:
+            torch.cuda.synchronize()
+    kind = "device" if setup.cuda else "cpu"
+    events = [e for e in prof.key_averages() if getattr(e, f"self_{kind}_time_total") > 0]
+    events.sort(key=lambda e: getattr(e, f"self_{kind}_time_total"), reverse=True)
+    total = sum(getattr(e, f"self_{kind}_time_total") for e in events)
+    rows = [{"name": e.key, "calls": e.count, "self_ms": getattr(e, f"self_{kind}_time_total") / 1e3,
+             "share": getattr(e, f"self_{kind}_time_total") / total} for e in events[:10]]
+    print(f"one adversarial step, batch {batch}, {setup.frames} x {setup.crop}, on "
+          f"{setup.device}: the ten costliest {'kernels' if setup.cuda else 'operators'}")
+    print("| kernel | calls | self ms | share |\n| --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['name'][:80]} | {r['calls']} | {r['self_ms']:.2f} | {100 * r['share']:.1f} % |")
+    return {"device": str(setup.device), "batch": batch, "kind": kind, "rows": rows}
 
 
 def main():
@@ -351,6 +425,10 @@ def main():
     parser.add_argument("--clips", type=int, default=240, help="clips per throughput measurement")
     parser.add_argument("--repeat", type=int, default=2, help="--repeat-sample N measured")
     parser.add_argument("--memory-iters", type=int, default=2000, help="for the RSS check")
+    parser.add_argument("--videos", type=int, default=30, help="UCF101-like videos for --loader")
+    parser.add_argument("--video-cache", default=os.path.join(os.path.expanduser("~"), ".cache",
+                                                              "videomoco"),
+                        help="where --loader writes its videos once")
     parser.add_argument("--step", action="store_true", help="benchmark the step and the loss")
     parser.add_argument("--arch", default=None, help="encoder for --step (default r2plus1d_10)")
     parser.add_argument("--batch", type=int, default=None,
@@ -358,14 +436,29 @@ def main():
     parser.add_argument("--moco-k", type=int, default=65536, help="queue size for --step")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement")
     parser.add_argument("--input", default="rgb", choices=models.INPUTS)
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="measure torch.compile in --step (about 2 minutes to compile on CPU)")
+    parser.add_argument("--variants", default="eager,channels_last_3d,compile",
+                        help=f"--step's variants, the first the reference: {', '.join(VARIANTS)} "
+                             "(compile: about 2 minutes on CPU)")
+    parser.add_argument("--profile", action="store_true",
+                        help="the ten costliest kernels of one adversarial step, as a table")
+    parser.add_argument("--json", default=None, help="also write the measurements to this file")
     args = parser.parse_args()
-    run_all = not (args.loader or args.step)
+    args.variants = args.variants.split(",")
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown --variants {', '.join(sorted(unknown))}; choose from "
+                     f"{', '.join(VARIANTS)}")
+    run_all = not (args.loader or args.step or args.profile)
+    results = {}
     if args.loader or run_all:
-        bench_loader(args)
+        results["loader"] = bench_loader(args)
     if args.step or run_all:
-        bench_step(args)
+        results["step"] = bench_step(args)
+    if args.profile:
+        results["profile"] = profile_step(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

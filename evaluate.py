@@ -255,6 +255,8 @@ def main(argv=None):
         runs.append(occlusion(model, test_loader, labels, ckpt, args, device, ctx))
     for fields, _ in runs:
         result.update(fields)
+    if device.type == "cuda":
+        result["cuda_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
 
     if rank == 0:
         print(f"{args.ckpt} ({kind}) on {args.dataset} split {args.split}:")

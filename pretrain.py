@@ -307,17 +307,19 @@ def train_epoch(run, epoch, step, resumed):
 
 def log_step(run, out, spread, epoch, step, phase):
     """The progress line and record of a step (rank 0 prints; host syncs, every print_freq)."""
-    loss_g = float("nan")
-    if out["loss_g"] is not None:
-        loss_g = out["loss_g"].item()
-    shown = [("loss_d", out["loss_d"].item(), ".4f"), ("loss_g", loss_g, ".4f"),
-             ("acc", out["acc"].item(), ".3f"), ("spread", spread.item(), ".3f"),
-             ("lr", run.opt_d.param_groups[0]["lr"], ".4g")]
+    shown = [("loss_d", out["loss_d"].item(), ".4f")]
+    no_g = {}  # without G (the MoCo phase, the peers) loss_g is logged as null and not shown
+    if out["loss_g"] is None:
+        no_g["loss_g"] = None
+    else:
+        shown.append(("loss_g", out["loss_g"].item(), ".4f"))
+    shown += [("acc", out["acc"].item(), ".3f"), ("spread", spread.item(), ".3f"),
+              ("lr", run.opt_d.param_groups[0]["lr"], ".4g")]
     vclr = {k: out[k].item() for k in ("loss_order", "order_acc", "loss_clip")
             if out.get(k) is not None}
     tail = "".join(f" {k} {v:.4f}" for k, v in vclr.items()) + f" bad {len(run.bad)} [{phase}]"
     run.progress.log(run.log, epoch, step, shown, tail, bad_videos=len(run.bad), phase=phase,
-                     **vclr)
+                     **no_g, **vclr)
 
 
 def train_step(run, video, extra, phase, decay, measure_random=False):

@@ -38,7 +38,7 @@ def test_imports_form_a_tree_with_two_leaves():
     # models.py and data.py import nothing of the project; utils.py only models.py (its one "am I
     # distributed?"), methods.py only models.py and data.py (its pairs are data.PairMakers),
     # demo_data.py only data.py; the stage scripts only models, data, demo_data, methods and utils
-    # (bench.py also pretrain.py, for its step)
+    # (bench.py also pretrain.py, for its step); gpu_report.py none
     graph = {m: project_imports(m) for m in MODULES}
     card = {"models", "data", "methods", "utils", "pretrain", "finetune", "evaluate", "bench"}
     assert card <= set(graph)
@@ -49,6 +49,7 @@ def test_imports_form_a_tree_with_two_leaves():
     for stage in ("pretrain", "finetune", "evaluate"):
         assert graph[stage] <= {"models", "data", "demo_data", "methods", "utils"}, stage
     assert graph["bench"] <= {"models", "data", "utils", "pretrain"}
+    assert graph["gpu_report"] == set()  # it runs the scripts as commands
 
     def visit(m, path):  # depth-first: a module met again on its own path is a cycle
         assert m not in path, path + [m]

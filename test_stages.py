@@ -1167,3 +1167,72 @@ def test_evaluate_rejects_corrupt_and_wrong_checkpoints(tmp_path):
         evaluate.main(["--ckpt", str(odd)])
     with pytest.raises(SystemExit, match="not found"):
         evaluate.main(["--ckpt", str(tmp_path / "missing.pt")])
+
+
+# -----------------------------------------------------------------------------
+# gpu_report.py: the GPU node's one command, dry-run on CPU
+
+
+def test_gpu_report_dry_run_runs_every_part_and_writes_its_report(demo_root, tmp_path):
+    # the same stage and bench commands as on a GPU node, at a tiny size on CPU: each stage ends
+    # with finite losses and a checkpoint that loads with weights_only=True, bench's parts write
+    # their measurements, and the report holds all five parts; what needs CUDA is one line each
+    out = tmp_path / "report"
+    result = subprocess.run([sys.executable, "gpu_report.py", "--dry-run", "--out", str(out),
+                             "--data-root", demo_root], cwd=HERE, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["dry_run"] and report["device"] == "cpu"
+    assert list(report["smoke"]) == ["pretrain", "pretrain-fp16-compile", "finetune", "evaluate",
+                                     "moco", "cvrl", "vclr"]
+    assert all(r["ok"] and r["rc"] == 0 for r in report["smoke"].values())
+    skipped = {name: r["skipped"] for name, r in report["smoke"].items() if r["skipped"]}
+    assert list(skipped) == ["pretrain-fp16-compile"] and "needs CUDA" in skipped[
+        "pretrain-fp16-compile"]
+    assert result.stdout.count("dry run:") == 2  # the fp16 + compile stage, bench's compile
+    for name in ("pretrain", "moco", "cvrl", "vclr"):
+        ckpt = torch.load(out / "runs" / name / "ckpt.pt", map_location="cpu", weights_only=True)
+        assert ckpt["args"]["method"] == ("videomoco" if name == "pretrain" else name)
+    phases = {r["phase"] for r in read_log(out / "runs" / "pretrain")}
+    assert phases == {"moco", "adversarial"}  # 2 epochs, the second adversarial
+    steps = report["step"]["data"]["steps"]
+    assert {(r["variant"], r["phase"]) for r in steps} == {
+        (v, p) for v in ("eager", "channels_last_3d") for p in ("moco", "adversarial")}
+    assert all(r["clips_per_s"] > 0 and r["gflop_per_clip"] > 0 for r in steps)
+    rows = report["profile"]["data"]["rows"]
+    assert len(rows) == 10 and sum(r["share"] for r in rows) <= 1 + 1e-9
+    loader = report["loader"]["data"]
+    assert loader["cores"] == os.cpu_count() and set(loader["worker_s_per_sample"]) == {
+        "workers", "device", "device, repeat 2"}
+    # the cost, from the rates: 1 GPU at the largest batch, 8 at the smallest (one here: 2)
+    assert [(r["gpus"], r["per_gpu_batch"]) for r in report["cost"]] == [(1, 2)] * 2 + [(8, 2)] * 2
+    kinetics, ucf = report["cost"][:2]
+    assert kinetics["hours"] / ucf["hours"] == pytest.approx(240_000 / 9_537)
+    assert report["cost"][2]["hours"] == pytest.approx(kinetics["hours"] / 8)
+    markdown = (out / "report.md").read_text()
+    for heading in ("## 1. Every stage", "## 2. The step", "## 3. The ten costliest",
+                    "## 4. The loader", "## 5. What a pretraining costs", "Dry run on CPU"):
+        assert heading in markdown
+
+
+def test_gpu_report_records_a_failing_command_and_a_bad_checkpoint(tmp_path):
+    # a part that fails is recorded with the end of its output, and the report goes on; a run
+    # whose checkpoint does not load with weights_only=True, or whose loss is not finite, fails
+    import gpu_report
+    result = gpu_report.run_command("boom", [sys.executable, "-c",
+                                             "print('step 1'); raise SystemExit('error: boom')"],
+                                    str(tmp_path), timeout=60)
+    assert not result["ok"] and result["rc"] == 1 and "error: boom" in result["error"]
+    assert "step 1" in (tmp_path / "logs" / "boom.log").read_text()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text('{"loss_d": 1.5, "loss_g": null}\n{"loss": 1.2}\n')
+    torch.save({"args": {}, "weights": torch.zeros(2)}, run / "ckpt.pt")
+    assert gpu_report.check_run(str(run)) == ([], None)
+    torch.save({"args": argparse.Namespace()}, run / "ckpt.pt")  # not weights_only-loadable
+    problems, _ = gpu_report.check_run(str(run))
+    assert len(problems) == 1 and "weights_only=True" in problems[0]
+    (run / "log.jsonl").write_text('{"loss_d": NaN}\n')
+    torch.save({"args": {}}, run / "ckpt.pt")
+    assert gpu_report.check_run(str(run))[0] == ["a non-finite loss"]

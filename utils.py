@@ -272,6 +272,9 @@ class Logger:
             return
         print(line, flush=True)
         if fields:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                # this process's peak GPU memory so far, for bench's GPU report
+                fields["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             with open(self.path, "a") as f:
                 f.write(json.dumps(fields) + "\n")
 
