@@ -321,6 +321,8 @@ def bench_step(args):
           f"{device}" + (f" ({torch.cuda.get_device_name()})" if cuda else ""))
 
     records = []
+    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "arch": arch,
+              "frames": frames, "crop": crop, "moco_k": args.moco_k, "steps": records}
     for batch in batches:
         best = {}
         for variant in args.variants:
@@ -359,6 +361,9 @@ def bench_step(args):
             print(f"ratio adversarial / MoCo step ({variant}) = "
                   f"{best[variant, 'adversarial'] / best[variant, 'moco']:.2f}  "
                   "(target <= 1.75; <= 1.6 on a GPU)")
+        if args.json:  # what is measured so far, should a later batch fail or run out of time
+            with open(args.json, "w") as f:
+                json.dump({"step": result}, f, indent=1)
         for variant in args.variants[1:]:  # the memory format and compilation against eager
             print(f"ratio MoCo step {variant} / {args.variants[0]} = "
                   f"{best[variant, 'moco'] / best[args.variants[0], 'moco']:.2f}  "
@@ -381,9 +386,8 @@ def bench_step(args):
     print(f"InfoNCE (Eq 1) {plain * 1e3:.2f} ms, decayed InfoNCE (Eq 6) {decayed * 1e3:.2f} ms "
           f"at N {n}, K {k}")
     print(f"ratio decayed / plain InfoNCE = {decayed / plain:.3f}  (target <= 1.05)")
-    return {"device": torch.cuda.get_device_name() if cuda else "cpu", "arch": arch,
-            "frames": frames, "crop": crop, "moco_k": args.moco_k, "steps": records,
-            "infonce_ms": plain * 1e3, "decayed_infonce_ms": decayed * 1e3}
+    result.update(infonce_ms=plain * 1e3, decayed_infonce_ms=decayed * 1e3)
+    return result
 
 
 def profile_step(args):

@@ -43,9 +43,15 @@ RUNS = {"Kinetics-400, 200 epochs (the paper's)": (240_000, 200),
 ADVERSARIAL_SHARE = 0.5  # pretrain.py's default --adv-start: the second half is adversarial
 
 
-def run_command(name, argv, out, timeout):
-    """One command in a process of its own, its output in OUT/logs/NAME.log. Returns
-    {"ok", "rc", "seconds", "error"}: the error is the log's last lines where it failed."""
+def run_command(name, argv, out, timeout, deadline=None):
+    """One command in a process of its own, its output in OUT/logs/NAME.log, ended at `timeout`
+    seconds or at the report's deadline (time.time()), whichever is first. Returns {"ok", "rc",
+    "seconds", "error"}: the error is the log's last lines where it failed."""
+    if deadline is not None:
+        timeout = min(timeout, deadline - time.time())
+        if timeout < 10:
+            return {"ok": False, "rc": None, "seconds": 0,
+                    "error": "not run: the report's time budget (--minutes) is spent"}
     log_path = os.path.join(out, "logs", f"{name}.log")
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     t0 = time.time()
@@ -131,12 +137,12 @@ def smoke_stages(out, dry_run, data_root):
     return stages
 
 
-def part_smoke(out, dry_run, data_root, timeout):
+def part_smoke(out, dry_run, data_root, timeout, deadline):
     results = {}
     for name, argv, folder, skipped in smoke_stages(out, dry_run, data_root):
         if skipped:  # the dry run's fp16 + compile stage runs what CPU can (--channels-last)
             print(f"  {name}: {skipped}")
-        result = run_command(name, argv, out, timeout)
+        result = run_command(name, argv, out, timeout, deadline)
         result["skipped"] = skipped
         if folder and result["ok"]:
             problems, peak = check_run(os.path.join(out, "runs", folder))
@@ -158,14 +164,15 @@ def part_smoke(out, dry_run, data_root, timeout):
     return results
 
 
-def part_bench(name, out, flags, timeout):
-    """bench.py with --json; returns the run's result with the measurements under "data"."""
+def part_bench(name, out, flags, timeout, deadline):
+    """bench.py with --json; returns the run's result with the measurements under "data" (those
+    written before a failure or the deadline too: bench.py --step writes after every batch)."""
     path = os.path.join(out, f"{name}.json")
     result = run_command(name, [sys.executable, "bench.py", *flags, "--json", path], out,
-                         timeout)
-    if result["ok"]:
+                         timeout, deadline)
+    if os.path.exists(path):
         with open(path) as f:
-            result["data"] = next(iter(json.load(f).values()))
+            result["data"] = next(iter(json.load(f).values()), None)
     print(f"  {name}: {'ok' if result['ok'] else 'FAILED: ' + result['error']} "
           f"({result['seconds']} s)")
     return result
@@ -179,7 +186,9 @@ def cost(step, loader):
     for r in step["steps"]:
         key = (r["batch"], r["phase"])
         rates[key] = max(rates.get(key, 0), r["clips_per_s"])
-    batches = sorted({b for b, _ in rates})
+    batches = sorted({b for b, _ in rates if (b, "moco") in rates and (b, "adversarial") in rates})
+    if not batches:
+        return None
     worker_s = loader["worker_s_per_sample"]
     repeat_key = next(k for k in worker_s if k.startswith("device, repeat"))
     rows = []
@@ -213,7 +222,7 @@ def write_report(out, report):
         lines.append(f"| {name} | {result} | {r['seconds']} | {peak} |")
     step = report["step"]
     lines += ["", "## 2. The step", ""]
-    if step["ok"]:
+    if step.get("data"):
         s = step["data"]
         lines += [f"{s['arch']}, {s['frames']} x {s['crop']}, K {s['moco_k']}, on {s['device']}.",
                   "", "| batch | variant | step | ms | clips/s | MFU | peak GiB |",
@@ -223,21 +232,21 @@ def write_report(out, report):
             peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
             lines.append(f"| {r['batch']} | {r['variant']} | {r['phase']} | {r['ms']:.1f} | "
                          f"{r['clips_per_s']:.1f} | {mfu} | {peak} |")
-    else:
-        lines.append(f"FAILED: {step['error']}")
+    if not step["ok"]:
+        lines += ["", f"FAILED: {step['error']}"]
     profile = report["profile"]
     lines += ["", "## 3. The ten costliest kernels of one adversarial step", ""]
-    if profile["ok"]:
+    if profile.get("data"):
         p = profile["data"]
         lines += [f"Batch {p['batch']} on {p['device']}, by self {p['kind']} time.", "",
                   "| kernel | calls | self ms | share |", "| --- | --- | --- | --- |"]
         lines += [f"| {r['name'][:80]} | {r['calls']} | {r['self_ms']:.2f} | "
                   f"{100 * r['share']:.1f} % |" for r in p["rows"]]
-    else:
-        lines.append(f"FAILED: {profile['error']}")
+    if not profile["ok"]:
+        lines += ["", f"FAILED: {profile['error']}"]
     loader = report["loader"]
     lines += ["", "## 4. The loader", ""]
-    if loader["ok"]:
+    if loader.get("data"):
         d = loader["data"]
         lines += [f"{d['workers']} workers on {d['cores']} cores, {d['frames']} x {d['crop']}.", "",
                   "| pipeline | samples/s | worker ms per sample |", "| --- | --- | --- |"]
@@ -245,8 +254,8 @@ def write_report(out, report):
             worker = d["worker_s_per_sample"].get(name)
             lines.append(f"| {name} | {rate:.1f} | "
                          f"{worker * 1e3:.1f} |" if worker else f"| {name} | {rate:.1f} | - |")
-    else:
-        lines.append(f"FAILED: {loader['error']}")
+    if not loader["ok"]:
+        lines += ["", f"FAILED: {loader['error']}"]
     lines += ["", "## 5. What a pretraining costs", ""]
     if report["cost"]:
         lines += ["From the best variant's rates in 2, half the epochs MoCo and half adversarial; "
@@ -273,7 +282,9 @@ def main(argv=None):
                    help="on CPU at a tiny size: the plumbing, no GPU number")
     p.add_argument("--data-root", default=None,
                    help="the demo set's folder (default: where demo_data.py writes it)")
-    p.add_argument("--timeout", type=int, default=300, help="seconds per command")
+    p.add_argument("--timeout", type=int, default=300, help="seconds per command at most")
+    p.add_argument("--minutes", type=float, default=8,
+                   help="the whole report's budget: a command still running then is ended")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     if not cuda and not args.dry_run:
@@ -283,26 +294,27 @@ def main(argv=None):
               "device": torch.cuda.get_device_name() if cuda else "cpu",
               "cores": os.cpu_count(), "torch": torch.__version__}
     t0 = time.time()
+    deadline = t0 + 60 * args.minutes
     print("1. every stage")
-    report["smoke"] = part_smoke(args.out, args.dry_run, args.data_root, args.timeout)
+    report["smoke"] = part_smoke(args.out, args.dry_run, args.data_root, args.timeout, deadline)
     tiny = ["--frames", "8", "--crop", "32", "--repeats", "1"] if args.dry_run else []
     print("2. the step")
     report["step"] = part_bench("step", args.out, ["--step", *tiny, *(
         ["--batch", "2", "--moco-k", "256", "--variants", "eager,channels_last_3d"]
-        if args.dry_run else [])], args.timeout)
+        if args.dry_run else [])], 2 * args.timeout, deadline)
     if args.dry_run:
         print("  step: dry run: the compile variant left out (minutes on CPU)")
     print("3. the profile")
     report["profile"] = part_bench("profile", args.out, ["--profile", *tiny, *(
-        ["--batch", "2", "--moco-k", "256"] if args.dry_run else [])], args.timeout)
+        ["--batch", "2", "--moco-k", "256"] if args.dry_run else [])], args.timeout, deadline)
     print("4. the loader")
     report["loader"] = part_bench("loader", args.out, [
         "--loader", "--workers", str(os.cpu_count()), *(
             ["--frames", "8", "--crop", "32", "--clips", "16", "--memory-iters", "20",
              "--videos", "4", "--video-cache", os.path.join(args.out, "cache")]
-            if args.dry_run else [])], args.timeout)
-    report["cost"] = (cost(report["step"]["data"], report["loader"]["data"])
-                      if report["step"]["ok"] and report["loader"]["ok"] else None)
+            if args.dry_run else [])], args.timeout, deadline)
+    have = all(report[part].get("data") for part in ("step", "loader"))
+    report["cost"] = cost(report["step"]["data"], report["loader"]["data"]) if have else None
     report["seconds"] = round(time.time() - t0)
     write_report(args.out, report)
     failed = [name for name, r in report["smoke"].items() if not r["ok"]] + [

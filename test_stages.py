@@ -1225,6 +1225,10 @@ def test_gpu_report_records_a_failing_command_and_a_bad_checkpoint(tmp_path):
                                     str(tmp_path), timeout=60)
     assert not result["ok"] and result["rc"] == 1 and "error: boom" in result["error"]
     assert "step 1" in (tmp_path / "logs" / "boom.log").read_text()
+    late = gpu_report.run_command("late", [sys.executable, "-c", "pass"], str(tmp_path), 60,
+                                  deadline=time.time() + 5)  # the budget (--minutes) is spent
+    assert not late["ok"] and "time budget" in late["error"]
+    assert not (tmp_path / "logs" / "late.log").exists()
     run = tmp_path / "run"
     run.mkdir()
     (run / "log.jsonl").write_text('{"loss_d": 1.5, "loss_g": null}\n{"loss": 1.2}\n')
