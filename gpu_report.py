@@ -301,7 +301,7 @@ def main(argv=None):
     print("2. the step")
     report["step"] = part_bench("step", args.out, ["--step", *tiny, *(
         ["--batch", "2", "--moco-k", "256", "--variants", "eager,channels_last_3d"]
-        if args.dry_run else [])], 2 * args.timeout, deadline)
+        if args.dry_run else ["--repeats", "2"])], 2 * args.timeout, deadline)
     if args.dry_run:
         print("  step: dry run: the compile variant left out (minutes on CPU)")
     print("3. the profile")
@@ -312,7 +312,7 @@ def main(argv=None):
         "--loader", "--workers", str(os.cpu_count()), *(
             ["--frames", "8", "--crop", "32", "--clips", "16", "--memory-iters", "20",
              "--videos", "4", "--video-cache", os.path.join(args.out, "cache")]
-            if args.dry_run else [])], args.timeout, deadline)
+            if args.dry_run else ["--memory-iters", "200"])], args.timeout, deadline)
     have = all(report[part].get("data") for part in ("step", "loader"))
     report["cost"] = cost(report["step"]["data"], report["loader"]["data"]) if have else None
     report["seconds"] = round(time.time() - t0)

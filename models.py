@@ -238,6 +238,17 @@ def drop_frames(x, importance, k, temperature=1.0):
     return _apply_frame_mask(x, mask), mask
 
 
+def frame_motion(x):
+    """Each frame's motion (N, T): its mean absolute difference to its neighbours (one at either
+    end of the clip), over channels and pixels; x (N, C, T, H, W)."""
+    diff = (x[:, :, 1:].float() - x[:, :, :-1].float()).abs().mean(dim=(1, 3, 4))  # (N, T-1)
+    pad = diff.new_zeros(diff.shape[0], 1)
+    total = torch.cat([pad, diff], dim=1) + torch.cat([diff, pad], dim=1)  # (N, T)
+    neighbours = torch.full((x.shape[2],), 2.0, device=x.device)
+    neighbours[0] = neighbours[-1] = 1
+    return total / neighbours
+
+
 def random_drop(x, k, generator=None):
     """Table 1's "random dropout": k random frames per clip dropped as in `drop_frames`."""
     n = x.shape[0]

@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import curves
 import data
 import demo_data
 import methods
@@ -38,7 +39,11 @@ G_RATIO_STEPS = 5  # steps of an adversarial epoch, evenly spaced, that measure 
 SAVE_EVERY_MIN = 30  # minutes between mid-epoch saves
 MAX_NONFINITE = 20  # non-finite losses in a row that stop the run
 PROBE_CLIPS = 64  # the queue-free metric's probe set: chance ln 64
-EPOCH_SUMS = ("loss", "acc", "spread", "steps", "l1_g", "l1_random")  # the epoch record's sums
+# the epoch record's sums; at the measured steps (G_RATIO_STEPS) also what G drops: "drops", the
+# dropped frames per clip position (a (T,) vector), and "motion_corr", the correlation of G's
+# importance with the frames' motion, summed over the measured steps (counted in "measured")
+EPOCH_SUMS = ("loss", "acc", "spread", "steps", "l1_g", "l1_random", "measured", "motion_corr",
+              "drops")
 
 
 def get_args_parser():
@@ -218,6 +223,7 @@ def main(argv=None):
             bad.write(os.path.join(args.out, "bad_videos.txt"))
         if rank == 0:
             learning_summary(log, args.epochs)
+            curves.draw_or_say(log.path, os.path.join(args.out, "curves.png"), log)
         log(f"done. log: {log.path}; backbone: {os.path.join(args.out, 'backbone.pt')}\n"
             f"next: python evaluate.py --ckpt {ckpt_path}  (kNN retrieval of the features)\n"
             f"      python finetune.py --ckpt {ckpt_path} --out {args.out}-finetune")
@@ -268,6 +274,7 @@ def train_epoch(run, epoch, step, resumed):
         run.generator.train()
     run.progress.restart()
     sums = {k: torch.zeros((), device=run.device) for k in EPOCH_SUMS}
+    sums["drops"] = torch.zeros(args.frames, device=run.device)
     for k, v in (resumed.get("sums") or {}).items():
         sums[k] += v.to(run.device)
     steps = skip + len(loader)  # the epoch's, a resumed one's included (the loader skips `skip`)
@@ -289,6 +296,9 @@ def train_epoch(run, epoch, step, resumed):
             if measure:
                 sums["l1_g"] += -out["loss_g"].detach().float()
                 sums["l1_random"] += out["l1_random"].float()
+                sums["measured"] += 1
+                sums["motion_corr"] += out["motion_corr"]
+                sums["drops"] += out["drops"]
         step += 1
         run.progress.clips += args.batch_size
         if step % args.print_freq == 0 or epoch_step + 1 == steps:
@@ -343,7 +353,8 @@ def train_step(run, video, extra, phase, decay, measure_random=False):
             out = model(x, x_key, *extra)
         else:
             if adversarial:  # Eq 3: G scores every frame, its k most important are dropped
-                x_query, _ = models.drop_frames(x, generator(x), args.drop_frames)
+                importance = generator(x)  # (N, T)
+                x_query, mask = models.drop_frames(x, importance, args.drop_frames)
             elif phase == "random-drop":  # Table 1's random-drop row
                 x_query, _ = models.random_drop(x, args.drop_frames)
             else:
@@ -354,6 +365,8 @@ def train_step(run, video, extra, phase, decay, measure_random=False):
             out = model(x_query_in, x_key, decay=decay, adversarial=adversarial, x_full=x)
             if measure_random:
                 out["l1_random"] = random_drop_distance(model, x, out["q_full"], args.drop_frames)
+                out["drops"] = mask.detach().float().sum(dim=0)  # (T,) per clip position
+                out["motion_corr"] = motion_correlation(importance.detach(), x)
     # a non-finite loss skips the step on every rank alike (the step's one host sync): D, G, their
     # optimizers and BN statistics stay as they were. Eq 2 and the enqueue, which MoCo's order runs
     # in the forward before the loss exists, stay: they read only theta_q, which the skip leaves
@@ -392,6 +405,18 @@ def random_drop_distance(model, x, q_full, k):
     copy_ = copy.deepcopy(getattr(model, "module", model))  # (the module under DDP)
     q = F.normalize(copy_.encode_query(models.random_drop(x, k)[0]), dim=1)
     return (q.float() - q_full.float()).abs().sum(dim=1).mean()
+
+
+@torch.no_grad()
+def motion_correlation(importance, x):
+    """Pearson's correlation of G's importance (N, T) with each frame's motion
+    (models.frame_motion), per clip, averaged over the clips: near 1 where G would drop the
+    frames that move most (Sec 1: "temporally important"), 0 where its scores ignore motion."""
+    a = importance.float() - importance.float().mean(dim=1, keepdim=True)
+    motion = models.frame_motion(x)
+    b = motion - motion.mean(dim=1, keepdim=True)
+    r = (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1)).clamp(min=1e-12)
+    return r.mean()
 
 
 def epoch_schedule(args, epoch, opt_d, opt_g):
@@ -619,22 +644,29 @@ class KNNMonitor:
 def log_epoch(epoch, phase, sums, chance, probe, path, bad, log):
     """The epoch's record (the means over its updated steps, and the queue-free metric `probe` =
     (loss, top-1, chance)); returns the collapse warning, or None. Collective (one all-reduce)."""
-    totals = torch.stack(list(sums.values()))
+    totals = torch.cat([v.reshape(-1) for v in sums.values()])  # one all-reduce for all
     if models.is_distributed():
         dist.all_reduce(totals)
-    s = dict(zip(sums, totals))
+    s = dict(zip(sums, totals.split([v.numel() for v in sums.values()])))
+    s = {k: v.reshape(sums[k].shape) for k, v in s.items()}
     loss, acc, spread = ((s[k] / s["steps"].clamp(min=1)).item() for k in ("loss", "acc", "spread"))
     # G's drops against random drops of as many frames, Eq 4's distance on the same clips (Table 1)
     g_vs_random = (s["l1_g"] / s["l1_random"]).item() if s["l1_random"] > 0 else None
+    # what G drops: the share of its drops at each clip position, and its motion correlation
+    drops = motion_corr = None
+    if s["measured"] > 0:
+        drops = (s["drops"] / s["drops"].sum()).tolist()
+        motion_corr = (s["motion_corr"] / s["measured"]).item()
     probe_loss, probe_top1, probe_chance = probe
     log(f"epoch {epoch} done: loss {loss:.4f} (chance {chance:.4f}) acc {acc:.3f} "
         f"spread {spread:.3f}; queue-free loss {probe_loss:.4f} (chance {probe_chance:.4f}) "
         f"top-1 {probe_top1:.3f}"
         + (f"; Eq 4 distance of G's drops / random drops {g_vs_random:.3f}" if g_vs_random else "")
+        + (f"; G's importance vs motion r {motion_corr:+.3f}" if motion_corr is not None else "")
         + f"; {bad} bad videos skipped so far; saved {path}",
         curve=True, epoch=epoch + 1, loss=loss, acc=acc, spread=spread, chance=chance,
         probe_loss=probe_loss, probe_top1=probe_top1, probe_chance=probe_chance,
-        g_vs_random=g_vs_random)
+        g_vs_random=g_vs_random, drops=drops, motion_corr=motion_corr)
     return collapse_warning(probe_loss, spread, probe_chance)
 
 

@@ -479,7 +479,8 @@ def _ddp_worker(rank, world, port, argv, out):
 
 @pytest.mark.parametrize("method,extra", [
     ("videomoco", []), ("cvrl", []), ("vclr", []),
-    ("videomoco", ["--augment-on", "device", "--repeat-sample", "2"])])
+    ("videomoco", ["--augment-on", "device", "--repeat-sample", "2"]),
+    ("videomoco", ["--amp", "bf16"])])  # shuffle-BN gathers the keys' clips in bf16
 def test_ddp_two_gloo_processes_keep_identical_queues_and_weights(small_tree, tmp_path, method,
                                                                   extra):
     port = free_port()
@@ -491,7 +492,7 @@ def test_ddp_two_gloo_processes_keep_identical_queues_and_weights(small_tree, tm
     s1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     # two steps of a global batch of 4 (2 per process); with --repeat-sample 2 two samples of one
     # video per process, so four steps: 16 keys through a queue of 12
-    steps = 4 if extra else 2
+    steps = 4 if "--repeat-sample" in extra else 2
     assert method == "cvrl" or int(s0["queue_ptr"]) == 4 * steps % 12
     for key in s0:
         if "running_" in key or "num_batches" in key:
@@ -937,6 +938,42 @@ def test_pretrain_monitor_measures_random_init_first_then_logs(
     assert all(0 <= r["knn_top1"] <= 1 and r["knn_chance"] == 0.5 for r in knn)
     assert "kNN top-1 on the test split went from" in out
     assert "queue-free loss went from" in out
+
+
+def test_pretrain_draws_its_curves_and_says_how_where_matplotlib_is_missing(small_tree, tmp_path,
+                                                                            monkeypatch, capsys):
+    # curves.png at the end of the run, one panel per quantity, from log.jsonl; without matplotlib
+    # the run ends as it would, with one line that says how to draw it, and curves.py draws the
+    # same picture from the log afterwards
+    import cv2
+    import curves
+    out = tmp_path / "run"
+    pretrain.main(small_args(small_tree, out))
+    image = cv2.imread(str(out / "curves.png"))
+    assert image is not None and image.shape[1] > image.shape[0]  # 2 x 4 panels
+    assert f"learning curves: {out / 'curves.png'}" in capsys.readouterr().out
+    epochs = curves.read_curves(str(out / "log.jsonl"))
+    assert list(epochs) == [0, 1, 2]  # random init, then the two epochs
+    assert curves.series(epochs, "loss", "chance")[0] == [1, 2]
+    assert "g_vs_random" in epochs[2] and "g_vs_random" not in epochs[1]  # adversarial from 1
+    # what G dropped in its epoch: the share of its drops at each of the 4 positions (at the
+    # measured steps), and its importance's correlation with motion
+    drops = epochs[2]["drops"]
+    assert len(drops) == 4 and sum(drops) == pytest.approx(1)
+    assert -1 <= epochs[2]["motion_corr"] <= 1 and "drops" not in epochs[1]
+    (out / "curves.png").unlink()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    bare = tmp_path / "bare"
+    pretrain.main(small_args(small_tree, bare))
+    lines = capsys.readouterr().out.splitlines()
+    missing = [line for line in lines if "curves.png not drawn" in line]
+    assert missing == [curves.MISSING.format(log=bare / "log.jsonl")]
+    assert (bare / "ckpt.pt").exists() and not (bare / "curves.png").exists()
+    with pytest.raises(SystemExit, match="matplotlib is not installed"):
+        curves.main([str(out / "log.jsonl")])
+    monkeypatch.undo()  # matplotlib back
+    curves.main([str(out / "log.jsonl")])
+    assert cv2.imread(str(out / "curves.png")).shape == image.shape
 
 
 def test_learning_summary_reads_the_first_and_last_measurements(tmp_path, capsys):

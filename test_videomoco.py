@@ -276,6 +276,35 @@ def test_drop_frames_keep_the_clip_dtype():
     assert models.random_drop(x, 1)[0].dtype == torch.bfloat16
 
 
+def test_frame_motion_is_the_mean_absolute_difference_to_the_neighbours_against_a_loop():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 4, 4)
+    motion = models.frame_motion(x)
+    for n in range(2):
+        for j in range(5):
+            diffs = [(x[n, :, j] - x[n, :, i]).abs().mean().item() for i in (j - 1, j + 1)
+                     if 0 <= i < 5]
+            assert motion[n, j].item() == pytest.approx(sum(diffs) / len(diffs), rel=1e-6)
+
+
+def test_motion_correlation_is_pearson_s_r_per_clip_averaged_against_a_loop():
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 6, 4, 4)
+    motion = models.frame_motion(x)
+    assert pretrain.motion_correlation(motion, x).item() == pytest.approx(1, abs=1e-6)
+    assert pretrain.motion_correlation(-2 * motion + 1, x).item() == pytest.approx(-1, abs=1e-6)
+    importance = torch.randn(3, 6)
+    rs = []
+    for n in range(3):
+        a = importance[n].tolist()
+        b = motion[n].tolist()
+        ma = sum(a) / 6
+        mb = sum(b) / 6
+        cov = sum((u - ma) * (v - mb) for u, v in zip(a, b))
+        rs.append(cov / math.sqrt(sum((u - ma) ** 2 for u in a) * sum((v - mb) ** 2 for v in b)))
+    assert pretrain.motion_correlation(importance, x).item() == pytest.approx(sum(rs) / 3, rel=1e-5)
+
+
 def test_random_drop():
     x = torch.randn(64, 3, 8, 4, 4)
     x_query, mask = models.random_drop(x, 2, torch.Generator().manual_seed(0))
