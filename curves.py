@@ -120,7 +120,7 @@ def draw(log_path, png_path):
            ylim=(-1, 1))
     ax.legend()
     axes[7].axis("off")
-    fig.suptitle(os.path.dirname(os.path.abspath(log_path)), fontsize=9)
+    fig.suptitle(os.path.basename(os.path.dirname(os.path.abspath(log_path))), fontsize=9)
     fig.savefig(png_path, dpi=72)
     plt.close(fig)
     return png_path
