@@ -207,65 +207,69 @@ def cost(step, loader):
     return rows
 
 
+def table(header, rows):
+    """A Markdown table: the header's cells, then one line per row of cells."""
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def optional(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
 def write_report(out, report):
     lines = [f"# GPU report, {report['date']}", "",
              f"Device: {report['device']}; {report['cores']} CPU cores; torch {report['torch']}."
              + (" **Dry run on CPU at a tiny size: no number here is a GPU's.**"
                 if report["dry_run"] else ""), ""]
-    lines += ["## 1. Every stage", "", "| stage | result | seconds | peak GPU memory (GiB) |",
-              "| --- | --- | --- | --- |"]
+    lines += ["## 1. Every stage", ""]
+    rows = []
     for name, r in report["smoke"].items():
         result = "ok" if r["ok"] else f"FAILED: {r['error']}"
         if r.get("skipped"):
             result += f" ({r['skipped']})"
-        peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "-"
-        lines.append(f"| {name} | {result} | {r['seconds']} | {peak} |")
-    step = report["step"]
-    lines += ["", "## 2. The step", ""]
-    if step.get("data"):
-        s = step["data"]
-        lines += [f"{s['arch']}, {s['frames']} x {s['crop']}, K {s['moco_k']}, on {s['device']}.",
-                  "", "| batch | variant | step | ms | clips/s | MFU | peak GiB |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
-        for r in s["steps"]:
-            mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "-"
-            peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
-            lines.append(f"| {r['batch']} | {r['variant']} | {r['phase']} | {r['ms']:.1f} | "
-                         f"{r['clips_per_s']:.1f} | {mfu} | {peak} |")
-    if not step["ok"]:
-        lines += ["", f"FAILED: {step['error']}"]
-    profile = report["profile"]
-    lines += ["", "## 3. The ten costliest kernels of one adversarial step", ""]
-    if profile.get("data"):
-        p = profile["data"]
-        lines += [f"Batch {p['batch']} on {p['device']}, by self {p['kind']} time.", "",
-                  "| kernel | calls | self ms | share |", "| --- | --- | --- | --- |"]
-        lines += [f"| {r['name'][:80]} | {r['calls']} | {r['self_ms']:.2f} | "
-                  f"{100 * r['share']:.1f} % |" for r in p["rows"]]
-    if not profile["ok"]:
-        lines += ["", f"FAILED: {profile['error']}"]
-    loader = report["loader"]
-    lines += ["", "## 4. The loader", ""]
-    if loader.get("data"):
-        d = loader["data"]
-        lines += [f"{d['workers']} workers on {d['cores']} cores, {d['frames']} x {d['crop']}.", "",
-                  "| pipeline | samples/s | worker ms per sample |", "| --- | --- | --- |"]
-        for name, rate in d["samples_per_s"].items():
-            worker = d["worker_s_per_sample"].get(name)
-            lines.append(f"| {name} | {rate:.1f} | "
-                         f"{worker * 1e3:.1f} |" if worker else f"| {name} | {rate:.1f} | - |")
-    if not loader["ok"]:
-        lines += ["", f"FAILED: {loader['error']}"]
+        rows.append([name, result, r["seconds"], optional(r.get("peak_gib"), ".2f")])
+    lines += table(["stage", "result", "seconds", "peak GPU memory (GiB)"], rows)
+
+    sections = {"step": "## 2. The step",
+                "profile": "## 3. The ten costliest kernels of one adversarial step",
+                "loader": "## 4. The loader"}
+    for part, heading in sections.items():
+        lines += ["", heading, ""]
+        d = report[part].get("data")
+        if d and part == "step":
+            lines += [f"{d['arch']}, {d['frames']} x {d['crop']}, K {d['moco_k']}, on "
+                      f"{d['device']}.", ""]
+            lines += table(["batch", "variant", "step", "ms", "clips/s", "MFU", "peak GiB"], [
+                [r["batch"], r["variant"], r["phase"], f"{r['ms']:.1f}",
+                 f"{r['clips_per_s']:.1f}",
+                 "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %",
+                 optional(r["peak_gib"], ".1f")] for r in d["steps"]])
+        elif d and part == "profile":
+            lines += [f"Batch {d['batch']} on {d['device']}, by self {d['kind']} time.", ""]
+            lines += table(["kernel", "calls", "self ms", "share"], [
+                [r["name"][:80], r["calls"], f"{r['self_ms']:.2f}", f"{100 * r['share']:.1f} %"]
+                for r in d["rows"]])
+        elif d and part == "loader":
+            lines += [f"{d['workers']} workers on {d['cores']} cores, {d['frames']} x "
+                      f"{d['crop']}.", ""]
+            worker = d["worker_s_per_sample"]
+            lines += table(["pipeline", "samples/s", "worker ms per sample"], [
+                [name, f"{rate:.1f}", "-" if name not in worker else f"{worker[name] * 1e3:.1f}"]
+                for name, rate in d["samples_per_s"].items()])
+        if not report[part]["ok"]:
+            lines += ["", f"FAILED: {report[part]['error']}"]
+
     lines += ["", "## 5. What a pretraining costs", ""]
     if report["cost"]:
         lines += ["From the best variant's rates in 2, half the epochs MoCo and half adversarial; "
                   "8 GPUs at 8 x one GPU's rate at their per-GPU batch (no communication "
-                  "counted: a lower bound).", "",
-                  "| run | GPUs | per-GPU batch | hours | clips/s | loader cores | "
-                  "loader cores, --repeat-sample 2 |", "| --- | --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {r['run']} | {r['gpus']} | {r['per_gpu_batch']} | {r['hours']:.1f} | "
-                  f"{r['clips_per_s']:.1f} | {r['loader_cores']:.1f} | "
-                  f"{r['loader_cores_repeat']:.1f} |" for r in report["cost"]]
+                  "counted: a lower bound).", ""]
+        lines += table(["run", "GPUs", "per-GPU batch", "hours", "clips/s", "loader cores",
+                        "loader cores, --repeat-sample 2"], [
+            [r["run"], r["gpus"], r["per_gpu_batch"], f"{r['hours']:.1f}",
+             f"{r['clips_per_s']:.1f}", f"{r['loader_cores']:.1f}",
+             f"{r['loader_cores_repeat']:.1f}"] for r in report["cost"]])
     else:
         lines.append("not computed: it needs parts 2 and 4")
     with open(os.path.join(out, "report.md"), "w") as f:
