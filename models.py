@@ -238,15 +238,21 @@ def drop_frames(x, importance, k, temperature=1.0):
     return _apply_frame_mask(x, mask), mask
 
 
-def frame_motion(x):
-    """Each frame's motion (N, T): its mean absolute difference to its neighbours (one at either
-    end of the clip), over channels and pixels; x (N, C, T, H, W)."""
-    diff = (x[:, :, 1:].float() - x[:, :, :-1].float()).abs().mean(dim=(1, 3, 4))  # (N, T-1)
-    pad = diff.new_zeros(diff.shape[0], 1)
-    total = torch.cat([pad, diff], dim=1) + torch.cat([diff, pad], dim=1)  # (N, T)
+def pixel_motion(x):
+    """Each pixel's motion (N, T, H, W): its mean absolute difference, over channels, to the same
+    pixel in the neighbouring frames (one neighbour at either end of the clip); x (N, C, T, H, W)."""
+    diff = (x[:, :, 1:].float() - x[:, :, :-1].float()).abs().mean(dim=1)  # (N, T-1, H, W)
+    pad = torch.zeros_like(diff[:, :1])
+    total = torch.cat([pad, diff], dim=1) + torch.cat([diff, pad], dim=1)  # (N, T, H, W)
     neighbours = torch.full((x.shape[2],), 2.0, device=x.device)
     neighbours[0] = neighbours[-1] = 1
-    return total / neighbours
+    return total / neighbours[:, None, None]
+
+
+def frame_motion(x):
+    """Each frame's motion (N, T): pixel_motion averaged over the frame's pixels, i.e. its mean
+    absolute difference to its neighbours over channels and pixels; x (N, C, T, H, W)."""
+    return pixel_motion(x).mean(dim=(2, 3))
 
 
 def random_drop(x, k, generator=None):

@@ -412,11 +412,7 @@ def motion_correlation(importance, x):
     """Pearson's correlation of G's importance (N, T) with each frame's motion
     (models.frame_motion), per clip, averaged over the clips: near 1 where G would drop the
     frames that move most (Sec 1: "temporally important"), 0 where its scores ignore motion."""
-    a = importance.float() - importance.float().mean(dim=1, keepdim=True)
-    motion = models.frame_motion(x)
-    b = motion - motion.mean(dim=1, keepdim=True)
-    r = (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1)).clamp(min=1e-12)
-    return r.mean()
+    return utils.pearson(importance, models.frame_motion(x)).mean()
 
 
 def epoch_schedule(args, epoch, opt_d, opt_g):

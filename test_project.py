@@ -38,7 +38,7 @@ def test_imports_form_a_tree_with_two_leaves():
     # models.py and data.py import nothing of the project; utils.py only models.py (its one "am I
     # distributed?"), methods.py only models.py and data.py (its pairs are data.PairMakers),
     # demo_data.py only data.py; the stage scripts only models, data, demo_data, methods, utils
-    # and curves (which imports nothing of the project)
+    # and the pictures, curves and visualize (which import nothing of the project)
     # (bench.py also pretrain.py, for its step); gpu_report.py none
     graph = {m: project_imports(m) for m in MODULES}
     card = {"models", "data", "methods", "utils", "pretrain", "finetune", "evaluate", "bench"}
@@ -48,8 +48,10 @@ def test_imports_form_a_tree_with_two_leaves():
     assert graph["methods"] == {"models", "data"}
     assert graph["demo_data"] == {"data"}
     assert graph["curves"] == set()  # pretrain.py's picture, drawn from log.jsonl
+    assert graph["visualize"] == set()  # evaluate.py's pictures
     for stage in ("pretrain", "finetune", "evaluate"):
-        assert graph[stage] <= {"models", "data", "demo_data", "methods", "utils", "curves"}, stage
+        assert graph[stage] <= {"models", "data", "demo_data", "methods", "utils", "curves",
+                                "visualize"}, stage
     assert graph["bench"] <= {"models", "data", "utils", "pretrain"}
     assert graph["gpu_report"] == set()  # it runs the scripts as commands
 

@@ -1161,6 +1161,132 @@ def test_knn_vote_and_entropy_match_loops():
         assert h.item() == pytest.approx(-sum(p * math.log(p) for p in row.tolist()), rel=1e-5)
 
 
+def test_grad_cam_matches_a_naive_gradient_weighted_sum_and_the_cam_of_a_pooled_linear_head():
+    torch.manual_seed(0)
+    tiny = models.build_encoder("tiny", 3).eval()
+    x = torch.randn(2, 3, 16, 16, 16)
+    target = torch.tensor([2, 0])
+    assert evaluate.last_conv_block(tiny) is tiny.features
+    # the last block, and one inside the net (stage 2 of 4), where the gradient varies over
+    # (t, h, w)
+    for cut, shape in ((len(tiny.features), (2, 2, 1, 1)), (6, (2, 8, 4, 4))):
+        layer = tiny.features if cut == len(tiny.features) else tiny.features[cut - 1]
+        got = evaluate.grad_cam(tiny, x, target, layer)  # (N, t, h, w)
+        assert got.shape == shape
+        for n in range(2):  # each clip on its own: its own forward and backward
+            a = tiny.features[:cut](x[n:n + 1])  # (1, K, t, h, w)
+            score = tiny.fc(tiny.avgpool(tiny.features[cut:](a)).flatten(1))[0, target[n]]
+            grad, = torch.autograd.grad(score, a)
+            cam = torch.zeros(a.shape[2:])
+            for k in range(a.shape[1]):
+                cam += grad[0, k].mean() * a[0, k].detach()
+            assert torch.allclose(got[n], cam.clamp(min=0), atol=1e-6)
+    # a head of global average pooling then fc: d score / d A_k = w[target, k] / (t h w), so
+    # Grad-CAM is the CAM of Zhou et al. 2016, relu(sum_k w_k A_k) / (t h w), with no autograd
+    net = models.build_encoder("r2plus1d_10", 4).eval()
+    x = torch.randn(2, 3, 16, 32, 32)
+    target = torch.tensor([1, 3])
+    got = evaluate.grad_cam(net, x, target, evaluate.last_conv_block(net))
+    store = {}
+    net.layer4.register_forward_hook(lambda m, i, out: store.update(a=out.detach()))
+    with torch.no_grad():
+        net(x)
+    a = store["a"]  # (N, 512, t, h, w)
+    for n in range(2):
+        w = net.fc.weight[target[n]].detach()
+        cam = sum(w[k] * a[n, k] for k in range(a.shape[1])) / a[n, 0].numel()
+        assert torch.allclose(got[n], cam.clamp(min=0), atol=1e-6)
+    per_frame = evaluate.cam_per_frame(got, x.shape[2:])
+    assert got.shape == (2, 2, 2, 2) and per_frame.shape == (2, 16, 32, 32)
+    assert per_frame.min() >= 0
+    assert torch.allclose(per_frame.flatten(1).amax(dim=1), torch.ones(2))
+
+
+def test_the_figures_are_written_and_decode_as_images_of_the_expected_size(tmp_path):
+    import cv2
+    import visualize
+    gen = torch.Generator().manual_seed(0)
+    v, t, h, w, height = 2, 6, 24, 32, 20
+    clips = [torch.rand(3, t, h, w, generator=gen) for _ in range(v)]
+    titles = ["a: c0", "b: c1"]
+    masks = {"none": torch.zeros(v, t), "random": torch.zeros(v, t)}
+    masks["random"][:, 2] = 1
+    captions = {m: [[("A: c0 H=0.10", visualize.GREEN)]] * v for m in masks}
+    path = str(tmp_path / "fig4.png")
+    visualize.occlusion_figure(path, clips, titles, masks, captions, height=height)
+    image = cv2.imread(path)
+    pad = visualize.PAD
+    tile = round(w * height / h)
+    strip_w = t * tile + (t + 1) * pad
+    block = 16 + pad + len(masks) * (height + 2 * pad + pad)
+    assert image.shape == (v * (block + 10), strip_w + 300, 3)
+    # the dropped frame is crossed in red at its centre; the frame beside it is the frame
+    row = 16 + pad + (height + 3 * pad) + pad  # the first video's "random" strip, top
+    centre = image[row + height // 2, pad + 2 * (tile + pad) + tile // 2].astype(int)
+    assert centre[2] > 150 and centre[0] < 90 and centre[1] < 90  # BGR red
+    frame = visualize.to_bgr(clips[0], height)[3]
+    beside = image[row:row + height, pad + 3 * (tile + pad):pad + 3 * (tile + pad) + tile]
+    assert np.abs(beside.astype(int) - frame.astype(int)).max() <= 8  # the 5-bit colours
+    # Fig 5: a CAM of 1 (red in JET) at the top left, 0 (blue) elsewhere, over a grey clip
+    grey = [torch.full((3, t, h, w), 0.5)] * v
+    cam = torch.zeros(t, h, w)
+    cam[:, : h // 2, : w // 2] = 1
+    path = str(tmp_path / "fig5.png")
+    visualize.cam_figure(path, grey, titles, {"A": [cam] * v, "B": [cam] * v},
+                         {"A": [[]] * v, "B": [[]] * v}, height=height, max_frames=4)
+    image = cv2.imread(path)
+    block = 16 + pad + 3 * (height + 3 * pad)
+    assert image.shape == (v * (block + 10), 4 * tile + 5 * pad + 300, 3)
+    top = 16 + pad + (height + 3 * pad) + pad  # A's overlay strip
+    hot = image[top + 2, pad + 2].astype(int)
+    cold = image[top + height - 3, pad + tile - 3].astype(int)
+    assert hot[2] > hot[0] + 40 and cold[0] > cold[2] + 40
+
+
+def test_evaluate_compares_checkpoints_on_the_same_clips_and_drops_and_draws_both_figures(
+        small_tree, tmp_path):
+    import cv2
+    pre = tmp_path / "pre"
+    pretrain.main(small_args(small_tree, pre, "--epochs", "1", "--adv-start", "0"))
+    fine = []
+    for name, extra in (("a", []), ("b", ["--linear"])):
+        finetune.main(["--ckpt", str(pre / "ckpt.pt"), "--out", str(tmp_path / name), "--epochs",
+                       "1", "--batch-size", "4", "--workers", "0", *extra])
+        fine.append(str(tmp_path / name / "ckpt.pt"))
+    run = ["--clips", "2", "--workers", "0", "--batch-size", "3", "--occlusion"]
+    alone = evaluate.main(["--ckpt", fine[0], *run])
+    both = evaluate.main(["--ckpt", fine[0], "--ckpt", fine[1], "--label", "A", "--label", "B",
+                          *run, "--figure", str(tmp_path / "f4.png"), "--cam",
+                          str(tmp_path / "f5.png"), "--figure-videos", "2"])
+    first, second = both["checkpoints"]
+    assert (first["label"], second["label"]) == ("A", "B")
+    for key in ("top1", "entropy_none", "entropy_random", "top1_random", "entropy_adversarial",
+                "top1_adversarial", "per_video"):
+        assert first[key] == alone[key], key  # the other checkpoint changes none of A's drops
+    assert both["occlusion"]["dropped"] == alone["occlusion"]["dropped"]
+    occl = both["occlusion"]
+    assert occl["generator"] == fine[0] and occl["drop_frames"] == 1  # A's G: its pretraining's
+    for mode in ("random", "adversarial"):  # k = 1 frame of each of the 8 videos' first clips
+        assert [len(d) for d in occl["dropped"][mode]] == [1] * 8
+    assert occl["dropped"]["none"] == [[]] * 8
+    for r in (first, second):
+        for mode in ("none", "random", "adversarial"):
+            per = r["per_video"][mode]
+            assert len(per["pred"]) == len(per["entropy"]) == 8
+            assert sum(per["entropy"]) / 8 == pytest.approx(r[f"entropy_{mode}"], abs=1e-4)
+            hits = [p == y for p, y in zip(per["pred"], occl["labels"])]
+            assert sum(hits) / 8 == pytest.approx(r[f"top1_{mode}"])
+        assert r["top1_lost_random"] == pytest.approx(r["top1_none"] - r["top1_random"])
+        assert -1 <= r["cam_motion_r"] <= 1
+    for name in ("f4.png", "f5.png"):
+        image = cv2.imread(str(tmp_path / name))
+        assert image is not None and image.ndim == 3 and image.shape[0] > 100
+    with pytest.raises(SystemExit, match="2 --label for 1 --ckpt"):
+        evaluate.main(["--ckpt", fine[0], "--label", "A", "--label", "B"])
+    with pytest.raises(SystemExit, match="need finetuned checkpoints"):
+        evaluate.main(["--ckpt", fine[0], "--ckpt", str(pre / "ckpt.pt"), "--cam", "x.png"])
+
+
 def test_finetune_then_evaluate_end_to_end_json_keys(small_tree, tmp_path):
     pre, ft = tmp_path / "pre", tmp_path / "ft"
     pretrain.main(small_args(small_tree, pre, "--epochs", "1", "--adv-start", "0"))

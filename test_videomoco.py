@@ -287,6 +287,22 @@ def test_frame_motion_is_the_mean_absolute_difference_to_the_neighbours_against_
             assert motion[n, j].item() == pytest.approx(sum(diffs) / len(diffs), rel=1e-6)
 
 
+def test_pixel_motion_is_each_pixel_s_mean_absolute_difference_to_its_neighbours_against_a_loop():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 3, 4)
+    motion = models.pixel_motion(x)  # (N, T, H, W)
+    assert motion.shape == (2, 5, 3, 4)
+    for n in range(2):
+        for j in range(5):
+            for h in range(3):
+                for w in range(4):
+                    diffs = [sum(abs(x[n, c, j, h, w].item() - x[n, c, i, h, w].item())
+                                 for c in range(3)) / 3
+                             for i in (j - 1, j + 1) if 0 <= i < 5]
+                    assert motion[n, j, h, w].item() == pytest.approx(sum(diffs) / len(diffs),
+                                                                       rel=1e-5)
+
+
 def test_motion_correlation_is_pearson_s_r_per_clip_averaged_against_a_loop():
     torch.manual_seed(0)
     x = torch.randn(3, 3, 6, 4, 4)

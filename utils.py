@@ -68,6 +68,15 @@ def clip_average(outputs):
     return index, torch.stack([outputs[i].mean(0) for i in index.tolist()])
 
 
+def pearson(a, b):
+    """Pearson's r of each row of a and b (N, ...), each row flattened: (N,)."""
+    a = a.flatten(1).float()
+    b = b.flatten(1).float()
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
+
+
 @torch.no_grad()
 def estimate_bn_statistics(encoder, loader, device, ctx):
     """Precise BN (Wu & Johnson 2021), in place: every BN layer's running statistics become the
