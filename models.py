@@ -240,7 +240,8 @@ def drop_frames(x, importance, k, temperature=1.0):
 
 def pixel_motion(x):
     """Each pixel's motion (N, T, H, W): its mean absolute difference, over channels, to the same
-    pixel in the neighbouring frames (one neighbour at either end of the clip); x (N, C, T, H, W)."""
+    pixel in the neighbouring frames (one neighbour at either end of the clip); x
+    (N, C, T, H, W)."""
     diff = (x[:, :, 1:].float() - x[:, :, :-1].float()).abs().mean(dim=1)  # (N, T-1, H, W)
     pad = torch.zeros_like(diff[:, :1])
     total = torch.cat([pad, diff], dim=1) + torch.cat([diff, pad], dim=1)  # (N, T, H, W)
