@@ -239,8 +239,8 @@ def occlusion_generator(args, loaded, device):
 def occlusion(loaded, test_loader, labels, drops, args, device, ctx):
     """Every finetuned checkpoint's (Loaded) entropy and top-1 under every drop mode ({mode: x ->
     (x_dropped, mask)}), on the same clips with the same drops: each batch is dropped once per mode
-    and given to all. Returns ([per checkpoint: {mode: {"probs" (V, classes) clip-averaged, "top1", "entropy"}}],
-    {mode: (V, T) the drops of each video's first clip}, the video indices (V,))."""
+    and given to all. Returns ([per checkpoint: {mode: {"probs" (V, classes) clip-averaged, "top1",
+    "entropy"}}], {mode: (V, T) the drops of each video's first clip}, the video indices (V,))."""
     t = args.frames
     classifiers = [one.model for one in loaded]
 
@@ -312,7 +312,8 @@ def last_conv_block(model):
 def grad_cam(model, x, target, layer):
     """Grad-CAM of class `target` (N,) for clips x (N, 3, T, H, W): the activations A
     (N, K, t, h, w) of `layer`, each channel weighted by the mean over (t, h, w) of
-    d score_target / d A_k, summed over channels, ReLU. Returns (N, t, h, w), unnormalised; model in eval mode."""
+    d score_target / d A_k, summed over channels, ReLU. Returns (N, t, h, w), unnormalised; model
+    in eval mode."""
     store = {}
     handle = layer.register_forward_hook(lambda module, inputs, output: store.update(a=output))
     try:
