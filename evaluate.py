@@ -198,6 +198,10 @@ def load_models(args):
                         f"({first.settings[key]} and {one.settings[key]}); pass "
                         f"--{key.replace('_', '-')} to evaluate both on the same clips")
         loaded.append(one)
+    names = [one.label for one in loaded]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"error: two checkpoints share a label ({', '.join(names)}); pass one "
+                         "distinct --label per --ckpt")
     for key in data.DATA_KEYS:
         if key not in given:
             setattr(args, key, loaded[0].settings[key])
@@ -345,16 +349,25 @@ def figure_videos(n_videos, count):
 
 
 def first_clips(dataset, positions):
-    """The first clip (3, T, H, W), normalised, of the videos at `positions` of `dataset`."""
-    return [dataset[p][0]["video"][0] for p in positions]
+    """The first clip (3, T, H, W), normalised, of the video at each of `positions` of
+    `dataset`, or of the next one that decodes: (video indices, clips)."""
+    videos, clips = [], []
+    for p in positions:
+        for v in range(p, len(dataset)):
+            item = dataset[v][0]
+            if item["valid"] and v not in videos:
+                videos.append(v)
+                clips.append(item["video"][0])
+                break
+    return videos, clips
 
 
 def draw_occlusion_figure(path, loaded, results, masks, index, dataset, classes, args):
     """Fig 4 as a PNG: the figure videos' first clips under every drop mode, each checkpoint's
     prediction and entropy (clip-averaged, as the numbers) beside each strip."""
     positions = figure_videos(len(index), args.figure_videos)
-    videos = [int(index[p]) for p in positions]
-    clips = [data.denormalize(c) for c in first_clips(dataset, videos)]
+    videos, clips = first_clips(dataset, [int(index[p]) for p in positions])  # index: decoded
+    clips = [data.denormalize(c) for c in clips]
     titles = [f"{os.path.basename(dataset.samples[v][0])}: {classes[dataset.samples[v][1]]}"
               for v in videos]
     captions = {mode: [] for mode in masks}
@@ -372,12 +385,13 @@ def draw_occlusion_figure(path, loaded, results, masks, index, dataset, classes,
                                captions)
 
 
-def draw_cam_figure(path, loaded, index, dataset, classes, device, args):
+def draw_cam_figure(path, loaded, dataset, classes, device, args):
     """Fig 5 as a PNG: Grad-CAM of the true class per frame, every checkpoint on the same first
-    clips; returns each checkpoint's mean r(CAM, pixel motion) over the figure videos."""
-    positions = figure_videos(len(index), args.figure_videos)
-    videos = [int(index[p]) for p in positions]
-    x = torch.stack(first_clips(dataset, videos)).to(device)  # (V, 3, T, H, W)
+    clips of videos that decode; returns each checkpoint's mean r(CAM, pixel motion) over them."""
+    videos, clips = first_clips(dataset, figure_videos(len(dataset), args.figure_videos))
+    if not videos:
+        raise SystemExit("error: no test video decodes; nothing to draw for --cam")
+    x = torch.stack(clips).to(device)  # (V, 3, T, H, W)
     target = torch.tensor([dataset.samples[v][1] for v in videos], device=device)
     motion = models.pixel_motion(x)  # (V, T, H, W)
     cams = {}
@@ -445,12 +459,23 @@ def main(argv=None):
     if (args.occlusion or args.cam) and not finetuned:
         raise SystemExit("error: --occlusion, --figure and --cam need finetuned checkpoints "
                          "(classifiers)")
+    if (args.figure or args.cam) and args.figure_videos < 1:
+        raise SystemExit(f"error: --figure-videos {args.figure_videos}: a figure needs at "
+                         "least 1 video")
+    for path in (args.figure, args.cam, args.json):  # before the work, not after it
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise SystemExit(f"error: the folder of {path} does not exist")
 
     try:
         train, classes, _ = data.list_videos(args.dataset, args.data_root, args.split, True)
         test, _, _ = data.list_videos(args.dataset, args.data_root, args.split, False)
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
+    for one in loaded:
+        if one.kind == "finetune" and one.ckpt["classes"] != classes:
+            raise SystemExit(f"error: {one.path} classifies {len(one.ckpt['classes'])} classes "
+                             f"({one.ckpt['classes'][0]}, ...), not the {len(classes)} of "
+                             f"{args.dataset} ({classes[0]}, ...)")
     test_loader = data.test_loader(test, args, args.batch_size, args.workers, args.clips,
                                    args.crops)
     labels = torch.tensor([y for _, y in test_loader.dataset.samples])
@@ -496,8 +521,7 @@ def main(argv=None):
             draw_occlusion_figure(args.figure, loaded, per_ckpt, masks, index,
                                   test_loader.dataset, classes, args)
     if args.cam and rank == 0:
-        r_motion = draw_cam_figure(args.cam, loaded, torch.arange(len(labels)),
-                                   test_loader.dataset, classes, device, args)
+        r_motion = draw_cam_figure(args.cam, loaded, test_loader.dataset, classes, device, args)
         for result in results:
             result["cam_motion_r"] = r_motion[result["label"]]
     if device.type == "cuda":

@@ -1285,6 +1285,28 @@ def test_evaluate_compares_checkpoints_on_the_same_clips_and_drops_and_draws_bot
         evaluate.main(["--ckpt", fine[0], "--label", "A", "--label", "B"])
     with pytest.raises(SystemExit, match="need finetuned checkpoints"):
         evaluate.main(["--ckpt", fine[0], "--ckpt", str(pre / "ckpt.pt"), "--cam", "x.png"])
+    with pytest.raises(SystemExit, match="share a label"):
+        evaluate.main(["--ckpt", fine[0], "--ckpt", fine[1], "--label", "A", "--label", "A"])
+    with pytest.raises(SystemExit, match="at least 1 video"):
+        evaluate.main(["--ckpt", fine[0], "--cam", str(tmp_path / "x.png"), "--figure-videos", "0"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        evaluate.main(["--ckpt", fine[0], "--figure", str(tmp_path / "no" / "x.png")])
+    other = torch.load(fine[0], weights_only=True)
+    other["classes"] = ["x", "y"]
+    torch.save(other, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="classifies 2 classes"):
+        evaluate.main(["--ckpt", str(tmp_path / "other.pt")])
+
+
+def test_figures_take_the_next_video_that_decodes():
+    # a test video that fails to decode comes back as zeros, valid False: never drawn
+    items = [{"video": torch.full((1, 3, 2, 4, 4), float(i)), "valid": i not in (0, 3)}
+             for i in range(6)]
+    videos, clips = evaluate.first_clips([[item] for item in items], [0, 3, 5])
+    assert videos == [1, 4, 5]
+    assert [c[0, 0, 0, 0].item() for c in clips] == [1.0, 4.0, 5.0]
+    videos, _ = evaluate.first_clips([[item] for item in items], [0, 1])
+    assert videos == [1, 2]  # one video is never drawn twice
 
 
 def test_finetune_then_evaluate_end_to_end_json_keys(small_tree, tmp_path):
