@@ -32,7 +32,10 @@ def read_curves(log_path):
     epochs = {}
     with open(log_path) as f:
         for line in f:
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line half-written by a run that was stopped
+                continue
             if record.get("curve"):
                 fields = {k: v for k, v in record.items() if v is not None and k != "curve"}
                 epochs.setdefault(record["epoch"], {}).update(fields)

@@ -275,7 +275,8 @@ def occlusion(loaded, test_loader, labels, drops, args, device, ctx):
 
 def drop_modes(g_net, k, seed):
     """{mode: x -> (x with k frames dropped, mask (N, T))}: none, at random (a CPU generator seeded
-    once: the same drops on every device and run), by G (Eq 3) where there is one."""
+    once: the same drops on every device and run with the same world size), by G (Eq 3) where
+    there is one."""
     rng = torch.Generator().manual_seed(seed)
     modes = {"none": lambda x: (x, x.new_zeros(x.shape[0], x.shape[2])),
              "random": lambda x: models.random_drop(x, k, generator=rng)}

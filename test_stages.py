@@ -954,6 +954,9 @@ def test_pretrain_draws_its_curves_and_says_how_where_matplotlib_is_missing(smal
     assert f"learning curves: {out / 'curves.png'}" in capsys.readouterr().out
     epochs = curves.read_curves(str(out / "log.jsonl"))
     assert list(epochs) == [0, 1, 2]  # random init, then the two epochs
+    torn = tmp_path / "torn.jsonl"  # a run stopped while writing its last line
+    torn.write_text(open(out / "log.jsonl").read() + '{"curve": true, "epoch": 3, "lo')
+    assert curves.read_curves(str(torn)) == epochs
     assert curves.series(epochs, "loss", "chance")[0] == [1, 2]
     assert "g_vs_random" in epochs[2] and "g_vs_random" not in epochs[1]  # adversarial from 1
     # what G dropped in its epoch: the share of its drops at each of the 4 positions (at the
