@@ -407,16 +407,21 @@ def profile_step(args):
         if setup.cuda:
             torch.cuda.synchronize()
     kind = "device" if setup.cuda else "cpu"
-    events = [e for e in prof.key_averages() if getattr(e, f"self_{kind}_time_total") > 0]
-    events.sort(key=lambda e: getattr(e, f"self_{kind}_time_total"), reverse=True)
-    total = sum(getattr(e, f"self_{kind}_time_total") for e in events)
-    rows = [{"name": e.key, "calls": e.count, "self_ms": getattr(e, f"self_{kind}_time_total") / 1e3,
-             "share": getattr(e, f"self_{kind}_time_total") / total} for e in events[:10]]
+
+    def self_time(e):  # microseconds on the device (CUDA) or the CPU
+        return getattr(e, f"self_{kind}_time_total")
+
+    events = [e for e in prof.key_averages() if self_time(e) > 0]
+    events.sort(key=self_time, reverse=True)
+    total = sum(self_time(e) for e in events)
+    rows = [{"name": e.key, "calls": e.count, "self_ms": self_time(e) / 1e3,
+             "share": self_time(e) / total} for e in events[:10]]
     print(f"one adversarial step, batch {batch}, {setup.frames} x {setup.crop}, on "
           f"{setup.device}: the ten costliest {'kernels' if setup.cuda else 'operators'}")
     print("| kernel | calls | self ms | share |\n| --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['name'][:80]} | {r['calls']} | {r['self_ms']:.2f} | {100 * r['share']:.1f} % |")
+        share = 100 * r["share"]
+        print(f"| {r['name'][:80]} | {r['calls']} | {r['self_ms']:.2f} | {share:.1f} % |")
     return {"device": str(setup.device), "batch": batch, "kind": kind, "rows": rows}
 
 

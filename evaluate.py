@@ -525,12 +525,11 @@ def main(argv=None):
         r_motion = draw_cam_figure(args.cam, loaded, test_loader.dataset, classes, device, args)
         for result in results:
             result["cam_motion_r"] = r_motion[result["label"]]
-    if device.type == "cuda":
-        for result in results:
-            result["cuda_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
 
     out = results[0] if len(results) == 1 else {"checkpoints": results}
     out.update(extra)
+    if device.type == "cuda":  # the whole run's peak, once
+        out["cuda_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if rank == 0:
         for one, line in zip(loaded, lines):
             print(f"{one.path} ({one.kind}) on {args.dataset} split {args.split}:")
