@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+import curves
 import data
 import evaluate
 import finetune
@@ -977,6 +978,34 @@ def test_pretrain_draws_its_curves_and_says_how_where_matplotlib_is_missing(smal
     monkeypatch.undo()  # matplotlib back
     curves.main([str(out / "log.jsonl")])
     assert cv2.imread(str(out / "curves.png")).shape == image.shape
+
+
+def test_pretrain_logs_what_g_drops_from_its_scores_and_the_clip_it_scored(small_tree, tmp_path,
+                                                                          monkeypatch):
+    # a G whose importance is each frame's motion: its epoch record must say r(importance,
+    # motion) = 1, and its drop histogram must be the top-k of the scores it returned, counted
+    # per clip position (every step of the small epoch is a measured one)
+    seen = []
+
+    class MotionG(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            importance = models.frame_motion(x) + 0 * self.w
+            seen.append(importance.detach().clone())
+            return importance
+
+    monkeypatch.setattr(models, "ConvLSTMGenerator", MotionG)
+    out = tmp_path / "run"
+    pretrain.main(small_args(small_tree, out, "--epochs", "1", "--adv-start", "0"))
+    record = curves.read_curves(str(out / "log.jsonl"))[1]
+    assert record["motion_corr"] == pytest.approx(1, abs=1e-4)
+    top = torch.cat([s.topk(1, dim=1).indices[:, 0] for s in seen])  # --drop-frames 1
+    counts = torch.bincount(top, minlength=4).float()
+    assert record["drops"] == pytest.approx((counts / counts.sum()).tolist(), abs=1e-6)
+    assert counts.max() < counts.sum()  # not one position only: the histogram has to be per clip
 
 
 def test_learning_summary_reads_the_first_and_last_measurements(tmp_path, capsys):
