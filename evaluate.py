@@ -363,14 +363,32 @@ def first_clips(dataset, positions):
     return videos, clips
 
 
-def draw_occlusion_figure(path, loaded, results, masks, index, dataset, classes, args):
-    """Fig 4 as a PNG: the figure videos' first clips under every drop mode, each checkpoint's
-    prediction and entropy (clip-averaged, as the numbers) beside each strip."""
-    positions = figure_videos(len(index), args.figure_videos)
-    videos, clips = first_clips(dataset, [int(index[p]) for p in positions])  # index: decoded
-    clips = [data.denormalize(c) for c in clips]
-    titles = [f"{os.path.basename(dataset.samples[v][0])}: {classes[dataset.samples[v][1]]}"
-              for v in videos]
+def figure_selection(dataset, count):
+    """The videos both figures draw, and their first clips: `count` evenly spaced over the test
+    list, each skipped for the next one where it does not decode."""
+    videos, clips = first_clips(dataset, figure_videos(len(dataset), count))
+    if not videos:
+        raise SystemExit("error: no test video decodes; nothing to draw for --figure or --cam")
+    return videos, clips
+
+
+def video_title(dataset, classes, v):
+    """A figure's line over video v: its file name and class."""
+    path, label = dataset.samples[v]
+    return f"{os.path.basename(path)}: {classes[label]}"
+
+
+def draw_occlusion_figure(path, loaded, results, masks, index, selection, dataset, classes):
+    """Fig 4 as a PNG: the selected videos' first clips and those clips' drops under every drop
+    mode, each checkpoint's prediction and entropy (clip-averaged, as the numbers) beside each
+    strip."""
+    videos, clips = selection
+    decoded = index.tolist()  # the videos the occlusion pass read
+    missing = [v for v in videos if v not in decoded]
+    if missing:
+        raise SystemExit(f"error: test video {dataset.samples[missing[0]][0]} decoded for the "
+                         "figure but not in the occlusion pass; nothing drawn")
+    positions = [decoded.index(v) for v in videos]
     captions = {mode: [] for mode in masks}
     for mode in masks:
         for p in positions:
@@ -382,16 +400,15 @@ def draw_occlusion_figure(path, loaded, results, masks, index, dataset, classes,
                 lines.append((f"{one.label}: {classes[int(r['probs'][p].argmax())]} "
                               f"H={r['entropy'][p].item():.2f}", colour))
             captions[mode].append(lines)
-    visualize.occlusion_figure(path, clips, titles, {m: masks[m][positions] for m in masks},
-                               captions)
+    visualize.occlusion_figure(path, [data.denormalize(c) for c in clips],
+                               [video_title(dataset, classes, v) for v in videos],
+                               {m: masks[m][positions] for m in masks}, captions)
 
 
-def draw_cam_figure(path, loaded, dataset, classes, device, args):
-    """Fig 5 as a PNG: Grad-CAM of the true class per frame, every checkpoint on the same first
-    clips of videos that decode; returns each checkpoint's mean r(CAM, pixel motion) over them."""
-    videos, clips = first_clips(dataset, figure_videos(len(dataset), args.figure_videos))
-    if not videos:
-        raise SystemExit("error: no test video decodes; nothing to draw for --cam")
+def draw_cam_figure(path, loaded, selection, dataset, classes, device):
+    """Fig 5 as a PNG: Grad-CAM of the true class per frame, every checkpoint on the selected
+    videos' first clips; returns each checkpoint's mean r(CAM, pixel motion) over those clips."""
+    videos, clips = selection
     x = torch.stack(clips).to(device)  # (V, 3, T, H, W)
     target = torch.tensor([dataset.samples[v][1] for v in videos], device=device)
     motion = models.pixel_motion(x)  # (V, T, H, W)
@@ -411,8 +428,7 @@ def draw_cam_figure(path, loaded, dataset, classes, device, args):
                                for i in range(len(videos))]
         r_motion[one.label] = r.mean().item()
     clips = [data.denormalize(c) for c in x.cpu()]
-    titles = [f"{os.path.basename(dataset.samples[v][0])}: {classes[dataset.samples[v][1]]} "
-              "(Grad-CAM of this class)" for v in videos]
+    titles = [video_title(dataset, classes, v) + " (Grad-CAM of this class)" for v in videos]
     visualize.cam_figure(path, clips, titles, cams, captions)
     return r_motion
 
@@ -503,6 +519,9 @@ def main(argv=None):
         lines.append([line])
 
     extra = {}  # what belongs to all checkpoints together
+    selection = None  # both figures draw the same videos
+    if (args.figure or args.cam) and rank == 0:
+        selection = figure_selection(test_loader.dataset, args.figure_videos)
     if args.occlusion:
         g_net, k, g_source = occlusion_generator(args, loaded, device)
         drops = drop_modes(g_net, k, args.seed)
@@ -515,14 +534,20 @@ def main(argv=None):
         extra["occlusion"] = dict(
             drop_frames=k, generator=g_source, videos=index.tolist(),
             labels=labels[index].tolist(),
-            dropped={m: [row.nonzero().flatten().tolist() for row in masks[m]] for m in masks})
+            dropped_first_clip={m: [row.nonzero().flatten().tolist() for row in masks[m]]
+                                for m in masks})
         if g_net is None:
             lines[0].append("(no generator: pass --gen-ckpt for the adversarial row)")
         if args.figure and rank == 0:
-            draw_occlusion_figure(args.figure, loaded, per_ckpt, masks, index,
-                                  test_loader.dataset, classes, args)
+            draw_occlusion_figure(args.figure, loaded, per_ckpt, masks, index, selection,
+                                  test_loader.dataset, classes)
+            if args.clips * args.crops > 1:
+                lines[0].append(f"(--figure: each strip shows its video's first clip and that "
+                                f"clip's drops; H and the predictions are over all "
+                                f"{args.clips * args.crops} clips)")
     if args.cam and rank == 0:
-        r_motion = draw_cam_figure(args.cam, loaded, test_loader.dataset, classes, device, args)
+        r_motion = draw_cam_figure(args.cam, loaded, selection, test_loader.dataset, classes,
+                                   device)
         for result in results:
             result["cam_motion_r"] = r_motion[result["label"]]
 

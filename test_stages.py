@@ -1276,8 +1276,14 @@ def test_the_figures_are_written_and_decode_as_images_of_the_expected_size(tmp_p
 
 
 def test_evaluate_compares_checkpoints_on_the_same_clips_and_drops_and_draws_both_figures(
-        small_tree, tmp_path):
+        small_tree, tmp_path, monkeypatch):
     import cv2
+    titles = {}  # what each figure's rows show
+    for name in ("occlusion_figure", "cam_figure"):
+        def record(path, clips, rows, *rest, draw=getattr(evaluate.visualize, name), name=name):
+            titles[name] = rows
+            return draw(path, clips, rows, *rest)
+        monkeypatch.setattr(evaluate.visualize, name, record)
     pre = tmp_path / "pre"
     pretrain.main(small_args(small_tree, pre, "--epochs", "1", "--adv-start", "0"))
     fine = []
@@ -1286,21 +1292,24 @@ def test_evaluate_compares_checkpoints_on_the_same_clips_and_drops_and_draws_bot
                        "1", "--batch-size", "4", "--workers", "0", *extra])
         fine.append(str(tmp_path / name / "ckpt.pt"))
     run = ["--clips", "2", "--workers", "0", "--batch-size", "3", "--occlusion"]
-    alone = evaluate.main(["--ckpt", fine[0], *run])
-    both = evaluate.main(["--ckpt", fine[0], "--ckpt", fine[1], "--label", "A", "--label", "B",
-                          *run, "--figure", str(tmp_path / "f4.png"), "--cam",
-                          str(tmp_path / "f5.png"), "--figure-videos", "2"])
-    first, second = both["checkpoints"]
-    assert (first["label"], second["label"]) == ("A", "B")
+    # A twice under two labels: each batch is dropped once per mode and given to every checkpoint,
+    # so A's rows agree with A2's in every mode, the random drops included
+    both = evaluate.main(["--ckpt", fine[0], "--ckpt", fine[1], "--ckpt", fine[0], "--label", "A",
+                          "--label", "B", "--label", "A2", *run, "--figure",
+                          str(tmp_path / "f4.png"), "--cam", str(tmp_path / "f5.png"),
+                          "--figure-videos", "2"])
+    first, second, again = both["checkpoints"]
+    assert (first["label"], second["label"], again["label"]) == ("A", "B", "A2")
     for key in ("top1", "entropy_none", "entropy_random", "top1_random", "entropy_adversarial",
-                "top1_adversarial", "per_video"):
-        assert first[key] == alone[key], key  # the other checkpoint changes none of A's drops
-    assert both["occlusion"]["dropped"] == alone["occlusion"]["dropped"]
+                "top1_adversarial", "per_video", "cam_motion_r"):
+        assert first[key] == again[key], key
+    assert [t + " (Grad-CAM of this class)" for t in titles["occlusion_figure"]] == \
+        titles["cam_figure"] and len(titles["cam_figure"]) == 2  # the same videos in both
     occl = both["occlusion"]
     assert occl["generator"] == fine[0] and occl["drop_frames"] == 1  # A's G: its pretraining's
     for mode in ("random", "adversarial"):  # k = 1 frame of each of the 8 videos' first clips
-        assert [len(d) for d in occl["dropped"][mode]] == [1] * 8
-    assert occl["dropped"]["none"] == [[]] * 8
+        assert [len(d) for d in occl["dropped_first_clip"][mode]] == [1] * 8
+    assert occl["dropped_first_clip"]["none"] == [[]] * 8
     for r in (first, second):
         for mode in ("none", "random", "adversarial"):
             per = r["per_video"][mode]
@@ -1330,6 +1339,48 @@ def test_evaluate_compares_checkpoints_on_the_same_clips_and_drops_and_draws_bot
         evaluate.main(["--ckpt", str(tmp_path / "other.pt")])
 
 
+def test_occlusion_entropy_and_top1_are_those_of_the_clip_averaged_softmax():
+    # evaluate.occlusion against a loop, video by video and clip by clip: each mode's drop on
+    # each clip alone, the softmax averaged over the video's 2 clips, its entropy in nats, its
+    # argmax against the label; a video that does not decode is left out
+    torch.manual_seed(0)
+    t, classes = 4, 3
+    nets = [nn.Sequential(nn.Flatten(), nn.Linear(3 * t * 5 * 5, classes)).eval()
+            for _ in range(2)]
+    loaded = [types.SimpleNamespace(model=m, ckpt={"classes": list("abc")}) for m in nets]
+    videos = torch.randn(7, 2, 3, t, 5, 5)  # (V, clips, 3, T, H, W)
+    valid = torch.tensor([True, True, False, True, True, True, True])
+    loader = [{"video": videos[i:i + 3], "index": torch.arange(i, min(i + 3, 7)),
+               "valid": valid[i:i + 3]} for i in range(0, 7, 3)]
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    drops = {"none": lambda x: (x, x.new_zeros(x.shape[0], x.shape[2])),  # the brightest frame:
+             "bright": lambda x: models.drop_frames(x, x.mean(dim=(1, 3, 4)), 1)}  # per clip
+    args = types.SimpleNamespace(frames=t)
+    results, masks, index = evaluate.occlusion(loaded, loader, labels, drops, args,
+                                               torch.device("cpu"), contextlib.nullcontext())
+    assert index.tolist() == [0, 1, 3, 4, 5, 6]
+    for net, per_mode in zip(nets, results):
+        fields = evaluate.occlusion_fields(per_mode)
+        for mode, drop in drops.items():
+            hits = 0
+            for row, v in enumerate(index.tolist()):
+                probs = torch.zeros(classes)
+                for c in range(2):
+                    x, mask = drop(videos[v, c][None])
+                    probs += net(x).softmax(dim=1)[0] / 2
+                    if c == 0:
+                        assert torch.equal(masks[mode][row], mask[0])  # the first clip's drops
+                h = -sum(p * math.log(p) for p in probs.tolist())
+                r = per_mode[mode]
+                assert torch.allclose(r["probs"][row], probs, atol=1e-6)
+                assert r["entropy"][row].item() == pytest.approx(h, abs=1e-5)
+                assert bool(r["top1"][row]) == (probs.argmax().item() == labels[v].item())
+                assert fields["per_video"][mode]["entropy"][row] == pytest.approx(h, abs=1e-5)
+                assert fields["per_video"][mode]["pred"][row] == probs.argmax().item()
+                hits += probs.argmax().item() == labels[v].item()
+            assert fields[f"top1_{mode}"] == pytest.approx(hits / len(index))
+
+
 def test_figures_take_the_next_video_that_decodes():
     # a test video that fails to decode comes back as zeros, valid False: never drawn
     items = [{"video": torch.full((1, 3, 2, 4, 4), float(i)), "valid": i not in (0, 3)}
@@ -1339,6 +1390,43 @@ def test_figures_take_the_next_video_that_decodes():
     assert [c[0, 0, 0, 0].item() for c in clips] == [1.0, 4.0, 5.0]
     videos, _ = evaluate.first_clips([[item] for item in items], [0, 1])
     assert videos == [1, 2]  # one video is never drawn twice
+
+
+def test_both_figures_draw_one_selection_and_fig4_captions_follow_its_videos(monkeypatch):
+    # video 0 does not decode: the selection takes video 1 instead, and Fig 4's title, strip,
+    # drops and captions for that row are all video 1's (row 0 of the occlusion pass, which
+    # skipped video 0 too)
+    class Videos(list):
+        samples = [(f"v{i}.avi", i % 2) for i in range(5)]
+
+    items = Videos([{"video": torch.full((1, 3, 2, 4, 4), float(i)), "valid": i != 0}]
+                   for i in range(5))
+    selection = evaluate.figure_selection(items, 2)
+    assert selection[0] == [1, 4]
+    index = torch.tensor([1, 2, 3, 4])  # the videos the occlusion pass decoded
+    probs = torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.5, 0.5], [0.2, 0.8]])
+    per_mode = {"none": dict(probs=probs, entropy=evaluate.entropy(probs),
+                             top1=probs.argmax(dim=1) == torch.tensor([1, 0, 1, 1]))}
+    masks = {"none": torch.tensor([[1.0, 0], [0, 0], [0, 0], [0, 1.0]])}
+    drawn = {}
+    monkeypatch.setattr(evaluate.visualize, "occlusion_figure",
+                        lambda path, clips, titles, masks, captions: drawn.update(
+                            clips=clips, titles=titles, masks=masks, captions=captions))
+    one = types.SimpleNamespace(label="A")
+    evaluate.draw_occlusion_figure("x.png", [one], [per_mode], masks, index, selection, items,
+                                   ["even", "odd"])
+    assert drawn["titles"] == ["v1.avi: odd", "v4.avi: even"]
+    assert [c.flatten()[0].item() for c in drawn["clips"]] == pytest.approx(
+        [data.denormalize(torch.full((3, 2, 4, 4), v)).flatten()[0].item() for v in (1.0, 4.0)])
+    assert drawn["masks"]["none"].tolist() == [[1.0, 0], [0, 1.0]]
+    assert drawn["captions"]["none"] == [[("A: even H=0.33", evaluate.visualize.RED)],
+                                         [("A: odd H=0.50", evaluate.visualize.GREEN)]]
+    with pytest.raises(SystemExit, match="not in the occlusion pass"):
+        evaluate.draw_occlusion_figure("x.png", [one], [per_mode], masks, index[1:], selection,
+                                       items, ["even", "odd"])
+    broken = Videos([{"video": torch.zeros(1, 3, 2, 4, 4), "valid": False}] for _ in range(5))
+    with pytest.raises(SystemExit, match="no test video decodes"):
+        evaluate.figure_selection(broken, 2)
 
 
 def test_finetune_then_evaluate_end_to_end_json_keys(small_tree, tmp_path):
