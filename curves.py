@@ -23,22 +23,34 @@ import json
 import math
 import os
 
+class NotALog(ValueError):
+    """A file that read_curves cannot draw: its message is one line."""
+
+
 MISSING = ("curves.png not drawn: matplotlib is not installed (pip install -r requirements.txt, "
            "then python curves.py {log})")
 
 
 def read_curves(log_path):
-    """The per-epoch records ("curve": true) of a log.jsonl, merged by epoch: {epoch: fields}."""
+    """The per-epoch records ("curve": true) of a log.jsonl, merged by epoch: {epoch: fields}.
+    A line that is not a JSON object (one half-written by a run that was stopped) is skipped; a
+    file that is not a log raises NotALog."""
     epochs = {}
-    with open(log_path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line half-written by a run that was stopped
-                continue
-            if record.get("curve"):
-                fields = {k: v for k, v in record.items() if v is not None and k != "curve"}
-                epochs.setdefault(record["epoch"], {}).update(fields)
+    try:
+        with open(log_path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict) and record.get("curve") and "epoch" in record:
+                    fields = {k: v for k, v in record.items() if v is not None and k != "curve"}
+                    epochs.setdefault(record["epoch"], {}).update(fields)
+    except (OSError, UnicodeDecodeError) as e:
+        raise NotALog(f"{log_path} is not a readable log.jsonl ({type(e).__name__})") from None
+    if not epochs:
+        raise NotALog(f"{log_path} has no per-epoch record (\"curve\": true): not a "
+                         "pretraining's log.jsonl, or one stopped before its first epoch")
     return dict(sorted(epochs.items()))
 
 
@@ -50,7 +62,8 @@ def series(epochs, key, over=None):
 
 
 def draw(log_path, png_path):
-    """curves.png from log.jsonl. Raises ImportError where matplotlib is missing."""
+    """curves.png from log.jsonl. Raises ImportError where matplotlib is missing, NotALog where
+    the file is not a pretraining's log."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
@@ -136,6 +149,9 @@ def draw_or_say(log_path, png_path, log=print):
     except ImportError:
         log(MISSING.format(log=log_path))
         return None
+    except NotALog as e:  # the run goes on to its end without the picture
+        log(f"curves.png not drawn: {e}")
+        return None
     log(f"learning curves: {path}")
     return path
 
@@ -145,13 +161,17 @@ def main(argv=None):
     p.add_argument("log", help="a run's log.jsonl")
     p.add_argument("--png", default=None, help="default: curves.png beside the log")
     args = p.parse_args(argv)
-    if not os.path.exists(args.log):
-        raise SystemExit(f"error: {args.log} does not exist")
+    if not os.path.isfile(args.log):
+        raise SystemExit(f"error: {args.log} is not a file")
     png = args.png or os.path.join(os.path.dirname(os.path.abspath(args.log)), "curves.png")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(png))):  # before drawing, not after
+        raise SystemExit(f"error: the folder of {png} does not exist")
     try:
         draw(args.log, png)
     except ImportError:
         raise SystemExit(MISSING.format(log=args.log))
+    except NotALog as e:
+        raise SystemExit(f"error: {e}")
     print(png)
 
 

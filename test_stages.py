@@ -1008,6 +1008,26 @@ def test_pretrain_logs_what_g_drops_from_its_scores_and_the_clip_it_scored(small
     assert counts.max() < counts.sum()  # not one position only: the histogram has to be per clip
 
 
+def test_curves_refuses_what_is_not_a_pretraining_log_in_one_line(tmp_path):
+    binary = tmp_path / "video.avi"
+    binary.write_bytes(bytes(range(256)) * 4)
+    steps = tmp_path / "steps.jsonl"  # JSON, but not one per-epoch record among them
+    steps.write_text('[1, 2]\n3\n"curve"\n{"epoch": 0, "step": 1, "loss_d": 9.0}\n'
+                     '{"curve": true}\n')
+    log = tmp_path / "log.jsonl"
+    log.write_text('[1, 2]\n{"curve": true, "epoch": 0, "knn_top1": 0.2}\n')
+    for argv, message in (([str(binary)], "not a readable log.jsonl"),
+                          ([str(tmp_path)], "is not a file"),
+                          ([str(steps)], "no per-epoch record"),
+                          ([str(log), "--png", str(tmp_path / "no" / "c.png")],
+                           "folder of .* does not exist")):
+        with pytest.raises(SystemExit, match=message) as e:
+            curves.main(argv)
+        assert "\n" not in str(e.value)
+    assert list(curves.read_curves(str(log))) == [0]  # the list line skipped, the record kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl", "steps.jsonl", "video.avi"]
+
+
 def test_learning_summary_reads_the_first_and_last_measurements(tmp_path, capsys):
     log = utils.Logger(str(tmp_path), 0)
     with open(log.path, "w") as f:
