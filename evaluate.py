@@ -13,7 +13,8 @@ or random init: pooled backbone features, under BN statistics re-estimated on tr
 train split (gallery) and test split (queries), L2-normalised per clip and averaged over clips; R@k
 is a hit when any of the k nearest train videos has the query's class (VCOP / CoCLR); knn_top1 is a
 weighted k-NN vote (weights exp(cos / 0.07), as DINO). --occlusion (paper Sec 3.4): entropy and
-top-1 with k of T frames dropped, none / random / by the pretraining's G, per video and overall.
+top-1 with k of T frames dropped, none / random / by the pretraining's G, per video and overall
+(one pass: the none mode is the test, its top-1/5 the checkpoint's).
 Several --ckpt are evaluated on the same clips, and under --occlusion with the same drops (each
 batch dropped once per mode, then given to every checkpoint); --figure draws Fig 4 (frame strips,
 dropped frames crossed, every checkpoint's prediction and entropy), --cam Fig 5 (Grad-CAM of the
@@ -244,7 +245,8 @@ def occlusion(loaded, test_loader, labels, drops, args, device, ctx):
     """Every finetuned checkpoint's (Loaded) entropy and top-1 under every drop mode ({mode: x ->
     (x_dropped, mask)}), on the same clips with the same drops: each batch is dropped once per mode
     and given to all. Returns ([per checkpoint: {mode: {"probs" (V, classes) clip-averaged, "top1",
-    "entropy"}}], {mode: (V, T) the drops of each video's first clip}, the video indices (V,))."""
+    "entropy"}}], {mode: (V, T) the drops of each video's first clip}, the video indices (V,),
+    the skipped ones)."""
     t = args.frames
     classifiers = [one.model for one in loaded]
 
@@ -255,7 +257,7 @@ def occlusion(loaded, test_loader, labels, drops, args, device, ctx):
             out += [m(x_dropped).float().softmax(dim=1) for m in classifiers] + [mask.float()]
         return torch.cat(out, dim=1)
 
-    outputs, _ = per_video(run, test_loader, device, ctx)  # {video: (C, columns)}
+    outputs, skipped = per_video(run, test_loader, device, ctx)  # {video: (C, columns)}
     index = torch.tensor(sorted(outputs), dtype=torch.long)
     table = torch.stack([outputs[i] for i in index.tolist()])  # (V, C, columns)
     sizes = []
@@ -270,7 +272,7 @@ def occlusion(loaded, test_loader, labels, drops, args, device, ctx):
             h = entropy(probs)
             result[mode] = dict(probs=probs, entropy=h, top1=probs.argmax(dim=1) == labels[index])
         masks[mode] = next(parts)[:, 0]  # (V, T)
-    return results, masks, index
+    return results, masks, index, skipped
 
 
 def drop_modes(g_net, k, seed):
@@ -439,6 +441,11 @@ def classify(model, test_loader, labels, args, device, ctx):
     """A finetuned classifier: softmax averaged over the clips and crops of each video, top-1/5."""
     probs, skipped = per_video(lambda x: model(x).softmax(dim=1), test_loader, device, ctx)
     index, p = utils.clip_average(probs)  # (V, classes)
+    return classification(index, p, labels, skipped, args)
+
+
+def classification(index, p, labels, skipped, args):
+    """Top-1/5 of the clip-averaged softmax p (V, classes) of the videos `index`, and its line."""
     result = dict(top1=topk_accuracy(p, labels[index], 1),
                   top5=topk_accuracy(p, labels[index], min(5, p.shape[1])),
                   n_skipped=len(skipped), n_videos=len(index))
@@ -496,10 +503,16 @@ def main(argv=None):
     test_loader = data.test_loader(test, args, args.batch_size, args.workers, args.clips,
                                    args.crops)
     labels = torch.tensor([y for _, y in test_loader.dataset.samples])
-    results = []
-    lines = []  # per checkpoint, its table lines
     for one in loaded:
         one.model.to(device).eval()
+    if args.occlusion:  # its "none" mode is the test pass: top-1/5 come from it too
+        g_net, k, g_source = occlusion_generator(args, loaded, device)
+        drops = drop_modes(g_net, k, args.seed + rank)  # each rank its own random drops
+        per_ckpt, masks, index, skipped = occlusion(loaded, test_loader, labels, drops, args,
+                                                    device, ctx)
+    results = []
+    lines = []  # per checkpoint, its table lines
+    for i, one in enumerate(loaded):
         if one.kind != "finetune":  # frozen features: BN statistics re-estimated on training clips
             utils.estimate_bn_statistics(one.model, data.bn_loader(train, args, args.workers),
                                          device, ctx)
@@ -507,7 +520,10 @@ def main(argv=None):
                   "input": one.input, "dataset": args.dataset, "split": args.split,
                   "clips": args.clips, "crops": args.crops, "n_videos": len(labels),
                   "bn_statistics": "checkpoint" if one.kind == "finetune" else "re-estimated"}
-        if one.kind == "finetune":
+        if one.kind == "finetune" and args.occlusion:
+            fields, line = classification(index, per_ckpt[i]["none"]["probs"], labels, skipped,
+                                          args)
+        elif one.kind == "finetune":
             fields, line = classify(one.model, test_loader, labels, args, device, ctx)
         else:
             gallery_loader = data.test_loader(train, args, args.batch_size, args.workers,
@@ -523,9 +539,6 @@ def main(argv=None):
     if (args.figure or args.cam) and rank == 0:
         selection = figure_selection(test_loader.dataset, args.figure_videos)
     if args.occlusion:
-        g_net, k, g_source = occlusion_generator(args, loaded, device)
-        drops = drop_modes(g_net, k, args.seed)
-        per_ckpt, masks, index = occlusion(loaded, test_loader, labels, drops, args, device, ctx)
         for result, line, per_mode in zip(results, lines, per_ckpt):
             result.update(occlusion_fields(per_mode))
             line.append(f"occlusion, {k} of {args.frames} frames dropped: " + "  ".join(

@@ -1304,6 +1304,8 @@ def test_evaluate_compares_checkpoints_on_the_same_clips_and_drops_and_draws_bot
             titles[name] = rows
             return draw(path, clips, rows, *rest)
         monkeypatch.setattr(evaluate.visualize, name, record)
+    passes = []  # over the test set
+    monkeypatch.setattr(evaluate, "per_video", lambda *a: passes.append(1) or utils.per_video(*a))
     pre = tmp_path / "pre"
     pretrain.main(small_args(small_tree, pre, "--epochs", "1", "--adv-start", "0"))
     fine = []
@@ -1319,6 +1321,9 @@ def test_evaluate_compares_checkpoints_on_the_same_clips_and_drops_and_draws_bot
                           str(tmp_path / "f4.png"), "--cam", str(tmp_path / "f5.png"),
                           "--figure-videos", "2"])
     first, second, again = both["checkpoints"]
+    assert len(passes) == 1  # one pass: the "none" mode is the test, top-1/5 come from it
+    for r in (first, second, again):
+        assert r["top1"] == r["top1_none"] and 0 < r["top5"] <= 1 and r["n_skipped"] == 0
     assert (first["label"], second["label"], again["label"]) == ("A", "B", "A2")
     for key in ("top1", "entropy_none", "entropy_random", "top1_random", "entropy_adversarial",
                 "top1_adversarial", "per_video", "cam_motion_r"):
@@ -1376,9 +1381,9 @@ def test_occlusion_entropy_and_top1_are_those_of_the_clip_averaged_softmax():
     drops = {"none": lambda x: (x, x.new_zeros(x.shape[0], x.shape[2])),  # the brightest frame:
              "bright": lambda x: models.drop_frames(x, x.mean(dim=(1, 3, 4)), 1)}  # per clip
     args = types.SimpleNamespace(frames=t)
-    results, masks, index = evaluate.occlusion(loaded, loader, labels, drops, args,
-                                               torch.device("cpu"), contextlib.nullcontext())
-    assert index.tolist() == [0, 1, 3, 4, 5, 6]
+    results, masks, index, skipped = evaluate.occlusion(
+        loaded, loader, labels, drops, args, torch.device("cpu"), contextlib.nullcontext())
+    assert index.tolist() == [0, 1, 3, 4, 5, 6] and skipped == [2]
     for net, per_mode in zip(nets, results):
         fields = evaluate.occlusion_fields(per_mode)
         for mode, drop in drops.items():

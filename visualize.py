@@ -18,7 +18,6 @@ import torch
 import torchvision
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
-WHITE = (255, 255, 255)
 GREEN = (40, 160, 40)  # BGR
 RED = (40, 40, 210)
 BLACK = (0, 0, 0)
@@ -77,6 +76,11 @@ def text_block(lines, height, width, scale=0.4):
     return block
 
 
+def title_row(text):
+    """A figure's line over a video: black text on a white block as wide as the text."""
+    return text_block([(text, BLACK)], 16, 10 * len(text) + 8)
+
+
 def hstack(*images):
     return np.concatenate(images, axis=1)
 
@@ -112,7 +116,7 @@ def occlusion_figure(path, clips, titles, masks, captions, height=40):
     blocks = []
     for v, clip in enumerate(clips):
         tiles = to_bgr(clip, height)
-        rows = [text_block([(titles[v], BLACK)], 16, 10 * len(titles[v]) + 8)]
+        rows = [title_row(titles[v])]
         for mode, mask in masks.items():
             frames = strip(mark_dropped(tiles, mask[v]))
             lines = [(mode, BLACK)] + captions[mode][v]
@@ -131,7 +135,7 @@ def cam_figure(path, clips, titles, cams, captions, height=56, max_frames=8):
         shown = np.unique(np.linspace(0, t - 1, min(t, max_frames)).round().astype(int))
         tiles = to_bgr(clip[:, shown], height)
         frames = strip(tiles)
-        rows = [text_block([(titles[v], BLACK)], 16, 10 * len(titles[v]) + 8),
+        rows = [title_row(titles[v]),
                 hstack(frames, text_block([("frames", BLACK)], frames.shape[0], 300))]
         for label, per_video in cams.items():
             overlay = strip(cam_overlay(tiles, np.asarray(per_video[v])[shown]))
