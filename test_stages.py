@@ -504,6 +504,41 @@ def test_ddp_two_gloo_processes_keep_identical_queues_and_weights(small_tree, tm
     assert log[0]["phase"] == ("adversarial" if method == "videomoco" else method)
 
 
+def _evaluate_worker(rank, world, port, argv):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="")
+    torch.set_num_threads(1)
+    evaluate.main(argv)
+
+
+def test_ddp_occlusion_gathers_every_video_once_and_each_rank_draws_its_own_drops(small_tree,
+                                                                                   tmp_path):
+    # two gloo processes, each half of the test videos: the gathered rows are one process's on the
+    # modes that draw nothing at random (none, G's); the random drops are each rank's own stream,
+    # not one sequence repeated on both halves
+    pre = tmp_path / "pre"
+    pretrain.main(small_args(small_tree, pre, "--epochs", "1", "--adv-start", "0"))
+    finetune.main(["--ckpt", str(pre / "ckpt.pt"), "--out", str(tmp_path / "ft"), "--epochs", "1",
+                   "--batch-size", "4", "--workers", "0"])
+    argv = ["--ckpt", str(tmp_path / "ft" / "ckpt.pt"), "--occlusion", "--clips", "1",
+            "--workers", "0", "--batch-size", "2"]
+    one = evaluate.main(argv)
+    torch.multiprocessing.spawn(_evaluate_worker, nprocs=2, join=True, args=(
+        2, free_port(), argv + ["--json", str(tmp_path / "two.json")]))
+    two = json.load(open(tmp_path / "two.json"))
+    assert two["occlusion"]["videos"] == one["occlusion"]["videos"] == list(range(8))
+    for key in ("top1", "top5", "top1_none", "entropy_adversarial"):
+        assert two[key] == pytest.approx(one[key], abs=1e-6), key
+    for mode in ("none", "adversarial"):
+        assert two["per_video"][mode]["pred"] == one["per_video"][mode]["pred"]
+        assert two["per_video"][mode]["entropy"] == pytest.approx(
+            one["per_video"][mode]["entropy"], abs=1e-4)
+    # rank r reads videos r, r + 2, ...: with one seed for both, videos 2i and 2i + 1 would be
+    # dropped alike; 1 of 4 frames, so 4 pairs alike by chance is 1 in 256
+    random = two["occlusion"]["dropped_first_clip"]["random"]
+    assert [random[2 * i] for i in range(4)] != [random[2 * i + 1] for i in range(4)]
+
+
 # -----------------------------------------------------------------------------
 # the real launcher (torchrun, as the README's commands), on CPU with gloo, and the faults of a
 
