@@ -61,6 +61,13 @@ def series(epochs, key, over=None):
     return xs, ys
 
 
+def drop_columns(epochs, xs):
+    """The drop shares of the epochs xs (sorted), one column per epoch from the first to the last,
+    NaN (blank) in an epoch that measured none: the heat map's x axis is then the epochs'."""
+    t = len(epochs[xs[0]]["drops"])
+    return [epochs[e]["drops"] if e in xs else [math.nan] * t for e in range(xs[0], xs[-1] + 1)]
+
+
 def draw(log_path, png_path):
     """curves.png from log.jsonl. Raises ImportError where matplotlib is missing, NotALog where
     the file is not a pretraining's log."""
@@ -119,9 +126,9 @@ def draw(log_path, png_path):
     ax = axes[5]
     xs = [e for e, r in epochs.items() if "drops" in r]
     if xs:
-        shares = [epochs[e]["drops"] for e in xs]
-        t = len(shares[0])
-        image = ax.imshow(list(zip(*shares)), aspect="auto", origin="lower", cmap="magma",
+        t = len(epochs[xs[0]]["drops"])
+        columns = drop_columns(epochs, xs)
+        image = ax.imshow(list(zip(*columns)), aspect="auto", origin="lower", cmap="magma",
                           extent=(xs[0] - 0.5, xs[-1] + 0.5, -0.5, t - 0.5), vmin=0)
         fig.colorbar(image, ax=ax, label="share of G's drops")
     else:

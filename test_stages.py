@@ -1000,6 +1000,10 @@ def test_pretrain_draws_its_curves_and_says_how_where_matplotlib_is_missing(smal
     drops = epochs[2]["drops"]
     assert len(drops) == 4 and sum(drops) == pytest.approx(1)
     assert -1 <= epochs[2]["motion_corr"] <= 1 and "drops" not in epochs[1]
+    gap = {1: {"drops": [0.5, 0.5]}, 2: {}, 4: {"drops": [1.0, 0.0]}}  # a resumed run's blank
+    columns = curves.drop_columns(gap, [1, 4])
+    assert len(columns) == 4 and columns[0] == [0.5, 0.5] and columns[3] == [1.0, 0.0]
+    assert all(math.isnan(v) for v in columns[1] + columns[2])
     (out / "curves.png").unlink()
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     bare = tmp_path / "bare"
