@@ -23,6 +23,7 @@ import json
 import math
 import os
 
+
 class NotALog(ValueError):
     """A file that read_curves cannot draw: its message is one line."""
 
@@ -43,14 +44,15 @@ def read_curves(log_path):
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if isinstance(record, dict) and record.get("curve") and "epoch" in record:
+                if (isinstance(record, dict) and record.get("curve")
+                        and isinstance(record.get("epoch"), int)):
                     fields = {k: v for k, v in record.items() if v is not None and k != "curve"}
                     epochs.setdefault(record["epoch"], {}).update(fields)
     except (OSError, UnicodeDecodeError) as e:
         raise NotALog(f"{log_path} is not a readable log.jsonl ({type(e).__name__})") from None
     if not epochs:
         raise NotALog(f"{log_path} has no per-epoch record (\"curve\": true): not a "
-                         "pretraining's log.jsonl, or one stopped before its first epoch")
+                      "pretraining's log.jsonl, or one stopped before its first epoch")
     return dict(sorted(epochs.items()))
 
 

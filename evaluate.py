@@ -83,7 +83,8 @@ def get_args_parser():
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--amp", default=None, choices=("bf16", "fp16", "none"), help="(bf16 on CUDA)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of a random-init encoder and of --occlusion's random drops")
+                   help="seed of a random-init encoder and of --occlusion's random drops (rank "
+                        "r of a world of W seeds them with seed * W + r)")
     p.add_argument("--json", default=None, help="also write the JSON result to this file")
     return p
 
@@ -383,13 +384,14 @@ def video_title(dataset, classes, v):
 def draw_occlusion_figure(path, loaded, results, masks, index, selection, dataset, classes):
     """Fig 4 as a PNG: the selected videos' first clips and those clips' drops under every drop
     mode, each checkpoint's prediction and entropy (clip-averaged, as the numbers) beside each
-    strip."""
-    videos, clips = selection
+    strip. A selected video the occlusion pass did not decode is left out (nothing is drawn where
+    that leaves none). Returns the paths of the videos left out."""
     decoded = index.tolist()  # the videos the occlusion pass read
-    missing = [v for v in videos if v not in decoded]
-    if missing:
-        raise SystemExit(f"error: test video {dataset.samples[missing[0]][0]} decoded for the "
-                         "figure but not in the occlusion pass; nothing drawn")
+    left_out = [dataset.samples[v][0] for v in selection[0] if v not in decoded]
+    kept = [(v, c) for v, c in zip(*selection) if v in decoded]
+    if not kept:
+        return left_out
+    videos, clips = zip(*kept)
     positions = [decoded.index(v) for v in videos]
     captions = {mode: [] for mode in masks}
     for mode in masks:
@@ -405,6 +407,7 @@ def draw_occlusion_figure(path, loaded, results, masks, index, selection, datase
     visualize.occlusion_figure(path, [data.denormalize(c) for c in clips],
                                [video_title(dataset, classes, v) for v in videos],
                                {m: masks[m][positions] for m in masks}, captions)
+    return left_out
 
 
 def draw_cam_figure(path, loaded, selection, dataset, classes, device):
@@ -507,7 +510,8 @@ def main(argv=None):
         one.model.to(device).eval()
     if args.occlusion:  # its "none" mode is the test pass: top-1/5 come from it too
         g_net, k, g_source = occlusion_generator(args, loaded, device)
-        drops = drop_modes(g_net, k, args.seed + rank)  # each rank its own random drops
+        # each rank its own random drops, and no two (--seed, rank) of a world size share them
+        drops = drop_modes(g_net, k, args.seed * world + rank)
         per_ckpt, masks, index, skipped = occlusion(loaded, test_loader, labels, drops, args,
                                                     device, ctx)
     results = []
@@ -536,6 +540,7 @@ def main(argv=None):
 
     extra = {}  # what belongs to all checkpoints together
     selection = None  # both figures draw the same videos
+    written = [path for path in (args.figure, args.cam) if path]
     if (args.figure or args.cam) and rank == 0:
         selection = figure_selection(test_loader.dataset, args.figure_videos)
     if args.occlusion:
@@ -552,8 +557,13 @@ def main(argv=None):
         if g_net is None:
             lines[0].append("(no generator: pass --gen-ckpt for the adversarial row)")
         if args.figure and rank == 0:
-            draw_occlusion_figure(args.figure, loaded, per_ckpt, masks, index, selection,
-                                  test_loader.dataset, classes)
+            left_out = draw_occlusion_figure(args.figure, loaded, per_ckpt, masks, index,
+                                             selection, test_loader.dataset, classes)
+            if left_out:  # decoded for the figure, then not in the pass: the run goes on
+                lines[0].append(f"(--figure: {', '.join(left_out)} left out, not decoded in the "
+                                "occlusion pass)")
+            if len(left_out) == len(selection[0]):
+                written.remove(args.figure)
             if args.clips * args.crops > 1:
                 lines[0].append(f"(--figure: each strip shows its video's first clip and that "
                                 f"clip's drops; H and the predictions are over all "
@@ -575,9 +585,8 @@ def main(argv=None):
                 print("  " + text)
         if len(loaded) > 1 and args.occlusion:
             print(paired_lines(results, drops))
-        for path in (args.figure, args.cam):
-            if path:
-                print(f"wrote {path}")
+        for path in written:
+            print(f"wrote {path}")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(out, f, indent=1)
