@@ -128,8 +128,8 @@ def draw(log_path, png_path):
     ax = axes[5]
     xs = [e for e, r in epochs.items() if "drops" in r]
     if xs:
-        t = len(epochs[xs[0]]["drops"])
         columns = drop_columns(epochs, xs)
+        t = len(columns[0])
         image = ax.imshow(list(zip(*columns)), aspect="auto", origin="lower", cmap="magma",
                           extent=(xs[0] - 0.5, xs[-1] + 0.5, -0.5, t - 0.5), vmin=0)
         fig.colorbar(image, ax=ax, label="share of G's drops")
